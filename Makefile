@@ -1,0 +1,46 @@
+# PyptoServing developer entry points. Two commands matter on a fresh machine: `make demo` and `make test`.
+# Everything they need (venv, packages, Kubernetes binaries, helm) is installed idempotently.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS ?= constraints/cpu.txt
+# Built Kubernetes binaries, helm and generated models are cached outside the repo.
+CACHE_DIR ?= $(HOME)/.cache/pypto-serving
+export PYPTO_CACHE_DIR := $(CACHE_DIR)
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
+	@echo "==> creating the virtualenv $(VENV) and installing pypto-serving[engine,test] (torch pinned by $(CONSTRAINTS))"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --progress-bar off -c $(CONSTRAINTS) -e '.[engine,test]'
+	@touch $@
+
+.PHONY: install
+install: $(VENV)/.installed ## create .venv and install the project with the engine and test extras
+
+.PHONY: tools
+tools: ## build or reuse the Kubernetes 1.20 binaries and helm (cached in ~/.cache/pypto-serving)
+	bash hack/install-tools.sh
+
+.PHONY: lint
+lint: install ## ruff
+	$(VENV)/bin/ruff check .
+
+.PHONY: test
+test: install tools ## everything CI runs: lint, unit, real-cluster integration and end-to-end tests
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: install ## tests that need no cluster
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
