@@ -1,0 +1,1 @@
+"""Shared test fixtures: models (owned by the models work; see docs/architecture.md)."""
