@@ -44,3 +44,8 @@ test: install tools ## everything CI runs: lint, unit, real-cluster integration 
 .PHONY: test-unit
 test-unit: install ## tests that need no cluster
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+.PHONY: crds
+crds: install ## regenerate crds/ from the operator's pydantic models (operator/types.py)
+	$(PY) -m pypto_serving.operator.crd > crds/pyptoservings.serving.pypto.io.yaml
+	$(PY) -m pypto_serving.operator.crd --peering > crds/kopf-peering.yaml

@@ -1,0 +1,214 @@
+"""The PyptoServing custom resource as pydantic models: the single source of truth for the CRD.
+
+`crd.py` turns these models into the OpenAPI schema of ``crds/pyptoservings.serving.pypto.io.yaml``;
+`validation.py` parses a resource with them (bounds, enums) before the semantic checks. Field names are
+snake_case in Python and camelCase (the alias) in Kubernetes. Free-form corev1 objects (a VolumeSource,
+affinity, tolerations, env vars, resource requirements) are plain dicts and preserved as given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "serving.pypto.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "PyptoServing"
+PLURAL = "pyptoservings"
+SINGULAR = "pyptoserving"
+SHORT_NAMES = ["pps"]
+
+RoutingPolicy = Literal["least-pending-tokens", "round-robin", "least-requests", "prefix-aware", "session"]
+ROUTING_POLICIES: tuple[str, ...] = RoutingPolicy.__args__  # type: ignore[attr-defined]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]
+ConditionType = Literal["Ready", "Available", "Progressing", "Degraded", "SpecValid"]
+
+# Free-form Kubernetes objects (kept verbatim; the apiserver preserves unknown fields below them).
+KubeObject = dict[str, Any]
+
+
+class _Model(BaseModel):
+    """Base: camelCase aliases, Python names accepted too, unknown fields rejected in Python."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_kube(self) -> dict[str, Any]:
+        """Dump as the Kubernetes object shape (camelCase, no unset optionals)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ModelSource(_Model):
+    """Which model the engines serve and where its files come from."""
+
+    name: str = Field(min_length=1, max_length=253, description='The OpenAI "model" name served.')
+    path: str = Field(min_length=1, description="HF-format model directory inside the pod.")
+    volume: KubeObject | None = Field(
+        default=None, description="Any corev1 VolumeSource holding the model, mounted at mountPath.")
+    mount_path: str = Field(default="/models", min_length=1, description="Where the model volume is mounted.")
+    moe: bool = Field(default=False, description="The model is a mixture-of-experts model (allows expert parallel).")
+
+
+class ExpertParallel(_Model):
+    """Expert parallelism for MoE models (inside one replica)."""
+
+    enabled: bool = Field(default=False, description="Shard experts across the replica's devices.")
+    placement: Literal["linear", "round-robin"] = Field(default="linear", description="Expert placement.")
+    all2all_backend: str = Field(
+        default="default", min_length=1, alias="all2allBackend", description="All-to-all backend for experts.")
+
+
+class ParallelSpec(_Model):
+    """Intra-replica parallel dimensions; one replica uses tensorParallelSize x pipelineParallelSize devices."""
+
+    tensor_parallel_size: int = Field(ge=1, le=128, description="Tensor-parallel degree (devices per stage).")
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description="Pipeline stages (only 1 for now).")
+    expert_parallel: ExpertParallel = Field(default=ExpertParallel(), description="Expert parallelism.")
+
+
+class DevicesSpec(_Model):
+    """The accelerator resource each replica requests."""
+
+    resource_name: str = Field(
+        default="huawei.com/Ascend910",
+        description="Device-plugin extended resource, e.g. huawei.com/Ascend910 or huawei.com/ascend-1980.")
+    per_node: int | None = Field(
+        default=None, ge=1, le=1024, description="Devices per node; lets validation reject groups that cannot fit.")
+    hccn_conf_path: str | None = Field(
+        default=None, description="Host path of hccn.conf, mounted read-only at /etc/hccn.conf when set.")
+
+
+class EngineSpec(_Model):
+    """Engine container settings; the numeric knobs map to `pypto-serving engine` flags (vLLM names)."""
+
+    image: str = Field(default="pypto-serving:latest", min_length=1, description="Engine container image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy.")
+    dtype: Dtype = Field(default="auto", description="Weights and activation dtype.")
+    max_model_len: int | None = Field(default=None, ge=1, le=4194304, description="--max-model-len.")
+    max_num_seqs: int | None = Field(default=None, ge=1, le=65536, description="--max-num-seqs.")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, le=4194304, description="--max-num-batched-tokens.")
+    block_size: int | None = Field(default=None, ge=1, le=1024, description="--block-size (KV cache block).")
+    enable_prefix_caching: bool = Field(default=True, description="--enable-prefix-caching / --no-...")
+    extra_args: list[str] = Field(default=[], description="Extra engine flags appended to the command.")
+    env: list[KubeObject] = Field(default=[], description="Extra corev1 EnvVar entries for the engine.")
+    resources: KubeObject | None = Field(default=None, description="corev1 ResourceRequirements (cpu, memory).")
+    node_selector: dict[str, str] | None = Field(default=None, description="Pod nodeSelector.")
+    tolerations: list[KubeObject] | None = Field(default=None, description="Pod tolerations.")
+    affinity: KubeObject | None = Field(
+        default=None, description="Pod affinity; a preferred anti-affinity spreading replicas is always added.")
+    priority_class_name: str | None = Field(default=None, description="Pod priorityClassName.")
+    shm_size: str | None = Field(default=None, description="sizeLimit of the /dev/shm memory emptyDir.")
+    startup_timeout_seconds: int = Field(
+        default=1800, ge=0, le=86400, description="How long model loading may take before the pod is restarted.")
+
+
+class ApiKeySecret(_Model):
+    """A Secret key holding the bearer token the gateway requires."""
+
+    name: str = Field(min_length=1, description="Secret name (same namespace).")
+    key: str = Field(default="api-key", min_length=1, description="Key in the Secret.")
+
+
+class GatewaySpec(_Model):
+    """The load-aware gateway in front of the engine pods."""
+
+    enabled: bool = Field(default=True, description="Run a gateway Deployment and Service.")
+    replicas: int = Field(default=1, ge=0, le=64, description="Gateway pods.")
+    routing: RoutingPolicy = Field(default="least-pending-tokens", description="Routing policy.")
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        default="ClusterIP", description="Gateway Service type.")
+    api_key_secret: ApiKeySecret | None = Field(default=None, description="Optional bearer-token auth.")
+    image: str | None = Field(default=None, description="Gateway image (default: the engine image).")
+    resources: KubeObject | None = Field(default=None, description="corev1 ResourceRequirements of the gateway.")
+
+
+class RolloutSpec(_Model):
+    """How a pod-shaping change replaces replicas."""
+
+    max_unavailable: int = Field(default=1, ge=0, le=1024, description="Replicas that may be down during a rollout.")
+    max_surge: int = Field(default=0, ge=0, le=1024, description="Extra replicas that may be created above replicas.")
+
+
+class DrainSpec(_Model):
+    """Two-phase scale-down: how long a draining replica may finish its work."""
+
+    timeout_seconds: int = Field(default=600, ge=0, le=86400, description="Drain deadline before deletion.")
+
+
+class PyptoServingSpec(_Model):
+    """Desired state of a PyptoServing: DP replicas of an engine, each a TP x PP device group."""
+
+    replicas: int = Field(default=1, ge=0, le=1024, description="Data-parallel replicas; one engine pod each.")
+    model: ModelSource = Field(description="The served model.")
+    parallel: ParallelSpec = Field(description="Intra-replica parallelism.")
+    devices: DevicesSpec = Field(default=DevicesSpec(), description="Accelerator resource.")
+    engine: EngineSpec = Field(default=EngineSpec(), description="Engine container settings.")
+    gateway: GatewaySpec = Field(default=GatewaySpec(), description="Gateway settings.")
+    rollout: RolloutSpec = Field(default=RolloutSpec(), description="Rolling update settings.")
+    drain: DrainSpec = Field(default=DrainSpec(), description="Drain settings.")
+
+    @property
+    def devices_per_replica(self) -> int:
+        """Devices one replica requests: TP x PP."""
+        return self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size
+
+
+class _Status(BaseModel):
+    """Base for status models: camelCase, tolerant of fields written by others."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_kube(self) -> dict[str, Any]:
+        """Dump as the Kubernetes object shape."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Condition(_Status):
+    """A standard Kubernetes condition."""
+
+    type: ConditionType = Field(description="Condition type.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="Generation this was computed for.")
+
+
+class ReplicaStatus(_Status):
+    """One DP replica (engine pod)."""
+
+    rank: int = Field(description="DP rank.")
+    pod: str = Field(description="Pod name.")
+    node: str | None = Field(default=None, description="Node the pod runs on.")
+    devices: str | None = Field(default=None, description="Devices assigned (from the device plugin).")
+    phase: str | None = Field(default=None, description="Pod phase.")
+    ready: bool = Field(default=False, description="Pod Ready.")
+    draining: bool = Field(default=False, description="Being drained before deletion.")
+    spec_hash: str | None = Field(default=None, description="Spec hash the pod was built from.")
+
+
+class GatewayStatus(_Status):
+    """Where the gateway is reachable."""
+
+    service: str | None = Field(default=None, description="Gateway Service name.")
+    url: str | None = Field(default=None, description="Gateway URL (cluster DNS).")
+
+
+class PyptoServingStatus(_Status):
+    """Observed state of a PyptoServing."""
+
+    observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")
+    replicas: int | None = Field(default=None, description="Engine pods that exist (scale subresource).")
+    ready_replicas: int | None = Field(default=None, description="Engine pods Ready.")
+    updated_replicas: int | None = Field(default=None, description="Engine pods on the current spec hash.")
+    devices_per_replica: int | None = Field(default=None, description="TP x PP.")
+    selector: str | None = Field(default=None, description="Label selector of the engine pods (scale subresource).")
+    spec_hash: str | None = Field(default=None, description="Hash of the current pod-shaping spec.")
+    phase: Phase | None = Field(default=None, description="Pending, Progressing, Ready, Degraded or Invalid.")
+    conditions: list[Condition] = Field(default=[], description="Ready, Available, Progressing, Degraded, SpecValid.")
+    replica_statuses: list[ReplicaStatus] = Field(default=[], description="Per-replica detail.")
+    gateway: GatewayStatus | None = Field(default=None, description="Gateway endpoint.")
