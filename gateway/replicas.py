@@ -1,0 +1,235 @@
+"""Replica registry: each engine replica's address, eligibility, last load reading, local accounting, breaker.
+
+Load accounting closes the gap between two polls of ``/load`` without counting a request twice:
+
+* at dispatch a request's estimated pending tokens (prompt estimate + max_tokens) are added to the
+  replica's ``unabsorbed`` extra;
+* the extra is removed once the engine has accepted the request (first response bytes; for a non-streaming
+  request, which answers only at the end, the moment its body was handed over plus an admission margin) *and*
+  a ``/load`` reading requested after that moment has arrived, since that reading counts the request itself;
+  or when the request ends, whichever comes first.
+
+So a request is counted by the engine's reading or by the local extra, never by both for longer than one poll
+round trip, and never by neither. Readings older than ``stale_after`` are ignored and the replica is scored from
+local state only (every in-flight request of this gateway at its estimate).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from pypto_serving.gateway.breaker import Breaker, BreakerConfig
+
+Clock = Callable[[], float]
+
+# A non-streaming request shows no bytes before it finishes; the engine admits a fully received request
+# within a few milliseconds, so a reading requested this long after dispatch counts it.
+ADMIT_MARGIN_S = 0.005
+
+
+@dataclass(frozen=True)
+class LoadReading:
+    """One ``/load`` answer of an engine and when it was requested (monotonic seconds)."""
+
+    running: int = 0
+    waiting: int = 0
+    pending_tokens: int = 0
+    kv_cache_usage: float = 0.0
+    draining: bool = False
+    requested_at: float = 0.0
+    received_at: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: dict, requested_at: float, received_at: float) -> LoadReading:
+        """Build a reading from the engine's JSON (missing fields read as zero)."""
+        return cls(running=int(data.get("running", 0) or 0), waiting=int(data.get("waiting", 0) or 0),
+                   pending_tokens=int(data.get("pending_tokens", 0) or 0),
+                   kv_cache_usage=float(data.get("kv_cache_usage", 0.0) or 0.0),
+                   draining=bool(data.get("draining", False)), requested_at=requested_at, received_at=received_at)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One dispatch of one request to one replica; ends exactly once."""
+
+    replica: Replica = field(repr=False)
+    tokens: int
+    dispatched_at: float
+    accepted_at: float | None = None
+    absorbed: bool = False
+    ended: bool = False
+
+    def accepted(self, now: float | None = None) -> None:
+        """The engine sent its first response bytes: the next reading requested after now counts this request."""
+        if self.accepted_at is None or (now is not None and now < self.accepted_at):
+            self.accepted_at = self.replica.clock() if now is None else now
+
+    def end(self) -> None:
+        """The request is over (finished, failed or cancelled): drop every local trace of it."""
+        if not self.ended:
+            self.ended = True
+            self.replica._end(self)
+
+
+@dataclass(eq=False)
+class Replica:
+    """One engine replica as this gateway sees it."""
+
+    name: str
+    url: str
+    clock: Clock = field(default=time.monotonic, repr=False)
+    discovered_ready: bool = True  # Ready, not terminating, not labelled draining (from discovery)
+    breaker: Breaker = field(default_factory=Breaker)
+    reading: LoadReading | None = None
+    refused_at: float | None = None  # answered 503 (draining / not ready); eligible again after a newer reading
+    inflight: int = 0
+    inflight_tokens: int = 0
+    unabsorbed: int = 0  # requests dispatched but not yet in a reading
+    unabsorbed_tokens: int = 0
+    _tickets: set[Ticket] = field(default_factory=set, repr=False)
+
+    # --- load -------------------------------------------------------------------------------------------------
+    def fresh_reading(self, stale_after: float, now: float | None = None) -> LoadReading | None:
+        """The last reading, or None when there is none or it is older than ``stale_after`` seconds."""
+        if self.reading is None:
+            return None
+        now = self.clock() if now is None else now
+        return self.reading if now - self.reading.received_at <= stale_after else None
+
+    def pending_tokens(self, stale_after: float, now: float | None = None) -> int:
+        """Score for least-pending-tokens: engine reading + local extra, or local state only when stale."""
+        reading = self.fresh_reading(stale_after, now)
+        if reading is None:
+            return self.inflight_tokens
+        return reading.pending_tokens + self.unabsorbed_tokens
+
+    def requests(self, stale_after: float, now: float | None = None) -> int:
+        """Score for least-requests: engine running + waiting + local extra, or local in-flight when stale."""
+        reading = self.fresh_reading(stale_after, now)
+        if reading is None:
+            return self.inflight
+        return reading.running + reading.waiting + self.unabsorbed
+
+    def update(self, reading: LoadReading) -> None:
+        """Apply a new ``/load`` reading: absorb every accepted request it counts."""
+        if self.reading is not None and reading.requested_at < self.reading.requested_at:
+            return  # an older poll answered late
+        self.reading = reading
+        if self.refused_at is not None and reading.requested_at > self.refused_at and not reading.draining:
+            self.refused_at = None
+        for ticket in list(self._tickets):
+            if ticket.accepted_at is not None and reading.requested_at >= ticket.accepted_at:
+                self._absorb(ticket)
+
+    # --- eligibility ------------------------------------------------------------------------------------------
+    def eligible(self, now: float | None = None) -> bool:
+        """May this replica take a new request now?"""
+        if not self.discovered_ready or self.refused_at is not None:
+            return False
+        if self.reading is not None and self.reading.draining:
+            return False
+        return self.breaker.allows(self.clock() if now is None else now)
+
+    def state(self, now: float | None = None) -> str:
+        """Human-readable state for /replicas."""
+        now = self.clock() if now is None else now
+        if not self.discovered_ready:
+            return "not-ready"
+        if (self.reading is not None and self.reading.draining) or self.refused_at is not None:
+            return "draining"
+        if not self.breaker.allows(now):
+            return "ejected"
+        return "half-open" if self.breaker.half_open(now) else "ready"
+
+    def refused(self) -> None:
+        """The replica answered 503 before any byte: no new traffic until a newer reading says otherwise."""
+        self.refused_at = self.clock()
+
+    # --- accounting -------------------------------------------------------------------------------------------
+    def dispatch(self, tokens: int, stream: bool = True) -> Ticket:
+        """Count a request sent to this replica now; the caller must ``end()`` the returned ticket."""
+        now = self.clock()
+        ticket = Ticket(self, tokens, now, accepted_at=None if stream else now + ADMIT_MARGIN_S)
+        self._tickets.add(ticket)
+        self.inflight += 1
+        self.inflight_tokens += tokens
+        self.unabsorbed += 1
+        self.unabsorbed_tokens += tokens
+        return ticket
+
+    def _absorb(self, ticket: Ticket) -> None:
+        if not ticket.absorbed:
+            ticket.absorbed = True
+            self.unabsorbed -= 1
+            self.unabsorbed_tokens -= ticket.tokens
+
+    def _end(self, ticket: Ticket) -> None:
+        self._absorb(ticket)
+        self._tickets.discard(ticket)
+        self.inflight -= 1
+        self.inflight_tokens -= ticket.tokens
+
+
+class Registry:
+    """The set of known replicas, keyed by name (pod name or endpoint URL)."""
+
+    def __init__(self, breaker: BreakerConfig | None = None, clock: Clock = time.monotonic) -> None:
+        self.breaker_config = breaker or BreakerConfig()
+        self.clock = clock
+        self._replicas: dict[str, Replica] = {}
+        self.version = 0  # bumped whenever the set of names changes (policies cache hash rings by it)
+        self.listeners: list[Callable[[Replica, str], None]] = []  # (replica, "added" | "removed")
+
+    def __len__(self) -> int:
+        return len(self._replicas)
+
+    def __iter__(self):
+        return iter(list(self._replicas.values()))
+
+    def get(self, name: str) -> Replica | None:
+        """The replica called ``name``, if known."""
+        return self._replicas.get(name)
+
+    def names(self) -> list[str]:
+        """Every known replica name, sorted."""
+        return sorted(self._replicas)
+
+    def upsert(self, name: str, url: str, ready: bool = True) -> Replica:
+        """Add a replica or update its address and readiness (a new address resets its load state)."""
+        replica = self._replicas.get(name)
+        if replica is not None and replica.url != url:
+            self.remove(name)
+            replica = None
+        if replica is None:
+            replica = Replica(name, url, clock=self.clock, breaker=Breaker(self.breaker_config))
+            self._replicas[name] = replica
+            self.version += 1
+            for listener in self.listeners:
+                listener(replica, "added")
+        replica.discovered_ready = ready
+        return replica
+
+    def remove(self, name: str) -> None:
+        """Forget a replica (its in-flight requests finish on their own)."""
+        replica = self._replicas.pop(name, None)
+        if replica is not None:
+            self.version += 1
+            for listener in self.listeners:
+                listener(replica, "removed")
+
+    def replace(self, entries: Iterable[tuple[str, str, bool]]) -> None:
+        """Make the registry hold exactly ``entries`` (name, url, ready) — used after a full re-list."""
+        wanted = {name: (url, ready) for name, url, ready in entries}
+        for name in list(self._replicas):
+            if name not in wanted:
+                self.remove(name)
+        for name, (url, ready) in wanted.items():
+            self.upsert(name, url, ready)
+
+    def eligible(self, exclude: Iterable[str] = ()) -> list[Replica]:
+        """Replicas that may take a new request now, minus ``exclude`` (names already tried)."""
+        now = self.clock()
+        skip = set(exclude)
+        return [r for r in self._replicas.values() if r.name not in skip and r.eligible(now)]

@@ -1,0 +1,135 @@
+"""Routing policies (pure logic): scores, random tie-breaks, round-robin, bounded-load consistent hashing."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from pypto_serving.gateway.policies import POLICIES, PolicyConfig, make_policy
+from pypto_serving.gateway.policies.hashring import HashRing, stable_hash
+from pypto_serving.gateway.policies.prefix_aware import prefix_key
+from pypto_serving.gateway.replicas import LoadReading, Replica
+from pypto_serving.gateway.request import RequestInfo, request_info
+
+NOW = 1000.0
+
+
+def replica(name: str, pending: int = 0, running: int = 0, waiting: int = 0) -> Replica:
+    r = Replica(name, f"http://{name}", clock=lambda: NOW)
+    r.update(LoadReading(running=running, waiting=waiting, pending_tokens=pending, requested_at=NOW, received_at=NOW))
+    return r
+
+
+def test_registry_knows_every_policy() -> None:
+    assert set(POLICIES) == {"least-pending-tokens", "least-requests", "round-robin", "prefix-aware", "session"}
+    with pytest.raises(KeyError, match="known"):
+        make_policy("fastest")
+
+
+def test_least_pending_tokens_includes_local_extra() -> None:
+    a, b = replica("a", pending=100), replica("b", pending=80)
+    policy = make_policy("least-pending-tokens")
+    assert policy.select([a, b], RequestInfo(), NOW) is b
+    b.dispatch(50)  # 130 now
+    assert policy.select([a, b], RequestInfo(), NOW) is a
+
+
+def test_least_requests_counts_running_waiting_and_local() -> None:
+    a, b = replica("a", pending=0, running=2, waiting=1), replica("b", pending=10**6, running=1)
+    policy = make_policy("least-requests")
+    assert policy.select([a, b], RequestInfo(), NOW) is b
+    for _ in range(3):
+        b.dispatch(1)  # 1 running + 3 dispatched > 3
+    assert policy.select([a, b], RequestInfo(), NOW) is a
+
+
+def test_ties_are_broken_at_random() -> None:
+    replicas = [replica(n) for n in "abcd"]
+    policy = make_policy("least-pending-tokens", rng=random.Random(7))
+    picks = Counter(policy.select(replicas, RequestInfo(), NOW).name for _ in range(400))
+    assert set(picks) == set("abcd") and min(picks.values()) > 50
+
+
+def test_round_robin_cycles_in_name_order() -> None:
+    replicas = [replica(n) for n in "cab"]
+    policy = make_policy("round-robin")
+    assert [policy.select(replicas, RequestInfo(), NOW).name for _ in range(6)] == list("abcabc")
+
+
+def test_prefix_key_uses_leading_whole_blocks() -> None:
+    assert prefix_key("", 4, 2) is None
+    assert prefix_key("abc", 4, 2) == "abc"
+    assert prefix_key("abcdefghij", 4, 2) == "abcdefgh"
+    assert prefix_key("abcdef", 4, 2) == "abcd"
+
+
+def test_prefix_aware_same_prefix_same_replica_distinct_prefixes_spread() -> None:
+    cfg = PolicyConfig(prefix_block_chars=16, prefix_blocks=2)
+    replicas = [replica(f"pod-{i}") for i in range(4)]
+    policy = make_policy("prefix-aware", cfg)
+    shared = "S" * 32
+    picks = {policy.select(replicas, RequestInfo(prefix_text=shared + f" question {i}"), NOW).name for i in range(20)}
+    assert len(picks) == 1
+    spread = Counter(policy.select(replicas, RequestInfo(prefix_text=f"{i:032d}"), NOW).name for i in range(200))
+    assert len(spread) == 4 and min(spread.values()) > 20
+
+
+def test_prefix_aware_is_deterministic_across_gateway_instances() -> None:
+    cfg = PolicyConfig(prefix_block_chars=8, prefix_blocks=1)
+    one = make_policy("prefix-aware", cfg, rng=random.Random(1))
+    two = make_policy("prefix-aware", cfg, rng=random.Random(2))
+    r1 = [replica(f"pod-{i}") for i in range(5)]
+    r2 = [replica(f"pod-{i}") for i in reversed(range(5))]
+    for i in range(50):
+        req = RequestInfo(prefix_text=f"prefix-{i:04d}-tail")
+        assert one.select(r1, req, NOW).name == two.select(r2, req, NOW).name
+
+
+def test_bounded_loads_overflow_to_the_next_replica_on_the_ring() -> None:
+    cfg = PolicyConfig(balance_epsilon=0.25, balance_slack_tokens=0, prefix_block_chars=8, prefix_blocks=1)
+    replicas = [replica(f"pod-{i}", pending=1000) for i in range(4)]
+    policy = make_policy("prefix-aware", cfg)
+    req = RequestInfo(prefix_text="shared-prefix", max_tokens=10)
+    home = policy.select(replicas, req, NOW)
+    home.update(LoadReading(pending_tokens=5000, requested_at=NOW, received_at=NOW))
+    # mean after placement = (8000 + 10) / 4 = 2002.5; bound = 2503 < 5000: home is over the bound
+    other = policy.select(replicas, req, NOW)
+    assert other is not home
+    ring = HashRing([r.name for r in replicas], cfg.virtual_nodes)
+    order = [n for n in ring.walk(stable_hash("shared-p")) if n != home.name]
+    assert other.name == order[0]  # the next replica clockwise, not a random one
+    assert all(r.pending_tokens(2.0, NOW) <= 2503 for r in replicas if r is other)
+
+
+def test_slack_keeps_affinity_at_light_load() -> None:
+    cfg = PolicyConfig(balance_slack_tokens=4096, prefix_block_chars=8, prefix_blocks=1)
+    replicas = [replica(f"pod-{i}") for i in range(4)]
+    policy = make_policy("prefix-aware", cfg)
+    req = RequestInfo(prefix_text="shared-prefix", prompt_tokens=200, max_tokens=100)
+    home = policy.select(replicas, req, NOW)
+    for _ in range(5):
+        home.dispatch(req.tokens)
+        assert policy.select(replicas, req, NOW) is home  # 1500 pending tokens is within the slack
+
+
+def test_session_affinity_by_header_or_user_and_fallback() -> None:
+    replicas = [replica(f"pod-{i}", pending=10 * i) for i in range(4)]
+    policy = make_policy("session")
+    by_header = request_info({"prompt": "x"}, session_header="abc")
+    by_user = request_info({"prompt": "x", "user": "abc"})
+    assert policy.select(replicas, by_header, NOW) is policy.select(replicas, by_user, NOW)
+    assert len({policy.select(replicas, request_info({"user": f"u{i}"}), NOW).name for i in range(50)}) == 4
+    assert policy.select(replicas, request_info({"prompt": "x"}), NOW).name == "pod-0"  # least pending
+
+
+def test_request_info_estimates() -> None:
+    info = request_info({"prompt": "a" * 40, "max_tokens": 7, "stream": True})
+    assert (info.prompt_tokens, info.max_tokens, info.tokens, info.stream) == (10, 7, 17, True)
+    assert request_info({"prompt": [1, 2, 3], "max_tokens": 2}).tokens == 5
+    chat = request_info({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                         "max_completion_tokens": 4, "n": 2})
+    assert chat.max_tokens == 8 and "hi" in chat.prefix_text
+    odd = request_info({"prompt": 5, "max_tokens": "many", "n": True}, default_max_tokens=99)
+    assert odd.tokens == 99 and not odd.stream
