@@ -181,6 +181,7 @@ class Registry:
         self._replicas: dict[str, Replica] = {}
         self.version = 0  # bumped whenever the set of names changes (policies cache hash rings by it)
         self.listeners: list[Callable[[Replica, str], None]] = []  # (replica, "added" | "removed")
+        self.on_eject: Callable[[Replica], None] = lambda replica: None
 
     def __len__(self) -> int:
         return len(self._replicas)
@@ -227,6 +228,15 @@ class Registry:
                 self.remove(name)
         for name, (url, ready) in wanted.items():
             self.upsert(name, url, ready)
+
+    def failure(self, replica: Replica) -> None:
+        """Count a failed request or poll against ``replica``'s breaker (reporting an ejection)."""
+        if replica.breaker.failure(self.clock()):
+            self.on_eject(replica)
+
+    def success(self, replica: Replica) -> None:
+        """Count a successful request or poll (closes a half-open breaker)."""
+        replica.breaker.success(self.clock())
 
     def eligible(self, exclude: Iterable[str] = ()) -> list[Replica]:
         """Replicas that may take a new request now, minus ``exclude`` (names already tried)."""

@@ -1,0 +1,122 @@
+"""`pypto-serving gateway`: run the load-aware gateway (see CONTRACT.md, "Command line")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from pypto_serving.gateway.app import create_app
+from pypto_serving.gateway.breaker import BreakerConfig
+from pypto_serving.gateway.config import GatewayConfig
+from pypto_serving.gateway.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
+from pypto_serving.gateway.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
+
+log = logging.getLogger("pypto_serving.gateway")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The gateway's command line."""
+    p = argparse.ArgumentParser(prog="pypto-serving gateway", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (in a pod: the pod IP)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help="default routing policy")
+    src = p.add_argument_group("discovery (one of)")
+    src.add_argument("--endpoints", help="static engine URLs, comma separated: http://a:8000,http://b:8000")
+    src.add_argument("--namespace", help="namespace of the engine pods (default: the pod's own)")
+    src.add_argument("--selector", help="label selector of the engine pods, e.g. "
+                     "app.kubernetes.io/instance=demo,app.kubernetes.io/component=engine")
+    src.add_argument("--kubeconfig", help="kubeconfig outside a cluster (default: in-cluster, then KUBECONFIG)")
+    src.add_argument("--engine-port", type=int, default=8000, help="engine port when a pod names no 'http' port")
+    p.add_argument("--api-key-file", type=Path, help="file holding the bearer API key required on /v1/*")
+    t = p.add_argument_group("tuning")
+    d = GatewayConfig()
+    pc, bc = PolicyConfig(), BreakerConfig()
+    t.add_argument("--poll-interval", type=float, default=d.poll_interval_s, help="seconds between /load polls")
+    t.add_argument("--poll-timeout", type=float, default=d.poll_timeout_s)
+    t.add_argument("--stale-after", type=float, default=pc.stale_after_s, help="seconds before a load is stale")
+    t.add_argument("--saturation-tokens", type=int, default=d.saturation_tokens,
+                   help="answer 429 when every replica has this many pending tokens (0: never)")
+    t.add_argument("--retry-after", type=int, default=d.retry_after_s, help="Retry-After seconds of a 429")
+    t.add_argument("--max-retries", type=int, default=d.max_retries)
+    t.add_argument("--breaker-failures", type=int, default=bc.failures, help="consecutive failures that eject")
+    t.add_argument("--breaker-backoff", type=float, default=bc.backoff_s, help="first ejection, seconds")
+    t.add_argument("--breaker-max-backoff", type=float, default=bc.max_backoff_s)
+    t.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s)
+    t.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="max upstream silence, seconds")
+    t.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    t.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    t.add_argument("--balance-epsilon", type=float, default=pc.balance_epsilon)
+    t.add_argument("--balance-slack-tokens", type=int, default=pc.balance_slack_tokens)
+    t.add_argument("--prefix-block-chars", type=int, default=pc.prefix_block_chars)
+    t.add_argument("--prefix-blocks", type=int, default=pc.prefix_blocks)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
+    """Turn parsed arguments into a config and a discovery (SystemExit on bad combinations)."""
+    if bool(args.endpoints) == bool(args.selector):
+        raise SystemExit("pypto-serving gateway: give exactly one of --endpoints or --selector (with --namespace)")
+    api_key = None
+    if args.api_key_file is not None:
+        api_key = args.api_key_file.read_text().strip()
+        if not api_key:
+            raise SystemExit(f"pypto-serving gateway: {args.api_key_file} is empty")
+    config = GatewayConfig(
+        policy=args.policy, api_key=api_key, poll_interval_s=args.poll_interval, poll_timeout_s=args.poll_timeout,
+        saturation_tokens=args.saturation_tokens, retry_after_s=args.retry_after, max_retries=args.max_retries,
+        connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
+        max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+        policy_config=PolicyConfig(stale_after_s=args.stale_after, balance_epsilon=args.balance_epsilon,
+                                   balance_slack_tokens=args.balance_slack_tokens,
+                                   prefix_block_chars=args.prefix_block_chars, prefix_blocks=args.prefix_blocks),
+        breaker=BreakerConfig(failures=args.breaker_failures, backoff_s=args.breaker_backoff,
+                              max_backoff_s=args.breaker_max_backoff))
+    if args.endpoints:
+        discovery: Discovery = StaticDiscovery(args.endpoints.split(","))
+    else:
+        discovery = KubernetesDiscovery(args.namespace, args.selector, args.kubeconfig, args.engine_port)
+    return config, discovery
+
+
+async def serve(config: GatewayConfig, discovery: Discovery, host: str, port: int) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    app = create_app(config, discovery)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096)
+    await site.start()
+    log.info("gateway listening on http://%s:%d (policy %s)", host, port, config.policy)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `pypto-serving gateway`."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config, discovery = build(args)
+    try:
+        import uvloop  # optional: a faster event loop when installed
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(serve(config, discovery, args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

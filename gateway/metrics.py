@@ -1,0 +1,34 @@
+"""Prometheus metrics of one gateway (its own registry, so several gateways can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+DECISION_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class GatewayMetrics:
+    """The gateway's counters and histograms."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pypto_gateway_requests", "Requests answered, by replica and HTTP status",
+                                ["replica", "code"], registry=r)
+        self.decision = Histogram("pypto_gateway_routing_decision_seconds", "Time to choose a replica",
+                                  buckets=DECISION_BUCKETS, registry=r)
+        self.retries = Counter("pypto_gateway_retries", "Requests retried on another replica, by reason",
+                               ["reason"], registry=r)
+        self.ejections = Counter("pypto_gateway_ejections", "Replicas ejected by their circuit breaker",
+                                 ["replica"], registry=r)
+        self.upstream_ttft = Histogram("pypto_gateway_upstream_ttft_seconds",
+                                       "Dispatch to first response body byte of streaming requests",
+                                       ["replica"], buckets=TTFT_BUCKETS, registry=r)
+        self.replicas = Gauge("pypto_gateway_replicas", "Known replicas by state", ["state"], registry=r)
+        self.poll_failures = Counter("pypto_gateway_load_poll_failures", "Failed /load polls", ["replica"],
+                                     registry=r)
+
+    def render(self) -> bytes:
+        """Prometheus text exposition."""
+        return generate_latest(self.registry)

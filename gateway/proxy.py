@@ -1,0 +1,193 @@
+"""Proxying one request: route, dispatch, retry before the first byte, relay (streaming unbuffered), account.
+
+Flow of a request (see docs/architecture.md, "Gateway"):
+1. candidates = eligible replicas (discovered ready, not draining, breaker closed or half-open) not tried yet;
+   none at all -> 503; every candidate at the saturation threshold -> 429 with Retry-After;
+2. the policy picks one (timed into the routing-decision histogram); its estimated tokens are dispatched;
+3. connection failure/timeout before a response, or a 503 answer -> try another replica (at most
+   ``max_retries`` more); once bytes went to the client nothing is retried;
+4. the response is relayed as it arrives (each upstream chunk written through at once); a client disconnect
+   cancels the handler and closes the upstream connection, which makes the engine abort the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from pypto_serving.gateway.config import GatewayConfig
+from pypto_serving.gateway.errors import error_body, error_response
+from pypto_serving.gateway.metrics import GatewayMetrics
+from pypto_serving.gateway.policies import Policy
+from pypto_serving.gateway.replicas import Registry, Replica
+from pypto_serving.gateway.request import RequestInfo
+
+REPLICA_HEADER = "x-pypto-replica"
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                        "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def forward_headers(headers) -> dict[str, str]:
+    """Request headers worth sending upstream (no hop-by-hop, no Host/Content-Length)."""
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+def response_headers(upstream: aiohttp.ClientResponse, replica: Replica) -> CIMultiDict:
+    """Upstream response headers for the client plus ``x-pypto-replica``."""
+    out = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
+                      and k.lower() not in ("server", "date"))
+    out[REPLICA_HEADER] = replica.name
+    return out
+
+
+class Proxy:
+    """Routes and relays requests to the replicas of a registry."""
+
+    def __init__(self, config: GatewayConfig, registry: Registry, metrics: GatewayMetrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s,
+                                             sock_read=config.idle_timeout_s)
+
+    async def start(self) -> None:
+        """Open the pooled keep-alive upstream session."""
+        connector = aiohttp.TCPConnector(limit=self.config.upstream_connections, limit_per_host=0,
+                                         keepalive_timeout=60, enable_cleanup_closed=False)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent", "Accept-Encoding"))
+
+    async def stop(self) -> None:
+        """Close the upstream session."""
+        if self.session is not None:
+            await self.session.close()
+
+    # --- routing ----------------------------------------------------------------------------------------------
+    def choose(self, policy: Policy, info: RequestInfo, tried: list[str]) -> Replica | web.Response:
+        """Pick a replica for one attempt, or the error response when there is none to pick."""
+        started = time.perf_counter()
+        candidates = self.registry.eligible(exclude=tried)
+        if not candidates:
+            return error_response(503, "no ready engine replica to serve the request" if not tried else
+                                  "every ready replica failed this request", code="no_replicas")
+        now = self.registry.clock()
+        threshold = self.config.saturation_tokens
+        if threshold > 0 and info.tokens > 0:
+            stale = self.config.policy_config.stale_after_s
+            candidates = [r for r in candidates if r.pending_tokens(stale, now) < threshold]
+            if not candidates:
+                return error_response(429, "every replica is saturated; retry later", code="saturated",
+                                      headers={"Retry-After": str(self.config.retry_after_s)})
+        replica = policy.select(candidates, info, now)
+        self.metrics.decision.observe(time.perf_counter() - started)
+        return replica
+
+    # --- proxying ---------------------------------------------------------------------------------------------
+    async def handle(self, request: web.Request, path: str, body: bytes | None, info: RequestInfo,
+                     policy: Policy) -> web.StreamResponse:
+        """Serve one request with retries; always returns (or raises for a vanished client)."""
+        tried: list[str] = []
+        headers = forward_headers(request.headers)
+        last_error: tuple[int, bytes, str] | None = None
+        reason = ""
+        for attempt in range(self.config.max_retries + 1):
+            chosen = self.choose(policy, info, tried)
+            if isinstance(chosen, web.Response):
+                if last_error is not None and chosen.status == 503:  # report what the replicas said
+                    status, payload, name = last_error
+                    chosen = web.Response(status=status, body=payload, content_type="application/json",
+                                          headers={REPLICA_HEADER: name})
+                self.metrics.requests.labels(last_error[2] if last_error else "none", str(chosen.status)).inc()
+                return chosen
+            replica = chosen
+            tried.append(replica.name)
+            if attempt:
+                self.metrics.retries.labels(reason).inc()
+            ticket = replica.dispatch(info.tokens, info.stream)
+            dispatched = time.perf_counter()
+            try:
+                upstream = await self.session.request(request.method, replica.url + path, data=body,
+                                                      headers=headers, allow_redirects=False)
+            except UPSTREAM_ERRORS as exc:
+                ticket.end()
+                self.registry.failure(replica)
+                reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
+                last_error = (502, error_body(502, f"replica {replica.name} unreachable: {exc!r}",
+                                              code="upstream_unreachable"), replica.name)
+                continue
+            except BaseException:
+                ticket.end()
+                raise
+            if upstream.status == 503:
+                try:
+                    payload = await upstream.read()
+                except UPSTREAM_ERRORS:
+                    payload = error_body(503, f"replica {replica.name} unavailable", code="unavailable")
+                finally:
+                    upstream.release()
+                    ticket.end()
+                replica.refused()
+                reason = "unavailable"
+                last_error = (503, payload, replica.name)
+                continue
+            ticket.accepted()
+            try:
+                return await self.relay(request, upstream, replica, dispatched)
+            finally:
+                ticket.end()
+        status, payload, name = last_error  # type: ignore[misc]  # the loop ran at least once
+        self.metrics.requests.labels(name, str(status)).inc()
+        return web.Response(status=status, body=payload, content_type="application/json",
+                            headers={REPLICA_HEADER: name})
+
+    async def relay(self, request: web.Request, upstream: aiohttp.ClientResponse, replica: Replica,
+                    dispatched: float) -> web.StreamResponse:
+        """Relay an accepted upstream response to the client; never retried from here on."""
+        status = upstream.status
+        out: web.StreamResponse | None = None
+        try:
+            if upstream.headers.get("Content-Length") is not None and not upstream.headers.get(
+                    "Content-Type", "").startswith("text/event-stream"):
+                payload = await upstream.read()  # a sized body: one write, no chunked framing
+                self._done(replica, status)
+                return web.Response(status=status, body=payload, headers=response_headers(upstream, replica))
+            out = web.StreamResponse(status=status, headers=response_headers(upstream, replica))
+            await out.prepare(request)
+            first = True
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    first = False
+                    self.metrics.upstream_ttft.labels(replica.name).observe(time.perf_counter() - dispatched)
+                try:
+                    await out.write(chunk)
+                except ConnectionError:  # the client went away: closing upstream (finally) cancels the request
+                    self.metrics.requests.labels(replica.name, "499").inc()
+                    return out
+            await out.write_eof()
+            self._done(replica, status)
+            return out
+        except UPSTREAM_ERRORS as exc:
+            self.registry.failure(replica)
+            self.metrics.requests.labels(replica.name, "502").inc()
+            if out is None:
+                return error_response(502, f"replica {replica.name} failed mid-response: {exc!r}",
+                                      code="upstream_failed", headers={REPLICA_HEADER: replica.name})
+            # Bytes reached the client: no retry. Cut its connection so that it sees a truncated response.
+            if request.transport is not None:
+                request.transport.close()
+            return out
+        finally:
+            upstream.close()  # after a full read the connection is already back in the pool; else it closes
+
+    def _done(self, replica: Replica, status: int) -> None:
+        self.metrics.requests.labels(replica.name, str(status)).inc()
+        if status < 500:
+            self.registry.success(replica)
+        else:
+            self.registry.failure(replica)
