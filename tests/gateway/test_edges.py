@@ -1,0 +1,88 @@
+"""The gateway process on its own: auth, body limits, bad JSON, unknown policy, no replicas, dead replicas.
+
+These requests are answered by the gateway itself (before or instead of an engine), so no engine is needed;
+the gateway is the real `pypto-serving gateway` process. Routing to real engines: test_routing_real.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway.harness import GatewayProcess, start_gateway
+from tests.support.common import free_port, wait_for
+
+KEY = "s3cret-key"
+
+
+def assert_envelope(resp: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@pytest.fixture(scope="module")
+def dead_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway whose only endpoint has nobody listening, with an API key and a 1 KiB body limit."""
+    key_file: Path = tmp_path_factory.mktemp("gw") / "key"
+    key_file.write_text(KEY + "\n")
+    gw = start_gateway("--endpoints", f"http://127.0.0.1:{free_port()}", "--api-key-file", str(key_file),
+                       "--max-body-bytes", "1024", "--breaker-backoff", "30", ready=False)
+    yield gw
+    gw.stop()
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_api_key_is_required(dead_gateway: GatewayProcess) -> None:
+    url = dead_gateway.url + "/v1/completions"
+    assert_envelope(httpx.post(url, json={"prompt": "hi"}), 401, "invalid_api_key")
+    assert_envelope(httpx.post(url, json={"prompt": "hi"}, headers=auth("wrong")), 401)
+    assert_envelope(httpx.get(dead_gateway.url + "/v1/models", headers={"Authorization": "Basic x"}), 401)
+    assert httpx.get(dead_gateway.url + "/health").status_code == 200  # probes need no key
+
+
+def test_bad_input_gets_an_envelope_and_never_crashes(dead_gateway: GatewayProcess) -> None:
+    url = dead_gateway.url + "/v1/completions"
+    assert_envelope(httpx.post(url, content=b"{not json", headers=auth()), 400, "invalid_json")
+    assert_envelope(httpx.post(url, content=b"[1, 2]", headers=auth()), 400, "invalid_json")
+    assert_envelope(httpx.post(url, content=b"\xff\xfe", headers=auth()), 400, "invalid_json")
+    assert_envelope(httpx.post(url, json={"prompt": "x" * 2000}, headers=auth()), 413, "body_too_large")
+    error = assert_envelope(httpx.post(url, json={"prompt": "hi"}, headers={**auth(), "x-pypto-routing": "best"}),
+                            400, "unknown_policy")
+    assert error["param"] == "x-pypto-routing" and "prefix-aware" in error["message"]
+    assert_envelope(httpx.get(dead_gateway.url + "/v2/nothing"), 404)
+    assert_envelope(httpx.get(url, headers=auth()), 405)
+    assert httpx.get(dead_gateway.url + "/health").status_code == 200
+
+
+def test_dead_replica_is_ejected_and_then_503_names_the_cause(dead_gateway: GatewayProcess) -> None:
+    (name,) = dead_gateway.replicas()
+    # failed /load polls alone eject it (no traffic needed)
+    wait_for(lambda: dead_gateway.replicas()[name]["state"] == "ejected", 10, "the dead replica ejected")
+    assert dead_gateway.metric("pypto_gateway_ejections_total", replica=name) >= 1
+    assert httpx.get(dead_gateway.url + "/ready").status_code == 503
+    error = assert_envelope(httpx.post(dead_gateway.url + "/v1/completions", json={"prompt": "hi"},
+                                       headers=auth()), 503, "no_replicas")
+    assert "no ready engine replica" in error["message"]
+
+
+def test_cli_requires_exactly_one_discovery_source(tmp_path: Path) -> None:
+    for args in ([], ["--endpoints", "http://127.0.0.1:1", "--selector", "app=x"]):
+        proc = subprocess.run([sys.executable, "-m", "pypto_serving", "gateway", *args], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode != 0 and "exactly one of --endpoints or --selector" in proc.stderr
+    (tmp_path / "empty").write_text("  \n")
+    proc = subprocess.run([sys.executable, "-m", "pypto_serving", "gateway", "--endpoints", "http://127.0.0.1:1",
+                           "--api-key-file", str(tmp_path / "empty")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "is empty" in proc.stderr
