@@ -1,0 +1,292 @@
+"""Pure functions: a PyptoServing spec -> the manifests it should have (engine pods, Services, gateway).
+
+Nothing here talks to Kubernetes. The reconciler compares these manifests with what it observes and applies
+the difference. Names and labels follow CONTRACT.md ("Engine pods").
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pypto_serving.operator.types import API_VERSION, KIND, PyptoServingSpec
+
+# Labels and annotations (CONTRACT.md).
+L_NAME = "app.kubernetes.io/name"
+L_INSTANCE = "app.kubernetes.io/instance"
+L_COMPONENT = "app.kubernetes.io/component"
+L_MANAGED_BY = "app.kubernetes.io/managed-by"
+L_RANK = "serving.pypto.io/dp-rank"
+L_HASH = "serving.pypto.io/spec-hash"
+L_DRAINING = "serving.pypto.io/draining"
+A_DRAIN_STARTED = "serving.pypto.io/drain-started"
+A_DRAIN_REASON = "serving.pypto.io/drain-reason"
+A_APPLIED = "serving.pypto.io/applied-hash"
+A_REAL_DEVICES = "huawei.com/AscendReal"
+APP = "pypto-serving"
+MANAGER = "pypto-serving-operator"
+ENGINE, GATEWAY = "engine", "gateway"
+ENGINE_PORT, GATEWAY_PORT = 8000, 8080
+DRAIN_GRACE_SLACK = 30  # seconds of terminationGracePeriod beyond drain.timeoutSeconds
+PROBE_PERIOD = 2
+API_KEY_DIR = "/etc/pypto-serving/api-key"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The PyptoServing that owns the children (for names, namespace and the owner reference)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        """ownerReference for garbage collection when the PyptoServing is deleted."""
+        return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}
+
+
+def pod_name(name: str, rank: int) -> str:
+    """Engine pod name of a DP rank."""
+    return f"{name}-dp-{rank}"
+
+
+def engine_service_name(name: str) -> str:
+    """Headless Service of the engine pods (the pods' DNS subdomain)."""
+    return f"{name}-engines"
+
+
+def gateway_name(name: str) -> str:
+    """Name of the gateway Deployment, Service, ServiceAccount, Role and RoleBinding."""
+    return f"{name}-gateway"
+
+
+def engine_selector(name: str) -> dict[str, str]:
+    """Labels selecting the engine pods of one PyptoServing."""
+    return {L_INSTANCE: name, L_COMPONENT: ENGINE}
+
+
+def selector_string(labels: dict[str, str]) -> str:
+    """``k=v,k=v`` form of a label selector."""
+    return ",".join(f"{key}={value}" for key, value in labels.items())
+
+
+def _common_labels(name: str, component: str) -> dict[str, str]:
+    return {L_NAME: APP, L_INSTANCE: name, L_COMPONENT: component, L_MANAGED_BY: MANAGER}
+
+
+def pod_shaping(spec: PyptoServingSpec) -> dict[str, Any]:
+    """The part of the spec that shapes an engine pod (replicas, gateway, rollout and drain excluded)."""
+    return {"model": spec.model.to_kube(), "parallel": spec.parallel.to_kube(), "devices": spec.devices.to_kube(),
+            "engine": spec.engine.to_kube()}
+
+
+def digest(obj: Any, length: int = 10) -> str:
+    """Stable short hash of a JSON-able value."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def spec_hash(spec: PyptoServingSpec) -> str:
+    """Hash of the pod-shaping spec: a change means the replicas must be replaced (rolling update)."""
+    return digest(pod_shaping(spec))
+
+
+def engine_args(spec: PyptoServingSpec) -> list[str]:
+    """`pypto-serving engine` flags for the spec (CONTRACT.md command line; vLLM flag names)."""
+    eng = spec.engine
+    args = ["--model", spec.model.path, "--served-model-name", spec.model.name,
+            "--host", "$(POD_IP)", "--port", str(ENGINE_PORT),
+            "--tensor-parallel-size", str(spec.parallel.tensor_parallel_size), "--dtype", eng.dtype]
+    for flag, value in (("--max-model-len", eng.max_model_len), ("--max-num-seqs", eng.max_num_seqs),
+                        ("--max-num-batched-tokens", eng.max_num_batched_tokens), ("--block-size", eng.block_size)):
+        if value is not None:
+            args += [flag, str(value)]
+    args.append("--enable-prefix-caching" if eng.enable_prefix_caching else "--no-enable-prefix-caching")
+    return args + list(eng.extra_args)
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def engine_env(spec: PyptoServingSpec, rank: int) -> list[dict[str, Any]]:
+    """Env of an engine container: DP/TP/PP identity, downward API, HCCL_IF_IP from the pod IP, user env."""
+    par = spec.parallel
+    env: list[dict[str, Any]] = [
+        {"name": "PYPTO_DP_RANK", "value": str(rank)},
+        {"name": "PYPTO_DP_SIZE", "value": str(spec.replicas)},
+        {"name": "PYPTO_TP_SIZE", "value": str(par.tensor_parallel_size)},
+        {"name": "PYPTO_PP_SIZE", "value": str(par.pipeline_parallel_size)},
+        _field_env("POD_NAME", "metadata.name"),
+        _field_env("POD_NAMESPACE", "metadata.namespace"),
+        _field_env("POD_IP", "status.podIP"),
+        {"name": "HCCL_IF_IP", "value": "$(POD_IP)"},
+    ]
+    if par.expert_parallel.enabled:
+        env += [{"name": "PYPTO_EP_ENABLED", "value": "1"},
+                {"name": "PYPTO_EP_PLACEMENT", "value": par.expert_parallel.placement},
+                {"name": "PYPTO_EP_ALL2ALL_BACKEND", "value": par.expert_parallel.all2all_backend}]
+    return env + [copy.deepcopy(var) for var in spec.engine.env]
+
+
+def _resources(user: dict[str, Any] | None, extra: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"requests": {}, "limits": {}}
+    for section in ("requests", "limits"):
+        out[section].update({k: str(v) for k, v in ((user or {}).get(section) or {}).items()})
+        out[section].update(extra)
+    return out
+
+
+def _affinity(name: str, user: dict[str, Any] | None) -> dict[str, Any]:
+    """User affinity plus a preferred pod anti-affinity spreading this resource's replicas across nodes."""
+    affinity = copy.deepcopy(user or {})
+    anti = affinity.setdefault("podAntiAffinity", {})
+    anti.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append({
+        "weight": 100,
+        "podAffinityTerm": {"labelSelector": {"matchLabels": engine_selector(name)},
+                            "topologyKey": "kubernetes.io/hostname"}})
+    return affinity
+
+
+def _http_probe(path: str, port: int, period: int, failures: int, timeout: int = 2) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": timeout,
+            "failureThreshold": failures}
+
+
+def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str | None = None) -> dict[str, Any]:
+    """The engine pod of one DP rank."""
+    name = pod_name(owner.name, rank)
+    eng, dev = spec.engine, spec.devices
+    devices = str(spec.devices_per_replica)
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if eng.shm_size:
+        shm["sizeLimit"] = eng.shm_size
+    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": shm}]
+    if spec.model.volume is not None:
+        volumes.append({"name": "model", **copy.deepcopy(spec.model.volume)})
+        mounts.append({"name": "model", "mountPath": spec.model.mount_path, "readOnly": True})
+    if dev.hccn_conf_path:
+        volumes.append({"name": "hccn-conf", "hostPath": {"path": dev.hccn_conf_path, "type": "File"}})
+        mounts.append({"name": "hccn-conf", "mountPath": "/etc/hccn.conf", "readOnly": True})
+    container: dict[str, Any] = {
+        "name": ENGINE,
+        "image": eng.image,
+        "imagePullPolicy": eng.image_pull_policy,
+        "command": ["pypto-serving", "engine"],
+        "args": engine_args(spec),
+        "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
+        "env": engine_env(spec, rank),
+        "resources": _resources(eng.resources, {dev.resource_name: devices}),
+        "readinessProbe": _http_probe("/ready", ENGINE_PORT, PROBE_PERIOD, 2),
+        "livenessProbe": _http_probe("/health", ENGINE_PORT, 10, 3, timeout=5),
+        "volumeMounts": mounts,
+    }
+    if eng.startup_timeout_seconds > 0:
+        container["startupProbe"] = _http_probe(
+            "/ready", ENGINE_PORT, PROBE_PERIOD, max(1, -(-eng.startup_timeout_seconds // PROBE_PERIOD)))
+    pod_spec: dict[str, Any] = {
+        "hostname": name,
+        "subdomain": engine_service_name(owner.name),
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": spec.drain.timeout_seconds + DRAIN_GRACE_SLACK,
+        "containers": [container],
+        "volumes": volumes,
+        "affinity": _affinity(owner.name, eng.affinity),
+    }
+    if eng.node_selector:
+        pod_spec["nodeSelector"] = dict(eng.node_selector)
+    if eng.tolerations:
+        pod_spec["tolerations"] = copy.deepcopy(eng.tolerations)
+    if eng.priority_class_name:
+        pod_spec["priorityClassName"] = eng.priority_class_name
+    labels = {**_common_labels(owner.name, ENGINE), L_RANK: str(rank), L_HASH: shape_hash or spec_hash(spec)}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": owner.namespace, "labels": labels,
+                         "ownerReferences": [owner.reference()]},
+            "spec": pod_spec}
+
+
+def engine_service(owner: Owner) -> dict[str, Any]:
+    """Headless Service of the engine pods (stable DNS per pod; not a load balancer)."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": engine_service_name(owner.name), "namespace": owner.namespace,
+                         "labels": _common_labels(owner.name, ENGINE), "ownerReferences": [owner.reference()]},
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": engine_selector(owner.name),
+                     "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": ENGINE_PORT, "protocol": "TCP"}]}}
+
+
+def gateway_selector(name: str) -> dict[str, str]:
+    """Labels selecting the gateway pods of one PyptoServing."""
+    return {L_INSTANCE: name, L_COMPONENT: GATEWAY}
+
+
+def gateway_args(owner: Owner, spec: PyptoServingSpec) -> list[str]:
+    """`pypto-serving gateway` flags: discover this resource's engine pods by label in its namespace."""
+    args = ["--namespace", owner.namespace, "--selector", selector_string(engine_selector(owner.name)),
+            "--policy", spec.gateway.routing, "--host", "$(POD_IP)", "--port", str(GATEWAY_PORT)]
+    if spec.gateway.api_key_secret is not None:
+        args += ["--api-key-file", f"{API_KEY_DIR}/{spec.gateway.api_key_secret.key}"]
+    return args
+
+
+def gateway_objects(owner: Owner, spec: PyptoServingSpec) -> list[dict[str, Any]]:
+    """ServiceAccount, Role (read pods), RoleBinding, Deployment and Service of the gateway."""
+    gname, ns, gw = gateway_name(owner.name), owner.namespace, spec.gateway
+    meta = {"name": gname, "namespace": ns, "labels": _common_labels(owner.name, GATEWAY),
+            "ownerReferences": [owner.reference()]}
+    container: dict[str, Any] = {
+        "name": GATEWAY, "image": gw.image or spec.engine.image, "imagePullPolicy": spec.engine.image_pull_policy,
+        "command": ["pypto-serving", "gateway"], "args": gateway_args(owner, spec),
+        "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+        "env": [_field_env("POD_NAMESPACE", "metadata.namespace"), _field_env("POD_IP", "status.podIP")],
+        "readinessProbe": _http_probe("/ready", GATEWAY_PORT, PROBE_PERIOD, 2),
+        "livenessProbe": _http_probe("/health", GATEWAY_PORT, 10, 3, timeout=5),
+    }
+    if gw.resources:
+        container["resources"] = copy.deepcopy(gw.resources)
+    pod_spec: dict[str, Any] = {"serviceAccountName": gname, "containers": [container]}
+    if gw.api_key_secret is not None:
+        container["volumeMounts"] = [{"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True}]
+        pod_spec["volumes"] = [{"name": "api-key", "secret": {
+            "secretName": gw.api_key_secret.name,
+            "items": [{"key": gw.api_key_secret.key, "path": gw.api_key_secret.key}]}}]
+    pod_labels = {**_common_labels(owner.name, GATEWAY)}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": copy.deepcopy(meta)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": copy.deepcopy(meta),
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": copy.deepcopy(meta),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": gname},
+         "subjects": [{"kind": "ServiceAccount", "name": gname, "namespace": ns}]},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": copy.deepcopy(meta),
+         "spec": {"replicas": gw.replicas, "selector": {"matchLabels": gateway_selector(owner.name)},
+                  "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": copy.deepcopy(meta),
+         "spec": {"type": gw.service_type, "selector": gateway_selector(owner.name),
+                  "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": GATEWAY_PORT, "protocol": "TCP"}]}},
+    ]
+
+
+def gateway_url(owner: Owner) -> str:
+    """In-cluster URL of the gateway Service."""
+    return f"http://{gateway_name(owner.name)}.{owner.namespace}.svc:{GATEWAY_PORT}"
+
+
+def children(owner: Owner, spec: PyptoServingSpec) -> list[dict[str, Any]]:
+    """Every non-pod object the resource should own (the gateway ones only when enabled)."""
+    out = [engine_service(owner)]
+    if spec.gateway.enabled:
+        out += gateway_objects(owner, spec)
+    return out
+
+
+def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object with an annotation hashing its desired content, to skip no-op updates."""
+    out = copy.deepcopy(obj)
+    out["metadata"].setdefault("annotations", {})[A_APPLIED] = digest(obj)
+    return out

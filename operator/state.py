@@ -1,0 +1,134 @@
+"""Observed state as plain values: engine pods (`PodView`) and engine load (`Load`), parsed by pure functions.
+
+The planner works on these instead of raw API objects, so it is a pure function that unit tests drive with
+hand-written pods. Everything the reconciler needs to remember lives in the pods' labels and annotations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pypto_serving.operator import desired as d
+
+# Container waiting reasons that mean the replica cannot come up by itself.
+BAD_WAITING = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
+               "CreateContainerError", "InvalidImageName", "RunContainerError")
+CRASH_RESTARTS = 3  # a not-ready container restarted this often counts as crash-looping
+
+
+def parse_time(value: Any) -> float | None:
+    """RFC 3339 (or epoch seconds) -> epoch seconds; None when absent or unparsable."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.timestamp()
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def format_time(epoch: float) -> str:
+    """Epoch seconds -> RFC 3339 UTC with a Z suffix (Kubernetes style)."""
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the planner needs to know about one engine pod."""
+
+    name: str
+    rank: int
+    spec_hash: str | None = None
+    phase: str = "Pending"
+    ready: bool = False
+    deleting: bool = False
+    draining: bool = False
+    drain_started: float | None = None
+    drain_reason: str | None = None
+    node: str | None = None
+    ip: str | None = None
+    devices: str | None = None
+    problem: str | None = None  # reason the replica is unhealthy (Unschedulable, CrashLoopBackOff, Evicted...)
+    problem_message: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The pod is finished (evicted, failed, or exited): it must be deleted and replaced."""
+        return self.phase in ("Failed", "Succeeded") and not self.deleting
+
+    @property
+    def active(self) -> bool:
+        """Counts as a serving (or soon serving) replica."""
+        return not (self.deleting or self.draining or self.failed)
+
+
+def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond
+    return None
+
+
+def _problem(phase: str, status: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Why a pod cannot serve, from its status (scheduler conditions, container states, eviction)."""
+    if phase == "Failed":
+        return status.get("reason") or "PodFailed", status.get("message") or "the pod failed"
+    scheduled = _condition(status, "PodScheduled")
+    if scheduled is not None and scheduled.get("status") == "False":
+        return scheduled.get("reason") or "Unschedulable", scheduled.get("message") or ""
+    for cstat in status.get("containerStatuses") or []:
+        waiting = (cstat.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in BAD_WAITING:
+            return waiting["reason"], waiting.get("message") or f"container {cstat.get('name')} cannot start"
+        if not cstat.get("ready") and int(cstat.get("restartCount") or 0) >= CRASH_RESTARTS:
+            return "CrashLoopBackOff", f"container {cstat.get('name')} restarted {cstat['restartCount']} times"
+    return None, None
+
+
+def pod_view(pod: Mapping[str, Any]) -> PodView | None:
+    """Parse an engine pod (a dict as returned by the API); None when it carries no valid rank label."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    try:
+        rank = int(labels[d.L_RANK])
+    except (KeyError, TypeError, ValueError):
+        return None
+    status = pod.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    ready_cond = _condition(status, "Ready")
+    problem, message = _problem(phase, status)
+    return PodView(
+        name=meta.get("name", ""), rank=rank, spec_hash=labels.get(d.L_HASH), phase=phase,
+        ready=bool(ready_cond and ready_cond.get("status") == "True") and not meta.get("deletionTimestamp"),
+        deleting=bool(meta.get("deletionTimestamp")), draining=labels.get(d.L_DRAINING) == "true",
+        drain_started=parse_time(annotations.get(d.A_DRAIN_STARTED)), drain_reason=annotations.get(d.A_DRAIN_REASON),
+        node=(pod.get("spec") or {}).get("nodeName"), ip=status.get("podIP"),
+        devices=annotations.get(d.A_REAL_DEVICES), problem=problem, problem_message=message)
+
+
+@dataclass(frozen=True)
+class Load:
+    """An engine's `GET /load` answer (CONTRACT.md)."""
+
+    running: int = 0
+    waiting: int = 0
+    pending_tokens: int = 0
+    draining: bool = False
+
+    @property
+    def in_flight(self) -> int:
+        """Requests not finished yet."""
+        return self.running + self.waiting
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> Load:
+        """From the JSON body of `GET /load`."""
+        return cls(running=int(data.get("running") or 0), waiting=int(data.get("waiting") or 0),
+                   pending_tokens=int(data.get("pending_tokens") or 0), draining=bool(data.get("draining")))

@@ -1,0 +1,151 @@
+"""Pure desired-state functions: engine pod, Services, gateway objects and the spec hash."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pypto_serving.operator import desired as d
+from pypto_serving.operator.types import PyptoServingSpec
+from tests.operator.corpus import minimal
+
+OWNER = d.Owner("demo", "ns1", "uid-1")
+
+
+def spec_of(**overrides: Any) -> PyptoServingSpec:
+    return PyptoServingSpec.model_validate(minimal(**overrides)["spec"])
+
+
+def env_map(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_engine_pod_follows_the_contract() -> None:
+    spec = spec_of(replicas=3, parallel={"tensorParallelSize": 4},
+                   model={"name": "qwen", "path": "/models/qwen", "volume": {"hostPath": {"path": "/data/m"}}},
+                   engine={"maxModelLen": 4096, "blockSize": 128, "extraArgs": ["--enforce-eager"],
+                           "resources": {"requests": {"cpu": "4"}}, "shmSize": "8Gi"},
+                   drain={"timeoutSeconds": 120})
+    pod = d.engine_pod(OWNER, spec, 2)
+    meta, pspec = pod["metadata"], pod["spec"]
+    assert meta["name"] == "demo-dp-2" and meta["namespace"] == "ns1"
+    assert meta["labels"] == {
+        "app.kubernetes.io/name": "pypto-serving", "app.kubernetes.io/instance": "demo",
+        "app.kubernetes.io/component": "engine", "app.kubernetes.io/managed-by": "pypto-serving-operator",
+        "serving.pypto.io/dp-rank": "2", "serving.pypto.io/spec-hash": d.spec_hash(spec)}
+    assert meta["ownerReferences"] == [{"apiVersion": "serving.pypto.io/v1alpha1", "kind": "PyptoServing",
+                                        "name": "demo", "uid": "uid-1", "controller": True,
+                                        "blockOwnerDeletion": True}]
+    (container,) = pspec["containers"]
+    assert container["command"] == ["pypto-serving", "engine"]
+    assert container["args"] == ["--model", "/models/qwen", "--served-model-name", "qwen", "--host", "$(POD_IP)",
+                                 "--port", "8000", "--tensor-parallel-size", "4", "--dtype", "auto",
+                                 "--max-model-len", "4096", "--block-size", "128", "--enable-prefix-caching",
+                                 "--enforce-eager"]
+    assert container["resources"] == {"requests": {"cpu": "4", "huawei.com/Ascend910": "4"},
+                                      "limits": {"huawei.com/Ascend910": "4"}}
+    env = env_map(container)
+    assert env["PYPTO_DP_RANK"] == "2" and env["PYPTO_DP_SIZE"] == "3"
+    assert env["PYPTO_TP_SIZE"] == "4" and env["PYPTO_PP_SIZE"] == "1"
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["HCCL_IF_IP"] == "$(POD_IP)"
+    names = [e["name"] for e in container["env"]]
+    assert names.index("POD_IP") < names.index("HCCL_IF_IP")  # $(POD_IP) only expands if defined before
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8000}
+    assert container["startupProbe"]["httpGet"] == {"path": "/ready", "port": 8000}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 1800
+    volumes = {v["name"]: v for v in pspec["volumes"]}
+    assert volumes["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}
+    assert volumes["model"] == {"name": "model", "hostPath": {"path": "/data/m"}}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"dshm": "/dev/shm", "model": "/models"}
+    assert pspec["terminationGracePeriodSeconds"] >= 120
+    assert pspec["subdomain"] == "demo-engines" and pspec["hostname"] == "demo-dp-2"
+    term = pspec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == d.engine_selector("demo")
+
+
+def test_ascend_scheduling_fields_and_hccn_mount() -> None:
+    tolerations = [{"key": "huawei.com/Ascend910", "operator": "Exists", "effect": "NoSchedule"}]
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    spec = spec_of(devices={"resourceName": "huawei.com/ascend-1980", "hccnConfPath": "/etc/hccn.conf"},
+                   parallel={"tensorParallelSize": 2, "expertParallel": {"enabled": True}},
+                   model={"name": "m", "path": "/models/m", "moe": True},
+                   engine={"nodeSelector": {"accelerator": "910b"}, "tolerations": tolerations, "affinity": affinity,
+                           "priorityClassName": "serving-high", "enablePrefixCaching": False,
+                           "env": [{"name": "HCCL_CONNECT_TIMEOUT", "value": "1200"}]})
+    pod = d.engine_pod(OWNER, spec, 0)
+    pspec = pod["spec"]
+    (container,) = pspec["containers"]
+    assert pspec["nodeSelector"] == {"accelerator": "910b"}
+    assert pspec["tolerations"] == tolerations and pspec["priorityClassName"] == "serving-high"
+    assert pspec["affinity"]["nodeAffinity"] == affinity["nodeAffinity"]
+    assert "podAntiAffinity" in pspec["affinity"] and "podAntiAffinity" not in affinity  # user input not mutated
+    assert container["resources"]["limits"] == {"huawei.com/ascend-1980": "2"}
+    assert "--no-enable-prefix-caching" in container["args"]
+    env = env_map(container)
+    assert env["HCCL_CONNECT_TIMEOUT"] == "1200" and env["PYPTO_EP_ENABLED"] == "1"
+    hccn = [v for v in pspec["volumes"] if v["name"] == "hccn-conf"]
+    assert hccn == [{"name": "hccn-conf", "hostPath": {"path": "/etc/hccn.conf", "type": "File"}}]
+    assert {"name": "hccn-conf", "mountPath": "/etc/hccn.conf", "readOnly": True} in container["volumeMounts"]
+
+
+def test_spec_hash_tracks_only_pod_shaping_fields() -> None:
+    base = spec_of()
+    assert d.spec_hash(base) == d.spec_hash(spec_of())
+    for same in (spec_of(replicas=5), spec_of(gateway={"routing": "round-robin"}), spec_of(drain={"timeoutSeconds": 5}),
+                 spec_of(rollout={"maxSurge": 1})):
+        assert d.spec_hash(same) == d.spec_hash(base)
+    for changed in (spec_of(parallel={"tensorParallelSize": 2}), spec_of(engine={"maxModelLen": 128}),
+                    spec_of(model={"name": "other", "path": "/models/tiny"}),
+                    spec_of(devices={"resourceName": "huawei.com/ascend-1980"})):
+        assert d.spec_hash(changed) != d.spec_hash(base)
+
+
+def test_engine_service_is_headless() -> None:
+    svc = d.engine_service(OWNER)
+    assert svc["metadata"]["name"] == "demo-engines"
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == d.engine_selector("demo")
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_gateway_objects() -> None:
+    spec = spec_of(gateway={"routing": "prefix-aware", "replicas": 2, "serviceType": "NodePort",
+                            "apiKeySecret": {"name": "keys", "key": "token"}})
+    objs = {o["kind"]: o for o in d.gateway_objects(OWNER, spec)}
+    assert set(objs) == {"ServiceAccount", "Role", "RoleBinding", "Deployment", "Service"}
+    assert all(o["metadata"]["name"] == "demo-gateway" for o in objs.values())
+    assert all(o["metadata"]["ownerReferences"][0]["name"] == "demo" for o in objs.values())
+    assert objs["Role"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert objs["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": "demo-gateway", "namespace": "ns1"}]
+    dep = objs["Deployment"]["spec"]
+    assert dep["replicas"] == 2
+    pod = dep["template"]["spec"]
+    assert pod["serviceAccountName"] == "demo-gateway"
+    (container,) = pod["containers"]
+    assert container["command"] == ["pypto-serving", "gateway"]
+    assert container["args"] == ["--namespace", "ns1", "--selector",
+                                 "app.kubernetes.io/instance=demo,app.kubernetes.io/component=engine",
+                                 "--policy", "prefix-aware", "--host", "$(POD_IP)", "--port", "8080",
+                                 "--api-key-file", "/etc/pypto-serving/api-key/token"]
+    assert pod["volumes"][0]["secret"]["secretName"] == "keys"
+    assert dep["selector"]["matchLabels"].items() <= dep["template"]["metadata"]["labels"].items()
+    assert objs["Service"]["spec"]["type"] == "NodePort"
+    assert objs["Service"]["spec"]["selector"] == d.gateway_selector("demo")
+    assert d.gateway_url(OWNER) == "http://demo-gateway.ns1.svc:8080"
+
+
+def test_children_depend_on_gateway_enabled() -> None:
+    assert [o["kind"] for o in d.children(OWNER, spec_of(gateway={"enabled": False}))] == ["Service"]
+    assert len(d.children(OWNER, spec_of())) == 6
+
+
+def test_applied_hash_changes_with_content() -> None:
+    a = d.with_applied_hash(d.engine_service(OWNER))
+    b = d.with_applied_hash(d.engine_service(d.Owner("demo", "ns2", "uid-1")))
+    assert a["metadata"]["annotations"][d.A_APPLIED] != b["metadata"]["annotations"][d.A_APPLIED]
+    assert d.A_APPLIED not in d.engine_service(OWNER)["metadata"].get("annotations", {})
