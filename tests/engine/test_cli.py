@@ -1,0 +1,102 @@
+"""`pypto-serving engine` options: CONTRACT.md flag names, serving.json (flat and sectioned), precedence, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pypto_serving.engine.cli import parse_options
+from pypto_serving.engine.serving_config import ConfigError, split
+from tests.support.common import REPO_ROOT
+
+CONTRACT_FLAGS = ["--model", "m", "--served-model-name", "svc", "--host", "10.0.0.7", "--port", "8001",
+                  "--device", "cpu", "--dtype", "float32", "--tensor-parallel-size", "2", "--max-model-len", "512",
+                  "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--long-prefill-token-threshold", "64",
+                  "--block-size", "8", "--num-kv-blocks", "100", "--no-enable-prefix-caching"]
+
+
+def write(tmp_path: Path, data: object) -> str:
+    path = tmp_path / "serving.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_contract_flags_map_to_engine_and_server_options():
+    engine, server = split(parse_options(CONTRACT_FLAGS))
+    assert engine == {"model": "m", "served_model_name": "svc", "device": "cpu", "dtype": "float32",
+                      "tensor_parallel_size": 2, "max_model_len": 512, "max_num_seqs": 8,
+                      "max_num_batched_tokens": 256, "long_prefill_token_threshold": 64, "block_size": 8,
+                      "num_kv_blocks": 100, "enable_prefix_caching": False, "kv_cache_memory": None, "seed": 0,
+                      "step_timeout_s": 120.0, "cpu_threads": None}
+    assert server["host"] == "10.0.0.7" and server["port"] == 8001
+
+
+def test_defaults_bind_loopback():
+    options = parse_options(["--model", "m"])
+    assert options["host"] == "127.0.0.1" and options["port"] == 8000
+    assert options["enable_prefix_caching"] is True
+
+
+def test_seeds_shape_and_flag_override(tmp_path):
+    path = write(tmp_path, {
+        "model": {"path": "/models/q", "name": "qwen"},
+        "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "data_parallel_size": 4},
+        "scheduler": {"max_num_seqs": 32, "max_num_batched_tokens": 4096},
+        "cache": {"block_size": 32, "enable_prefix_caching": False},
+    })
+    options = parse_options(["--config", path, "--max-num-seqs", "7", "--enable-prefix-caching"])
+    assert options["model"] == "/models/q" and options["served_model_name"] == "qwen"
+    assert options["tensor_parallel_size"] == 2 and options["data_parallel_size"] == 4
+    assert options["max_num_seqs"] == 7  # the flag wins over the file
+    assert options["max_num_batched_tokens"] == 4096 and options["block_size"] == 32
+    assert options["enable_prefix_caching"] is True
+
+
+def test_flat_names_in_any_spelling(tmp_path):
+    path = write(tmp_path, {"model": "/m", "max-num-seqs": 3, "maxNumBatchedTokens": 64, "drain_timeout": 5,
+                            "parallel": {"tensorParallelSize": 2, "expertParallel": {"enabled": False,
+                                                                                     "all2allBackend": "default"}}})
+    options = parse_options(["--config", path])
+    assert (options["max_num_seqs"], options["max_num_batched_tokens"], options["tensor_parallel_size"]) == (3, 64, 2)
+    assert options["drain_timeout"] == 5.0
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"model": "/m", "max_num_seq": 3}, "max_num_seq"),
+    ({"model": "/m", "scheduler": {"max_num_seqs": 3, "bogus": 1}}, "scheduler.bogus"),
+    ({"model": "/m", "parallel": {"pipeline_parallel_size": 2}}, "pipeline parallelism is not supported"),
+    ({"model": "/m", "parallel": {"expert_parallel": {"enabled": True}}}, "expert parallelism is not supported"),
+    ({"model": "/m", "max_num_seqs": "8"}, "max_num_seqs: expected int"),
+    ({"model": "/m", "cache": {"enable_prefix_caching": 1}}, "cache.enable_prefix_caching: expected bool"),
+    ([1, 2], "must hold a JSON object"),
+])
+def test_bad_config_names_the_key(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_options(["--config", write(tmp_path, data)])
+
+
+def test_model_is_required():
+    with pytest.raises(ConfigError, match="model"):
+        parse_options([])
+
+
+def test_pipeline_parallel_flag_rejected():
+    with pytest.raises(ConfigError, match="pipeline parallelism"):
+        parse_options(["--model", "m", "--pipeline-parallel-size", "2"])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REPO_ROOT / ".venv/bin/pypto-serving"), "engine", *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO_ROOT)
+
+
+def test_cli_rejects_bad_options_with_the_reason(tmp_path):
+    bad = run_cli("--config", write(tmp_path, {"model": "/m", "scheduler": {"nope": 1}}))
+    assert bad.returncode == 2
+    assert "scheduler.nope" in bad.stderr
+    invalid = run_cli("--model", "/m", "--block-size", "0")
+    assert invalid.returncode == 2
+    assert "block_size" in invalid.stderr
