@@ -102,9 +102,20 @@ async def serve(config: GatewayConfig, discovery: Discovery, host: str, port: in
     await runner.cleanup()
 
 
+def raise_fd_limit() -> None:
+    """Every proxied stream holds two sockets: lift the soft open-files limit to the hard one."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `pypto-serving gateway`."""
     args = parser().parse_args(argv)
+    raise_fd_limit()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, discovery = build(args)
     try:

@@ -59,7 +59,7 @@ class Proxy:
     async def start(self) -> None:
         """Open the pooled keep-alive upstream session."""
         connector = aiohttp.TCPConnector(limit=self.config.upstream_connections, limit_per_host=0,
-                                         keepalive_timeout=60, enable_cleanup_closed=False)
+                                         keepalive_timeout=4, enable_cleanup_closed=False)
         self.session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False,
                                              skip_auto_headers=("User-Agent", "Accept-Encoding"))
 

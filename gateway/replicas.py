@@ -100,15 +100,15 @@ class Replica:
 
     def pending_tokens(self, stale_after: float, now: float | None = None) -> int:
         """Score for least-pending-tokens: engine reading + local extra, or local state only when stale."""
-        reading = self.fresh_reading(stale_after, now)
-        if reading is None:
+        reading = self.reading
+        if reading is None or (self.clock() if now is None else now) - reading.received_at > stale_after:
             return self.inflight_tokens
         return reading.pending_tokens + self.unabsorbed_tokens
 
     def requests(self, stale_after: float, now: float | None = None) -> int:
         """Score for least-requests: engine running + waiting + local extra, or local in-flight when stale."""
-        reading = self.fresh_reading(stale_after, now)
-        if reading is None:
+        reading = self.reading
+        if reading is None or (self.clock() if now is None else now) - reading.received_at > stale_after:
             return self.inflight
         return reading.running + reading.waiting + self.unabsorbed
 
@@ -130,7 +130,8 @@ class Replica:
             return False
         if self.reading is not None and self.reading.draining:
             return False
-        return self.breaker.allows(self.clock() if now is None else now)
+        open_until = self.breaker.open_until  # inlined Breaker.allows: this runs for every replica per request
+        return open_until is None or (self.clock() if now is None else now) >= open_until
 
     def state(self, now: float | None = None) -> str:
         """Human-readable state for /replicas."""
