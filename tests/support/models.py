@@ -7,6 +7,7 @@ architecture, seed, sizes and the generator version) and reuses it across sessio
 from __future__ import annotations
 
 import fcntl
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -62,3 +63,27 @@ def tiny_qwen2_dir() -> Path:
 def tiny_llama_dir() -> Path:
     """The default tiny Llama model (llama3 rope scaling, BOS token)."""
     return tiny_model_dir("llama")
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_model(model_dir: str):  # -> transformers PreTrainedModel
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@functools.lru_cache(maxsize=4096)
+def _hf_greedy(model_dir: str, prompt_ids: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        out = _hf_model(model_dir).generate(torch.tensor([prompt_ids]), generation_config=config)
+    return tuple(out[0, len(prompt_ids):].tolist())
+
+
+def hf_greedy(model_dir: str | Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The `transformers` reference: greedy float32 generation of exactly ``max_new_tokens`` (EOS ignored)."""
+    return list(_hf_greedy(str(model_dir), tuple(prompt_ids), max_new_tokens))

@@ -1,0 +1,63 @@
+"""Engine configuration: what the CLI flags and serving.json set, validated once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEVICES = ("auto", "cpu", "cuda", "npu")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine (one DP replica). Validated in ``__post_init__`` (ValueError naming the field)."""
+
+    model: str  # HF directory on local disk
+    served_model_name: str | None = None  # defaults to the directory's basename
+    device: str = "auto"  # auto|cpu|cuda|npu (auto: npu, else cuda, else cpu)
+    # auto: the checkpoint's torch_dtype, except float16 on cpu -> float32 (slow fp16 kernels on CPUs)
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0  # 0 = no per-request chunk cap
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory
+    # KV pool budget when num_kv_blocks is None: <= 1.0 is a fraction of the device memory free after loading the
+    # weights, > 1 a number of bytes. None: 0.9 on accelerators, 0.25 of available RAM (at most 8 GiB) on cpu.
+    # The pool never exceeds what max_num_seqs sequences of max_model_len tokens can use.
+    kv_cache_memory: float | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    step_timeout_s: float = 120.0
+    # torch threads per rank on cpu; None: the cores this process may use, split evenly across TP ranks
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: a local model directory is required")
+        if self.served_model_name is None:
+            self.served_model_name = os.path.basename(os.path.normpath(self.model))
+        if self.device not in DEVICES:
+            raise ValueError(f"device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        positive = {"tensor_parallel_size": self.tensor_parallel_size, "max_num_seqs": self.max_num_seqs,
+                    "max_num_batched_tokens": self.max_num_batched_tokens, "block_size": self.block_size}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len: must be a positive integer, got {self.max_model_len!r}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold: must be >= 0 (0 disables the cap)")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks: must be at least 2, got {self.num_kv_blocks!r}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory: must be > 0 (a fraction <= 1 or bytes), got {self.kv_cache_memory!r}")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s: must be > 0, got {self.step_timeout_s!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads: must be >= 1, got {self.cpu_threads!r}")

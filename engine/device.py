@@ -1,0 +1,136 @@
+"""Everything device-specific in one place: cpu (gloo), cuda (NCCL) and Ascend npu (torch_npu, HCCL).
+
+The rest of the engine only sees a `torch.device` and calls the helpers below. The npu and cuda branches are
+thin on purpose; only the cpu path runs in this repository's CI (see docs/architecture.md, "Engine core").
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def npu_available() -> bool:
+    """True when torch_npu imports and sees at least one Ascend device."""
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+    except ImportError:
+        return False
+    return bool(torch.npu.is_available())  # type: ignore[attr-defined]
+
+
+def select_device(requested: str, *, npu: bool, cuda: bool) -> str:
+    """Pure selection rule: ``auto`` prefers npu, then cuda, then cpu; an explicit choice must be available."""
+    if requested == "auto":
+        return "npu" if npu else "cuda" if cuda else "cpu"
+    if requested == "npu" and not npu:
+        raise ValueError("device: npu requested but torch_npu is not installed or sees no Ascend device")
+    if requested == "cuda" and not cuda:
+        raise ValueError("device: cuda requested but torch sees no CUDA device")
+    if requested not in DIST_BACKENDS:
+        raise ValueError(f"device: must be auto, cpu, cuda or npu, got {requested!r}")
+    return requested
+
+
+def resolve_device(requested: str) -> str:
+    """Return the device type (cpu|cuda|npu) to run on, probing only what ``requested`` needs."""
+    if requested == "cpu":
+        return "cpu"
+    npu = requested in ("auto", "npu") and npu_available()
+    cuda = requested in ("auto", "cuda") and not npu and torch.cuda.is_available()
+    return select_device(requested, npu=npu, cuda=cuda)
+
+
+def dist_backend(device_type: str) -> str:
+    """torch.distributed backend for the device type: gloo, nccl or hccl."""
+    return DIST_BACKENDS[device_type]
+
+
+def device_count(device_type: str) -> int:
+    """Number of devices of the type visible to this process (cpu: unbounded, reported as 1 << 16)."""
+    if device_type == "cuda":
+        return torch.cuda.device_count()
+    if device_type == "npu":
+        return torch.npu.device_count()  # type: ignore[attr-defined]
+    return 1 << 16
+
+
+def init_device(device_type: str, local_rank: int) -> torch.device:
+    """Bind this process to its device of the group and return it (cpu ranks share the host)."""
+    if device_type == "cpu":
+        return torch.device("cpu")
+    if device_type == "npu":
+        import torch_npu  # noqa: F401
+
+        torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
+    else:
+        torch.cuda.set_device(local_rank)
+    return torch.device(device_type, local_rank)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (no-op on cpu)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)  # type: ignore[attr-defined]
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process could still allocate on the device (cpu: MemAvailable of the host or cgroup)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "npu":
+        return torch.npu.mem_get_info(device)[0]  # type: ignore[attr-defined]
+    return _host_available_memory()
+
+
+def _host_available_memory() -> int:
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # a container's memory limit (cgroup v2) bounds what it may use
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)
+
+
+def kv_cache_budget(device: torch.device, setting: float | None) -> int:
+    """Bytes for the KV pool from ``kv_cache_memory``: a fraction (<= 1) of free memory, or bytes (> 1)."""
+    free = available_memory(device)
+    if setting is None:
+        return int(free * 0.9) if device.type != "cpu" else min(int(free * 0.25), 8 << 30)
+    return int(setting) if setting > 1 else int(free * setting)
+
+
+def resolve_dtype(requested: str, checkpoint_dtype: torch.dtype | None, device_type: str) -> torch.dtype:
+    """The compute dtype: ``auto`` follows the checkpoint, except float16 on cpu which runs as float32."""
+    if requested != "auto":
+        return DTYPES[requested]
+    dtype = checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.float32
+    if device_type == "cpu" and dtype == torch.float16:
+        return torch.float32
+    return dtype
+
+
+def cpu_threads_per_rank(world_size: int, requested: int | None = None) -> int:
+    """Torch intra-op threads for one cpu rank: ``requested``, else the usable cores split across ranks."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // world_size)

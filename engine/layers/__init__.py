@@ -1,0 +1,1 @@
+"""Building blocks: tensor-parallel linears and embeddings, RMSNorm, rotary embedding, paged attention, sampler."""

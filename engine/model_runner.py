@@ -1,0 +1,195 @@
+"""One tensor-parallel rank: loads its shard of the model, owns its slice of the paged KV pool, runs steps.
+
+A step arrives as a `StepInput` (plain lists, cheap to pickle to worker processes): the new tokens of every
+scheduled sequence, flattened, with their context lengths and block tables. The runner orders decodes first
+(sorted by context length, for the grouped decode attention), builds the attention metadata, runs one forward
+for the whole batch, computes logits only for the sequences that sample, and samples on rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pypto_serving.engine import device as devices
+from pypto_serving.engine.config import EngineConfig
+from pypto_serving.engine.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from pypto_serving.engine.layers.sampler import Sampler, SampleResult, SamplingBatch
+from pypto_serving.engine.loader import checkpoint_dtype, load_hf_config, load_weights
+from pypto_serving.engine.models import model_class
+
+# A decode group is split when padding it to a longer sequence would gather more than this many bytes of K/V
+# per layer that nobody reads (about the cost of one extra gather + SDPA call on a CPU).
+GROUP_SPLIT_BYTES = 256 << 10
+
+
+@dataclass
+class StepInput:
+    """One batch: sequences in scheduler order; ``input_ids`` holds each one's new tokens back to back."""
+
+    step_id: int
+    input_ids: list[int]
+    query_lens: list[int]  # new tokens per sequence
+    context_lens: list[int]  # tokens in the KV cache after this step (cached + new)
+    block_tables: list[list[int]]
+    sample_rows: list[int]  # sequences (batch indices) that sample a token this step
+    sampling: SamplingBatch | None
+
+
+@dataclass
+class ModelInfo:
+    """What the engine needs to know about the loaded model and KV pool (rank 0 reports it)."""
+
+    num_kv_blocks: int
+    vocab_size: int
+    dtype: str
+    device: str
+
+
+class ModelRunner:
+    """Model, KV pool and sampler of one rank; ``execute`` runs one step (rank 0 returns the sampled tokens)."""
+
+    def __init__(self, config: EngineConfig, device_type: str, max_model_len: int, rank: int = 0,
+                 world_size: int = 1, dist_init_method: str | None = None) -> None:
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.block_size = config.block_size
+        self.device = devices.init_device(device_type, rank)
+        if world_size > 1:
+            timeout = timedelta(seconds=max(1800.0, 4 * config.step_timeout_s))
+            dist.init_process_group(devices.dist_backend(device_type), init_method=dist_init_method,
+                                    world_size=world_size, rank=rank, timeout=timeout)
+        hf_config = load_hf_config(config.model)
+        self.vocab_size = hf_config.vocab_size
+        self.dtype = devices.resolve_dtype(config.dtype, checkpoint_dtype(hf_config), device_type)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(hf_config)(hf_config, self.dtype)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, config.model)
+        self.model.eval()
+        self.num_kv_blocks = self._allocate_kv_cache(max_model_len)
+        self.sampler = Sampler(config.seed, self.device)
+
+    def info(self) -> ModelInfo:
+        """The loaded model's vocabulary, dtype and KV pool size."""
+        return ModelInfo(self.num_kv_blocks, self.vocab_size, str(self.dtype).removeprefix("torch."), str(self.device))
+
+    def _allocate_kv_cache(self, max_model_len: int) -> int:
+        layers = self.model.attention_layers()
+        kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.block_bytes_per_layer = 2 * self.block_size * kv_heads * head_dim * elem
+        num_blocks = self.config.num_kv_blocks
+        if num_blocks is None:
+            budget = devices.kv_cache_budget(self.device, self.config.kv_cache_memory)
+            useful = self.config.max_num_seqs * math.ceil(max_model_len / self.block_size) + 1
+            num_blocks = min(budget // (self.block_bytes_per_layer * len(layers)), useful)
+        if self.world_size > 1:  # every rank must hold the same number of blocks
+            t = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            num_blocks = int(t.item())
+        if num_blocks < 2:
+            raise ValueError("kv_cache_memory: too small for two KV blocks; raise it or set num_kv_blocks")
+        shape = (2, len(layers), num_blocks, self.block_size, kv_heads, head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.k_work = self.v_work = torch.empty(0)
+        return num_blocks
+
+    def _workspace(self, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather buffers of at least ``blocks`` blocks, grown geometrically and reused across steps."""
+        if self.k_work.shape[0] < blocks:
+            size = max(blocks, int(self.k_work.shape[0] * 1.5))
+            shape = (size, *self.kv_cache.shape[3:])
+            self.k_work = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.v_work = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self.k_work, self.v_work
+
+    def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat token ids and positions (decodes first), attention metadata, and each sample row's token index."""
+        bs, qlens, ctxs, tables = self.block_size, step.query_lens, step.context_lens, step.block_tables
+        starts = [0] * len(qlens)
+        for i in range(1, len(qlens)):
+            starts[i] = starts[i - 1] + qlens[i - 1]
+        decodes = sorted((i for i, n in enumerate(qlens) if n == 1), key=ctxs.__getitem__)
+        prefills = [i for i, n in enumerate(qlens) if n > 1]
+        ids: list[int] = [step.input_ids[starts[i]] for i in decodes]
+        positions: list[int] = [ctxs[i] - 1 for i in decodes]
+        slots: list[int] = [tables[i][p // bs] * bs + p % bs for i, p in zip(decodes, positions, strict=True)]
+        new_start = {i: k for k, i in enumerate(decodes)}
+        meta = AttentionMetadata(slot_mapping=torch.empty(0))
+        need = self._decode_groups(decodes, ctxs, tables, meta)
+        pos_parts, slot_parts = [torch.tensor(positions, dtype=torch.long)], [torch.tensor(slots, dtype=torch.long)]
+        offset = len(decodes)
+        for i in prefills:
+            n, ctx = qlens[i], ctxs[i]
+            ids.extend(step.input_ids[starts[i]:starts[i] + n])
+            pos = torch.arange(ctx - n, ctx)
+            table = torch.tensor(tables[i][: -(-ctx // bs)], dtype=torch.long)
+            pos_parts.append(pos)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            chunk = PrefillChunk(offset, offset + n)
+            if ctx > n:  # earlier tokens are cached: attend over the gathered context
+                chunk.blocks = table.to(self.device)
+                q_pos = torch.arange(ctx - n, ctx)[:, None]
+                chunk.mask = (torch.arange(ctx)[None, :] <= q_pos).to(self.device)
+                need = max(need, table.numel())
+            meta.prefills.append(chunk)
+            new_start[i] = offset
+            offset += n
+        meta.slot_mapping = torch.cat(slot_parts).to(self.device)
+        if need:
+            meta.k_work, meta.v_work = self._workspace(need)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        sample_index = [new_start[i] + qlens[i] - 1 for i in step.sample_rows]
+        return input_ids, torch.cat(pos_parts).to(self.device), meta, sample_index
+
+    def _decode_groups(self, decodes: list[int], ctxs: list[int], tables: list[list[int]],
+                       meta: AttentionMetadata) -> int:
+        """Cut the length-sorted decodes into padded groups; returns the largest gather (in blocks)."""
+        bs, need, start = self.block_size, 0, 0
+        split_blocks = max(1, GROUP_SPLIT_BYTES // self.block_bytes_per_layer)
+        while start < len(decodes):
+            end, useful = start + 1, -(-ctxs[decodes[start]] // bs)
+            while end < len(decodes):
+                nb = -(-ctxs[decodes[end]] // bs)
+                # extending pads every member to nb blocks
+                if (nb * (end - start + 1) - useful - nb) > split_blocks:
+                    break
+                useful += nb
+                end += 1
+            members = decodes[start:end]
+            width = -(-ctxs[members[-1]] // bs)
+            blocks = torch.tensor([tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in members],
+                                  dtype=torch.long)
+            lens = torch.tensor([ctxs[i] for i in members])
+            mask = (torch.arange(width * bs)[None, :] < lens[:, None]).view(len(members), 1, 1, -1)
+            meta.decodes.append(DecodeGroup(start, end, blocks.view(-1).to(self.device), width, mask.to(self.device)))
+            need = max(need, blocks.numel())
+            start = end
+        return need
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> SampleResult | None:
+        """Run one step; rank 0 returns the sampled tokens of ``step.sample_rows`` (other ranks None)."""
+        input_ids, positions, meta, sample_index = self.prepare(step)
+        hidden = self.model(input_ids, positions, meta)
+        if not step.sample_rows:
+            return SampleResult([], None) if self.rank == 0 else None
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
+        if self.rank != 0:
+            return None
+        return self.sampler(logits[:, : self.vocab_size], step.sampling)
+
+    def shutdown(self) -> None:
+        """Leave the process group (when there is one)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,251 @@
+"""Where the model runs: executors that hand steps to the tensor-parallel ranks and wait with a deadline.
+
+- TP=1 (`InProcessExecutor`): the runner lives in the engine process; a dedicated thread runs each step, so a
+  hung step can time out without IPC or serialization.
+- TP>1 (`MultiprocExecutor`): one spawned process per rank (each binds device ``rank`` of the pod's group and
+  joins a gloo / NCCL / HCCL process group); every step is pickled once and sent to all ranks over pipes; every
+  rank replies, rank 0 with the sampled tokens. A rank process exiting is noticed at once through its sentinel.
+
+Both raise `StepTimeout` (the step is still in flight: `busy` stays true until its late reply is drained),
+`StepFailed` (the step raised on the ranks; they are ready for the next one) or `WorkerDied`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import pickle
+import queue
+import signal
+import socket
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+from pypto_serving.engine import device as devices
+from pypto_serving.engine.config import EngineConfig
+from pypto_serving.engine.layers.sampler import SampleResult
+from pypto_serving.engine.model_runner import ModelInfo, ModelRunner, StepInput
+
+WORKER_START_TIMEOUT_S = 3600.0  # loading a large checkpoint on every rank can take a while
+WORKER_STOP_TIMEOUT_S = 10.0
+
+
+class StepTimeout(Exception):
+    """The step did not finish in time; it may still complete later."""
+
+
+class StepFailed(Exception):
+    """The step raised on the workers; they are idle again."""
+
+
+class WorkerDied(Exception):
+    """A worker (process or thread) is gone; the engine cannot serve any more."""
+
+
+class InProcessExecutor:
+    """TP=1: one `ModelRunner` in this process, driven by a dedicated thread."""
+
+    def __init__(self, config: EngineConfig, device_type: str, max_model_len: int) -> None:
+        if device_type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        self.runner = ModelRunner(config, device_type, max_model_len)
+        self.info: ModelInfo = self.runner.info()
+        self._inbox: queue.SimpleQueue[StepInput | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[str, int, object]] = queue.SimpleQueue()
+        self._pending: int | None = None
+        self._thread = threading.Thread(target=self._loop, name="pypto-model-runner", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (step := self._inbox.get()) is not None:
+            try:
+                self._outbox.put(("ok", step.step_id, self.runner.execute(step)))
+            except Exception as exc:  # reported to the engine; the thread keeps serving
+                self._outbox.put(("error", step.step_id, f"{type(exc).__name__}: {exc}"))
+
+    @property
+    def busy(self) -> bool:
+        """A submitted step has not been collected yet."""
+        return self._pending is not None
+
+    def submit(self, step: StepInput) -> None:
+        """Start ``step`` (the previous one must have been collected)."""
+        assert self._pending is None, "a step is still in flight"
+        self._pending = step.step_id
+        self._inbox.put(step)
+
+    def wait(self, timeout: float) -> SampleResult:
+        """Result of the pending step, waiting at most ``timeout`` seconds."""
+        if not self._thread.is_alive():
+            raise WorkerDied("the model runner thread exited")
+        try:
+            kind, _, payload = self._outbox.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            raise StepTimeout from None
+        self._pending = None
+        if kind == "error":
+            raise StepFailed(str(payload))
+        return payload  # type: ignore[return-value]
+
+    def alive(self) -> bool:
+        """Whether the runner thread is up."""
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        """Stop the runner thread (a step still running is abandoned; the thread is a daemon)."""
+        self._inbox.put(None)
+        self._thread.join(timeout=WORKER_STOP_TIMEOUT_S)
+
+
+class MultiprocExecutor:
+    """TP>1: ranks 0..N-1 as spawned processes, one device each; steps broadcast over pipes."""
+
+    def __init__(self, config: EngineConfig, device_type: str, max_model_len: int) -> None:
+        world = config.tensor_parallel_size
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.procs: list[mp.process.BaseProcess] = []
+        self.conns: list[Connection] = []
+        self._pending: int | None = None
+        self._waiting_for: set[int] = set()
+        self._result: SampleResult | None = None
+        self._errors: list[str] = []
+        for rank in range(world):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, name=f"pypto-tp-rank{rank}", daemon=True,
+                               args=(config, device_type, max_model_len, rank, world, init_method, child))
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+        try:
+            self.info: ModelInfo = self._handshake()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _handshake(self) -> ModelInfo:
+        infos: dict[int, ModelInfo] = {}
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while len(infos) < len(self.procs):
+            ready = wait([c for r, c in enumerate(self.conns) if r not in infos] + self._sentinels(),
+                         timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise RuntimeError("tensor-parallel workers did not start in time")
+            for obj in ready:
+                if obj not in self.conns:
+                    raise RuntimeError(f"tensor-parallel worker exited while starting: {self._dead_ranks()}")
+                kind, rank, payload = obj.recv()
+                if kind != "ready":
+                    raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{payload}")
+                infos[rank] = payload
+        return infos[0]
+
+    def _sentinels(self) -> list[int]:
+        return [p.sentinel for p in self.procs]
+
+    def _dead_ranks(self) -> str:
+        return ", ".join(f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self.procs) if not p.is_alive())
+
+    @property
+    def busy(self) -> bool:
+        """A submitted step has not been collected from every rank yet."""
+        return self._pending is not None
+
+    def submit(self, step: StepInput) -> None:
+        """Send ``step`` to every rank."""
+        assert self._pending is None, "a step is still in flight"
+        payload = pickle.dumps(("step", step), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            for conn in self.conns:
+                conn.send_bytes(payload)
+        except OSError as exc:
+            raise WorkerDied(f"tensor-parallel worker unreachable: {exc}; {self._dead_ranks()}") from exc
+        self._pending, self._waiting_for = step.step_id, set(range(len(self.conns)))
+        self._result, self._errors = None, []
+
+    def wait(self, timeout: float) -> SampleResult:
+        """Collect the pending step from all ranks, waiting at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._waiting_for:
+            conns = [self.conns[r] for r in sorted(self._waiting_for)]
+            ready = wait(conns + self._sentinels(), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise StepTimeout
+            for obj in ready:
+                if obj not in self.conns:
+                    raise WorkerDied(f"tensor-parallel worker died: {self._dead_ranks()}")
+                rank = self.conns.index(obj)
+                try:
+                    kind, step_id, payload = obj.recv()
+                except (EOFError, OSError) as exc:
+                    raise WorkerDied(f"lost tensor-parallel rank {rank}: {exc}") from exc
+                if step_id != self._pending:
+                    continue
+                self._waiting_for.discard(rank)
+                if kind == "error":
+                    self._errors.append(str(payload))
+                elif rank == 0:
+                    self._result = payload
+        self._pending = None
+        if self._errors:
+            raise StepFailed("; ".join(self._errors))
+        return self._result  # type: ignore[return-value]
+
+    def alive(self) -> bool:
+        """Whether every rank process is running."""
+        return all(p.is_alive() for p in self.procs)
+
+    def shutdown(self) -> None:
+        """Tell every rank to stop first, then wait for them; ranks still stuck are terminated."""
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send_bytes(pickle.dumps(("stop", None)))
+        deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
+        for proc in self.procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=2.0)
+        for conn in self.conns:
+            conn.close()
+
+
+def worker_main(config: EngineConfig, device_type: str, max_model_len: int, rank: int, world: int,
+                init_method: str, conn: Connection) -> None:
+    """Entry point of a rank process: load the shard, then run steps until told to stop or the engine is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine process decides when ranks stop
+    if device_type == "cpu":
+        torch.set_num_threads(devices.cpu_threads_per_rank(world, config.cpu_threads))
+    try:
+        runner = ModelRunner(config, device_type, max_model_len, rank, world, init_method)
+    except BaseException:
+        conn.send(("init_error", rank, traceback.format_exc()))
+        return
+    conn.send(("ready", rank, runner.info()))
+    while True:
+        try:
+            kind, step = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            break  # the engine process is gone
+        if kind == "stop":
+            break
+        try:
+            conn.send(("ok", step.step_id, runner.execute(step)))
+        except Exception as exc:
+            conn.send(("error", step.step_id, f"rank {rank}: {type(exc).__name__}: {exc}"))
+    runner.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,87 @@
+"""The model code against `transformers`: logits of prefill, chunked prefill and paged decode, per architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pypto_serving.engine.config import EngineConfig
+from pypto_serving.engine.model_runner import ModelRunner, StepInput
+from tests.support.models import _hf_model, tiny_model_dir
+
+ARCHS = ["qwen3", "qwen2", "llama"]
+PROMPT = [(7 * i + 3) % 1000 + 5 for i in range(45)]
+
+
+def _logits(runner: ModelRunner, step: StepInput) -> torch.Tensor:
+    """Logits of every new token, or only of ``step.sample_rows`` (in that order) when set."""
+    with torch.inference_mode():
+        ids, pos, meta, sample_index = runner.prepare(step)
+        hidden = runner.model(ids, pos, meta)
+        if step.sample_rows:
+            hidden = hidden[sample_index]
+        return runner.model.compute_logits(hidden)
+
+
+def _step(ids: list[int], qlens: list[int], ctxs: list[int], tables: list[list[int]],
+          sample_rows: list[int] | None = None) -> StepInput:
+    return StepInput(0, ids, qlens, ctxs, tables, sample_rows or [], None)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_runner(request: pytest.FixtureRequest) -> tuple[str, ModelRunner]:
+    path = str(tiny_model_dir(request.param))
+    return path, ModelRunner(EngineConfig(model=path, num_kv_blocks=64, block_size=4), "cpu", 4096)
+
+
+def test_prefill_logits_match_transformers(arch_runner: tuple[str, ModelRunner]) -> None:
+    path, runner = arch_runner
+    ref = _hf_model(path)(torch.tensor([PROMPT])).logits[0]
+    got = _logits(runner, _step(PROMPT, [45], [45], [list(range(12))]))
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_and_batched_decode_match_transformers(arch_runner: tuple[str, ModelRunner]) -> None:
+    """Two sequences with scattered block tables: chunked prefill, then a mixed step, then batched decodes."""
+    path, runner = arch_runner
+    hf = _hf_model(path)
+    a, b = PROMPT[:30], PROMPT[10:21]
+    ta, tb = [40, 3, 17, 8, 22, 9, 30, 1, 2, 11], [5, 60, 33, 12]  # blocks of 4 tokens, out of order
+    runner.kv_cache.zero_()
+    _logits(runner, _step(a[:13], [13], [13], [ta]))  # first chunk of a
+    # second chunk of a (attends to cached context) together with the whole prompt of b
+    got = _logits(runner, _step(a[13:] + b, [17, 11], [30, 11], [ta, tb]))
+    ref_a = hf(torch.tensor([a])).logits[0, 13:]
+    ref_b = hf(torch.tensor([b])).logits[0]
+    torch.testing.assert_close(got[:17], ref_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[17:], ref_b, rtol=1e-4, atol=1e-4)
+    # three decode steps for both (one token each, different context lengths; decodes run sorted by length)
+    seq_a, seq_b = list(a), list(b)
+    for t in range(3):
+        na, nb = 100 + t, 200 + t
+        seq_a.append(na)
+        seq_b.append(nb)
+        got = _logits(runner, _step([na, nb], [1, 1], [len(seq_a), len(seq_b)], [ta, tb], sample_rows=[0, 1]))
+        torch.testing.assert_close(got[0], hf(torch.tensor([seq_a])).logits[0, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1], hf(torch.tensor([seq_b])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close_to_float32(dtype: str) -> None:
+    path = str(tiny_model_dir("qwen3"))
+    runner = ModelRunner(EngineConfig(model=path, num_kv_blocks=32, block_size=16, dtype=dtype), "cpu", 4096)
+    assert runner.dtype == getattr(torch, dtype) and runner.kv_cache.dtype == runner.dtype
+    got = _logits(runner, _step(PROMPT, [45], [45], [[0, 1, 2]])).float()
+    ref = _hf_model(path)(torch.tensor([PROMPT])).logits[0]
+    assert torch.isfinite(got).all()
+    # same argmax for most positions, logits within half-precision noise
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+    assert (got - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+def test_auto_dtype_follows_checkpoint() -> None:
+    path = str(tiny_model_dir("llama", dtype="bfloat16"))
+    runner = ModelRunner(EngineConfig(model=path, num_kv_blocks=8), "cpu", 4096)
+    assert runner.dtype == torch.bfloat16
+    assert runner.model.lm_head.weight.dtype == torch.bfloat16
