@@ -225,8 +225,8 @@ class AsyncEngine:
             return
         try:
             engine.add_request(command.request_id, command.prompt_token_ids, command.params)
-        except Exception as exc:
-            self._call(_resolve, command.accepted, exc if isinstance(exc, ValueError) else ValueError(str(exc)))
+        except Exception as exc:  # ValueError: bad input (400); anything else: the engine cannot take it (503)
+            self._call(_resolve, command.accepted, exc if isinstance(exc, ValueError) else RuntimeError(str(exc)))
             return
         active.add(command.request_id)
         self._call(_resolve, command.accepted, None)
@@ -352,15 +352,16 @@ class Generation:
             choice.finish_reason = out.finish_reason or "stop"
             choice.error = getattr(out, "error", None)
 
-    async def collect(self, until_disconnected: Callable[[], Awaitable[None]]) -> None:
-        """Run to the end, unless `until_disconnected()` returns first (then abort and raise CancelledError)."""
+    async def collect(self, until_disconnected: Callable[[], Awaitable[None]]) -> bool:
+        """Run to the end (True), unless `until_disconnected()` returns first (then abort everything: False)."""
         work = asyncio.ensure_future(self._consume())
         watch = asyncio.ensure_future(until_disconnected())
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
-                raise asyncio.CancelledError("the client disconnected")
+                return False
             work.result()
+            return True
         finally:
             watch.cancel()
             work.cancel()

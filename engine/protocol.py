@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Int = Annotated[int, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
 MAX_N = 128
 MAX_LOGPROBS = 20
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
@@ -27,7 +28,7 @@ class RequestModel(BaseModel):
 
 
 class StreamOptions(RequestModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class SamplingRequest(RequestModel):
@@ -44,12 +45,12 @@ class SamplingRequest(RequestModel):
     frequency_penalty: Float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: Float | None = Field(None, gt=0.0, le=100.0)
     min_tokens: Int = Field(0, ge=0)
-    ignore_eos: bool = False
+    ignore_eos: Bool = False
     stop: str | list[str] | None = None
     stop_token_ids: list[Annotated[int, Field(strict=True, ge=0)]] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    stream: bool = False
+    include_stop_str_in_output: Bool = False
+    skip_special_tokens: Bool = True
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
@@ -103,7 +104,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[Int] | list[list[Int]]
     max_tokens: Int | None = Field(16, ge=1)
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: Bool = False
     best_of: Int | None = None
     suffix: str | None = None
 
@@ -158,10 +159,10 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Int | None = Field(None, ge=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: Bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 

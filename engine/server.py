@@ -51,6 +51,7 @@ from pypto_serving.engine.protocol import (
 from pypto_serving.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("pypto_serving.engine")
+CLIENT_CLOSED = 499  # nginx's "client closed request"
 
 
 class APIError(Exception):
@@ -166,7 +167,7 @@ async def start_generation(state: ServerState, generation: Generation) -> None:
     """Hand a generation to the engine: a rejection is a 400, an engine going away a 503."""
     state.begin()
     try:
-        await start_generation(state, generation)
+        await generation.start()
     except ValueError as exc:
         raise APIError(400, str(exc), param=getattr(exc, "param", None)) from exc
     except RuntimeError as exc:
@@ -318,7 +319,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
 
         return SSEResponse(events(), generation)
 
-    await generation.collect(lambda: until_disconnected(request))
+    if not await generation.collect(lambda: until_disconnected(request)):
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the core requests are aborted already
     raise_for_failure(state, generation)
     choices = [CompletionChoice(index=c.index, text=echo[c.index // body.n] + c.text.delta(final=True),
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
@@ -384,7 +386,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
 
         return SSEResponse(events(), generation)
 
-    await generation.collect(lambda: until_disconnected(request))
+    if not await generation.collect(lambda: until_disconnected(request)):
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the core requests are aborted already
     raise_for_failure(state, generation)
     choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text.delta(final=True)),
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason,
@@ -465,6 +468,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
+    if not loc:
+        return APIError(400, f"the request body must be a JSON object ({first.get('msg', 'invalid')})")
     param = loc[0] if loc else None
     where = ".".join(loc)
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")

@@ -152,3 +152,17 @@ def module_engine_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     launcher = EngineLauncher(tmp_path_factory.mktemp("engines"))
     yield launcher
     launcher.stop_all()
+
+
+TINY_ENGINE_ARGS = ("--max-model-len", "256", "--max-num-seqs", "8")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_dir: Path) -> Iterator[EngineProcess]:
+    """One real engine on the tiny Qwen3 (max model len 256) shared by the session's API tests. Tests must leave it
+    serving (no drain, no kill) and idle when they end; destructive tests start their own with `engine_factory`."""
+    launcher = EngineLauncher(tmp_path_factory.mktemp("tiny-engine"))
+    try:
+        yield launcher(tiny_qwen3_dir, extra_args=list(TINY_ENGINE_ARGS))
+    finally:
+        launcher.stop_all()
