@@ -1,0 +1,184 @@
+"""Loading, readiness, drain and shutdown of the engine server: real engine processes (signals, exit codes), plus
+one in-process server whose real LLMEngine is built behind a gate so the loading phase can be observed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from pypto_serving.engine.async_engine import AsyncEngine
+from pypto_serving.engine.config import EngineConfig
+from pypto_serving.engine.llm_engine import LLMEngine
+from pypto_serving.engine.server import ServerSettings, build_app
+from tests.support.common import REPO_ROOT, free_port, wait_for
+from tests.support.engines import TINY_ENGINE_ARGS, EngineProcess
+
+
+def completion(url: str, model: str, **fields: object) -> httpx.Response:
+    body = {"model": model, "prompt": "Hello there", "max_tokens": 4, **fields}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+class StreamReader(threading.Thread):
+    """Reads one streamed completion in the background; `events` are the SSE data payloads."""
+
+    def __init__(self, url: str, model: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.body = {"model": model, "prompt": "Tell me everything", "max_tokens": max_tokens, "ignore_eos": True,
+                     "stream": True, "stream_options": {"include_usage": True}}
+        self.url = url
+        self.events: list[str] = []
+        self.status: int | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/completions", json=self.body, timeout=120) as response:
+                self.status = response.status_code
+                self.events.extend(line[6:] for line in response.iter_lines() if line.startswith("data: "))
+        except BaseException as exc:
+            self.error = exc
+
+    def finish_reasons(self) -> list[str]:
+        chunks = [json.loads(e) for e in self.events if e != "[DONE]"]
+        return [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
+
+    def usage(self) -> dict:
+        return next(json.loads(e)["usage"] for e in reversed(self.events) if e != "[DONE]")
+
+
+def assert_rejected_while_draining(engine_url: str, model: str) -> None:
+    response = completion(engine_url, model)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "draining"
+    ready = httpx.get(f"{engine_url}/ready", timeout=10)
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+    assert httpx.get(f"{engine_url}/load", timeout=10).json()["draining"] is True
+    assert httpx.get(f"{engine_url}/health", timeout=10).status_code == 200
+
+
+def test_loading_answers_health_but_not_ready(tiny_qwen3_dir: Path):
+    gate = threading.Event()
+    config = EngineConfig(model=str(tiny_qwen3_dir), max_model_len=256, max_num_seqs=4)
+
+    def gated_engine() -> LLMEngine:
+        gate.wait(60)
+        return LLMEngine(config)
+
+    app = build_app(AsyncEngine(gated_engine), ServerSettings(served_model_name="tiny", model=config.model))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 30, "/health")
+        ready = httpx.get(f"{url}/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["status"] == "loading"
+        assert httpx.get(f"{url}/load", timeout=5).json() == {"running": 0, "waiting": 0, "pending_tokens": 0,
+                                                             "kv_cache_usage": 0.0, "draining": False}
+        early = completion(url, "tiny")
+        assert early.status_code == 503 and early.json()["error"]["code"] == "loading"
+        assert "retry-after" in early.headers
+        gate.set()
+        wait_for(lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200, 60, "/ready after loading")
+        assert completion(url, "tiny").json()["usage"]["completion_tokens"] >= 1
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_load_failure_exits_non_zero_with_the_reason(tmp_path: Path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    port = free_port()
+    result = subprocess.run([str(REPO_ROOT / ".venv/bin/pypto-serving"), "engine", "--model", str(empty), "--port",
+                             str(port)], capture_output=True, text=True, timeout=180, cwd=REPO_ROOT,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "the model failed to load" in result.stderr
+    assert "not a model directory" in result.stderr
+
+
+def test_post_drain_finishes_in_flight_work_then_sigterm_exits_when_idle(engine_factory, tiny_qwen3_dir):
+    engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=list(TINY_ENGINE_ARGS))
+    model = tiny_qwen3_dir.name
+    stream = StreamReader(engine.url, model, max_tokens=200)
+    stream.start()
+    wait_for(lambda: stream.events, 60, "the first streamed chunk")
+    drained = httpx.post(f"{engine.url}/drain", timeout=10)
+    assert drained.status_code == 200 and drained.json()["draining"] is True
+    assert_rejected_while_draining(engine.url, model)
+    stream.join(120)
+    assert stream.error is None and stream.status == 200
+    assert stream.events[-1] == "[DONE]"
+    assert stream.finish_reasons() == ["length"] and stream.usage()["completion_tokens"] == 200
+    assert engine.alive()  # /drain alone does not exit
+    started = time.monotonic()
+    engine.proc.send_signal(signal.SIGTERM)
+    assert engine.proc.wait(30) == 0
+    assert time.monotonic() - started < 10
+
+
+def test_sigterm_drains_in_flight_streams_before_exiting(engine_factory, tiny_qwen3_dir):
+    engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=list(TINY_ENGINE_ARGS))
+    model = tiny_qwen3_dir.name
+    stream = StreamReader(engine.url, model, max_tokens=200)
+    stream.start()
+    wait_for(lambda: stream.events, 60, "the first streamed chunk")
+    engine.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(f"{engine.url}/ready", timeout=5).status_code == 503, 10, "/ready 503 on SIGTERM")
+    assert_rejected_while_draining(engine.url, model)
+    stream.join(120)
+    assert stream.error is None and stream.events[-1] == "[DONE]"
+    assert stream.finish_reasons() == ["length"] and stream.usage()["completion_tokens"] == 200
+    assert engine.proc.wait(30) == 0
+    assert "draining" in engine.log_tail(200)
+
+
+def test_drain_deadline_aborts_what_is_left(engine_factory, tiny_qwen3_dir):
+    engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=[*TINY_ENGINE_ARGS, "--drain-timeout", "0"])
+    stream = StreamReader(engine.url, tiny_qwen3_dir.name, max_tokens=240)
+    stream.start()
+    wait_for(lambda: stream.events, 60, "the first streamed chunk")
+    engine.proc.send_signal(signal.SIGTERM)
+    assert engine.proc.wait(30) == 0
+    stream.join(30)
+    assert not stream.is_alive()
+    assert stream.finish_reasons() == ["abort"]
+    assert stream.usage()["completion_tokens"] < 240
+
+
+def test_dead_worker_makes_health_fail(engine_factory, tiny_qwen3_dir):
+    engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=[*TINY_ENGINE_ARGS, "--tensor-parallel-size",
+                                                                       "2"])
+    children = [int(pid) for task in Path(f"/proc/{engine.proc.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    assert httpx.get(f"{engine.url}/health", timeout=5).status_code == 200
+    subprocess.run(["kill", "-9", str(workers[-1])], check=True)
+    wait_for(lambda: httpx.get(f"{engine.url}/health", timeout=5).status_code == 503, 30, "/health 503")
+    assert httpx.get(f"{engine.url}/ready", timeout=5).status_code == 503
+    response = completion(engine.url, tiny_qwen3_dir.name)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "unhealthy"
+    engine.proc.send_signal(signal.SIGTERM)
+    assert engine.proc.wait(60) == 0
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_threads():
+    yield
+    assert not [t for t in threading.enumerate() if isinstance(t, StreamReader) and t.is_alive()]
