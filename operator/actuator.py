@@ -1,0 +1,176 @@
+"""Side effects of a reconcile: Kubernetes API calls (pods, children, status, events) and engine HTTP calls.
+
+Every operation is idempotent: creating a pod that exists, deleting one that is gone, labelling one that is
+already draining are all no-ops, so a reconcile interrupted at any point can simply run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from pypto_serving.operator import desired as d
+from pypto_serving.operator.kube import ApiError, Kube, collection_path, object_path
+from pypto_serving.operator.state import Load, PodView, format_time
+from pypto_serving.operator.types import API_VERSION, KIND, PLURAL
+
+log = logging.getLogger("pypto_serving.operator.actuator")
+COMPONENT = "pypto-serving-operator"
+GATEWAY_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+                 ("rbac.authorization.k8s.io/v1", "Role"), ("v1", "ServiceAccount"))
+# Top-level fields of a child that the operator owns and rewrites when its desired content changes.
+MANAGED_FIELDS = ("spec", "rules", "roleRef", "subjects")
+
+
+def resource_path(namespace: str, name: str | None = None) -> str:
+    """REST path of PyptoServings in a namespace (or of one)."""
+    base = collection_path(API_VERSION, PLURAL, namespace)
+    return f"{base}/{name}" if name else base
+
+
+class Actuator:
+    """Applies decisions through the API and talks to engines over HTTP (pod IP, port 8000)."""
+
+    def __init__(self, kube: Kube, http_timeout: float = 2.0, parallel: int = 8) -> None:
+        self.kube = kube
+        self.http = httpx.Client(timeout=http_timeout, trust_env=False)
+        self.pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="actuator")
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+
+    def close(self) -> None:
+        """Release connections and threads."""
+        self.http.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- observe -------------------------------------------------------------------------------------------------
+    def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The PyptoServing, or None when it is gone."""
+        return self.kube.get(resource_path(namespace, name), ok_missing=True)
+
+    def list_resources(self, namespace: str | None) -> list[dict[str, Any]]:
+        """All PyptoServings in a namespace (or the cluster)."""
+        return self.kube.list(collection_path(API_VERSION, PLURAL, namespace))
+
+    def list_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The engine pods of one resource (by label)."""
+        selector = d.selector_string(d.engine_selector(name))
+        return self.kube.list(collection_path("v1", "pods", namespace), labelSelector=selector)
+
+    def _load(self, pod: PodView) -> tuple[str, Load | None]:
+        try:
+            response = self.http.get(f"http://{pod.ip}:{d.ENGINE_PORT}/load")
+            response.raise_for_status()
+            return pod.name, Load.parse(response.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            log.debug("GET /load of %s failed: %r", pod.name, exc)
+            return pod.name, None
+
+    def fetch_loads(self, pods: Sequence[PodView]) -> dict[str, Load]:
+        """`GET /load` of each pod, concurrently; pods that do not answer are left out."""
+        if not pods:
+            return {}
+        results = self.pool.map(self._load, pods) if len(pods) > 1 else map(self._load, pods)
+        return {name: load for name, load in results if load is not None}
+
+    # --- engine pods ---------------------------------------------------------------------------------------------
+    def create_pod(self, manifest: dict[str, Any]) -> bool:
+        """Create an engine pod; False if a pod of that name already exists."""
+        collection, _ = object_path(manifest)
+        try:
+            self.kube.create(collection, manifest)
+            return True
+        except ApiError as exc:
+            if exc.status == 409:
+                return False
+            raise
+
+    def create_pods(self, manifests: Sequence[dict[str, Any]]) -> list[bool]:
+        """Create several pods concurrently (scale-up latency)."""
+        if len(manifests) <= 1:
+            return [self.create_pod(m) for m in manifests]
+        return list(self.pool.map(self.create_pod, manifests))
+
+    def start_drain(self, namespace: str, pod: str, reason: str, ip: str | None, now: float, restamp: bool) -> None:
+        """Label the pod draining (the gateway stops routing to it) and `POST /drain` to its engine."""
+        if restamp:
+            patch = {"metadata": {"labels": {d.L_DRAINING: "true"},
+                                  "annotations": {d.A_DRAIN_STARTED: format_time(now), d.A_DRAIN_REASON: reason}}}
+            self.kube.merge_patch(f"{collection_path('v1', 'pods', namespace)}/{pod}", patch, ok_missing=True)
+        if ip:
+            try:
+                self.http.post(f"http://{ip}:{d.ENGINE_PORT}/drain").raise_for_status()
+            except httpx.HTTPError as exc:  # retried by the next reconcile (the load shows draining=false)
+                log.info("POST /drain to %s failed: %r", pod, exc)
+
+    def delete_pod(self, namespace: str, pod: str) -> None:
+        """Delete a pod (gone already is fine)."""
+        self.kube.delete(f"{collection_path('v1', 'pods', namespace)}/{pod}")
+
+    # --- children ------------------------------------------------------------------------------------------------
+    def apply(self, obj: dict[str, Any], owner_uid: str) -> str:
+        """Create or update a child; returns created, updated, unchanged or conflict (not ours)."""
+        want = d.with_applied_hash(obj)
+        collection, path = object_path(want)
+        current = self.kube.get(path, ok_missing=True)
+        if current is None:
+            try:
+                self.kube.create(collection, want)
+                return "created"
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                current = self.kube.get(path, ok_missing=True) or {}
+        meta = current.get("metadata") or {}
+        if not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
+            return "conflict"
+        if (meta.get("annotations") or {}).get(d.A_APPLIED) == want["metadata"]["annotations"][d.A_APPLIED]:
+            return "unchanged"
+        patch = {"metadata": {k: want["metadata"][k] for k in ("labels", "annotations", "ownerReferences")}}
+        patch.update({k: want[k] for k in MANAGED_FIELDS if k in want})
+        self.kube.merge_patch(path, patch)
+        return "updated"
+
+    def delete_gateway(self, namespace: str, name: str, owner_uid: str) -> int:
+        """Delete the gateway objects of a resource whose gateway was disabled; returns how many."""
+        deleted = 0
+        for api_version, kind in GATEWAY_KINDS:
+            obj = {"apiVersion": api_version, "kind": kind, "metadata": {"name": d.gateway_name(name),
+                                                                          "namespace": namespace}}
+            _, path = object_path(obj)
+            current = self.kube.get(path, ok_missing=True)
+            refs = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
+            if current is not None and any(ref.get("uid") == owner_uid for ref in refs):
+                self.kube.delete(path)
+                deleted += 1
+        return deleted
+
+    # --- status and events ---------------------------------------------------------------------------------------
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge-patch the status subresource (lists are replaced whole; None removes a field)."""
+        self.kube.merge_patch(f"{resource_path(namespace, name)}/status", {"status": status}, ok_missing=True)
+
+    def event(self, body: dict[str, Any], type_: str, reason: str, message: str, now: float) -> None:
+        """Post a Kubernetes Event about the PyptoServing (failures to post are only logged)."""
+        meta = body.get("metadata") or {}
+        stamp = format_time(now)
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}", "namespace": meta.get("namespace")},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta.get("name"),
+                               "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": COMPONENT}, "reportingComponent": COMPONENT, "reportingInstance": self.instance,
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        }
+        try:
+            self.kube.create(collection_path("v1", "events", meta.get("namespace")), event)
+        except Exception as exc:
+            log.warning("could not post event %s on %s: %r", reason, meta.get("name"), exc)

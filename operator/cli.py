@@ -1,0 +1,190 @@
+"""`pypto-serving operator`: run the PyptoServing operator (kopf) with health/metrics, webhook and leader election."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import kopf
+
+from pypto_serving.operator import webhook as wh
+from pypto_serving.operator.actuator import Actuator
+from pypto_serving.operator.controller import Controller, ControllerConfig
+from pypto_serving.operator.handlers import build_registry
+from pypto_serving.operator.kube import Kube, load_configuration
+from pypto_serving.operator.leader import LeaderElector
+from pypto_serving.operator.metrics import HealthServer, Metrics
+from pypto_serving.operator.reconciler import Reconciler
+
+log = logging.getLogger("pypto_serving.operator")
+SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="pypto-serving operator", description=__doc__)
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
+                   help="kubeconfig file (default: $KUBECONFIG, else in-cluster, else ~/.kube/config)")
+    p.add_argument("--context", default=None, help="kubeconfig context")
+    p.add_argument("--health-host", default="0.0.0.0", help="address of /healthz and /metrics")
+    p.add_argument("--health-port", type=int, default=8081, help="port of /healthz and /metrics (0: disabled)")
+    p.add_argument("--workers", type=int, default=4, help="concurrent reconciles (of different resources)")
+    p.add_argument("--resync-seconds", type=float, default=30.0, help="periodic full resync interval")
+    w = p.add_argument_group("admission webhook")
+    w.add_argument("--webhook-mode", choices=["none", "url", "service"], default="none",
+                   help="url: register https://HOST:PORT (local clusters); service: a Service (real clusters)")
+    w.add_argument("--webhook-listen", default="0.0.0.0", help="address the webhook server binds")
+    w.add_argument("--webhook-port", type=int, default=9443, help="webhook server port (TLS)")
+    w.add_argument("--webhook-host", default=None,
+                   help="url mode: host the apiserver dials (default: $POD_IP, else 127.0.0.1)")
+    w.add_argument("--webhook-service-name", default="pypto-serving-operator-webhook", help="service mode")
+    w.add_argument("--webhook-service-namespace", default=None, help="service mode (default: own namespace)")
+    w.add_argument("--webhook-secret", default=None,
+                   help="keep the CA and certificate in this Secret (own namespace), shared by all replicas")
+    w.add_argument("--webhook-config-name", default="pypto-serving-operator",
+                   help="name of the ValidatingWebhookConfiguration")
+    w.add_argument("--webhook-failure-policy", choices=["Fail", "Ignore"], default="Fail")
+    w.add_argument("--webhook-cert-dir", default=None, help="where to write the certificate files (default: temp)")
+    le = p.add_argument_group("leader election")
+    le.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                    help="hold a Lease before reconciling, so several replicas are safe")
+    le.add_argument("--leader-election-namespace", default=None, help="Lease namespace (default: own namespace)")
+    le.add_argument("--leader-election-id", default="pypto-serving-operator", help="Lease name")
+    le.add_argument("--lease-duration", type=int, default=15, help="seconds before a dead leader is replaced")
+    le.add_argument("--lease-retry", type=float, default=2.0, help="seconds between renewals / attempts")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def own_namespace(args: argparse.Namespace) -> str:
+    """The operator's namespace: $POD_NAMESPACE, the service account's, the first watched one, or default."""
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    if SA_NAMESPACE_FILE.exists():
+        return SA_NAMESPACE_FILE.read_text().strip()
+    return args.namespace[0] if args.namespace else "default"
+
+
+def webhook_hosts(args: argparse.Namespace, namespace: str) -> list[str]:
+    """Names the serving certificate must carry."""
+    if args.webhook_mode == "service":
+        svc, ns = args.webhook_service_name, args.webhook_service_namespace or namespace
+        return [f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local", f"{svc}.{ns}", svc]
+    host = args.webhook_host or os.environ.get("POD_IP") or "127.0.0.1"
+    return [host, "localhost", "127.0.0.1"]
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Build everything and run kopf until a signal stops it."""
+    namespace = own_namespace(args)
+    kube = Kube(load_configuration(args.kubeconfig, args.context))
+    metrics = Metrics()
+    actuator = Actuator(kube)
+    identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    elector = None
+    controller: Controller
+    if args.leader_elect:
+        elector = LeaderElector(kube, args.leader_election_namespace or namespace, args.leader_election_id, identity,
+                                lease_duration=args.lease_duration, retry_period=args.lease_retry,
+                                on_change=lambda leading: controller.on_leadership(leading))
+    controller = Controller(Reconciler(actuator, metrics), metrics,
+                            ControllerConfig(workers=args.workers, resync_seconds=args.resync_seconds), elector)
+    health = HealthServer(metrics, controller.alive, args.health_host, args.health_port)
+
+    settings = kopf.OperatorSettings()
+    settings.posting.enabled = False  # the operator posts its own events
+    settings.scanning.disabled = True  # least privilege: no CRD/namespace watching
+    settings.watching.reconnect_backoff = 1.0
+    webhook_config: dict[str, object] | None = None
+    if args.webhook_mode != "none":
+        hosts = webhook_hosts(args, namespace)
+        bundle = (wh.load_or_create_secret(kube, namespace, args.webhook_secret, hosts) if args.webhook_secret
+                  else wh.generate(hosts))
+        cert_dir = Path(args.webhook_cert_dir or tempfile.mkdtemp(prefix="pypto-webhook-"))
+        ca_path, cert_path, key_path = bundle.write(cert_dir)
+        settings.admission.server = kopf.WebhookServer(addr=args.webhook_listen, port=args.webhook_port,
+                                                       host=hosts[0], certfile=str(cert_path),
+                                                       pkeyfile=str(key_path), cafile=str(ca_path))
+        settings.admission.managed = None  # registered below, with our own clientConfig
+        webhook_config = wh.configuration(args.webhook_config_name, wh.client_config(
+            args.webhook_mode, bundle.ca, url_host=hosts[0], port=args.webhook_port,
+            service_name=args.webhook_service_name,
+            service_namespace=args.webhook_service_namespace or namespace), args.webhook_failure_policy)
+
+    async def register_webhook() -> None:
+        assert webhook_config is not None
+        await wait_listening("127.0.0.1" if args.webhook_listen in ("0.0.0.0", "") else args.webhook_listen,
+                             args.webhook_port)
+        await asyncio.to_thread(wh.register, kube, webhook_config)
+        log.info("registered the validating webhook %s (%s mode)", args.webhook_config_name, args.webhook_mode)
+
+    background: list[asyncio.Task[None]] = []
+
+    async def on_startup() -> None:
+        if args.health_port:
+            await health.start()
+        controller.start()
+        if webhook_config is not None:
+            background.append(asyncio.create_task(register_webhook(), name="pypto-webhook-registration"))
+
+    async def on_cleanup() -> None:
+        for task in background:
+            task.cancel()
+        await controller.stop()
+        if webhook_config is not None and args.webhook_mode == "url":
+            await asyncio.to_thread(wh.unregister, kube, args.webhook_config_name, webhook_config["webhooks"][0]
+                                    ["clientConfig"])  # type: ignore[index]
+        await health.stop()
+
+    registry = build_registry(controller, kube, on_startup, on_cleanup)
+    log.info("starting: %s, leader election %s, webhook %s", "all namespaces" if args.all_namespaces
+             else f"namespaces {args.namespace}", "on" if elector else "off", args.webhook_mode)
+    try:
+        await kopf.operator(registry=registry, settings=settings, standalone=True,
+                            clusterwide=args.all_namespaces, namespaces=args.namespace)
+    finally:
+        actuator.close()
+        kube.close()
+    return 0
+
+
+async def wait_listening(host: str, port: int, timeout: float = 60.0) -> None:
+    """Return once ``host:port`` accepts TCP connections."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"the webhook server did not listen on {host}:{port}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `pypto-serving operator`."""
+    args = parser().parse_args(argv)
+    if not args.namespace and not args.all_namespaces:
+        parser().error("one of --namespace NS or --all-namespaces is required")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    kopf.configure(verbose=args.log_level == "DEBUG", log_format=kopf.LogFormat.PLAIN)
+    logging.getLogger("kopf").setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The validating admission webhook: a self-signed CA and serving certificate, and its registration.
+
+kopf's webhook server (aiohttp, TLS) serves the `@kopf.on.validate` handler; this module creates the TLS
+material and the ValidatingWebhookConfiguration that points the apiserver at it, in one of two modes:
+
+* ``url``: ``clientConfig.url = https://<host>:<port>/<path>`` - for the local cluster, where the apiserver
+  reaches the operator by IP (there is no kube-proxy there);
+* ``service``: ``clientConfig.service`` = a Service in front of the operator pods - for real clusters.
+
+Either way the configuration carries the CA as ``caBundle``. With ``--webhook-secret`` the CA and certificate
+are kept in a Secret, so every operator replica serves the same certificate and restarts keep it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pypto_serving.operator.kube import ApiError, Kube
+from pypto_serving.operator.types import GROUP, PLURAL, VERSION
+
+log = logging.getLogger("pypto_serving.operator.webhook")
+HANDLER_ID = "validate-pyptoserving"  # kopf routes POST /<handler id> to the handler
+WEBHOOK_NAME = f"validate.{PLURAL}.{GROUP}"
+CERT_DAYS = 3650
+RENEW_BEFORE_DAYS = 30
+VWC_PATH = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
+
+
+@dataclass(frozen=True)
+class TLSBundle:
+    """PEM CA certificate, serving certificate and its private key."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    def write(self, directory: Path) -> tuple[Path, Path, Path]:
+        """Write ca.crt, tls.crt and tls.key (0600) into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = directory / "ca.crt", directory / "tls.crt", directory / "tls.key"
+        for path, data in zip(paths, (self.ca, self.cert, self.key), strict=True):
+            path.write_bytes(data)
+        paths[2].chmod(0o600)
+        return paths
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in dict.fromkeys(hosts):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def generate(hosts: Sequence[str], days: int = CERT_DAYS) -> TLSBundle:
+    """A new self-signed CA and a serving certificate for ``hosts`` (IPs and DNS names) signed by it."""
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pypto-serving-operator-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(_san(hosts), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    return TLSBundle(
+        ca=ca.public_bytes(pem), cert=cert.public_bytes(pem),
+        key=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def covers(bundle: TLSBundle, hosts: Sequence[str], now: dt.datetime | None = None) -> bool:
+    """Whether the bundle's certificate is valid long enough and names every host."""
+    cert = x509.load_pem_x509_certificate(bundle.cert)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if cert.not_valid_after_utc - now < dt.timedelta(days=RENEW_BEFORE_DAYS):
+        return False
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} | set(san.get_values_for_type(x509.DNSName))
+    return all(host in names for host in hosts)
+
+
+def load_or_create_secret(kube: Kube, namespace: str, name: str, hosts: Sequence[str]) -> TLSBundle:
+    """The TLS bundle kept in Secret ``namespace/name``; generated (or renewed) when absent or unfit."""
+    path = f"/api/v1/namespaces/{namespace}/secrets/{name}"
+    secret = kube.get(path, ok_missing=True)
+    if secret is not None:
+        data = secret.get("data") or {}
+        try:
+            bundle = TLSBundle(*(base64.b64decode(data[k]) for k in ("ca.crt", "tls.crt", "tls.key")))
+            if covers(bundle, hosts):
+                return bundle
+        except (KeyError, ValueError):
+            pass
+    bundle = generate(hosts)
+    body = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "pypto-serving"}},
+            "data": {k: base64.b64encode(v).decode() for k, v in
+                     (("ca.crt", bundle.ca), ("tls.crt", bundle.cert), ("tls.key", bundle.key))}}
+    try:
+        if secret is None:
+            kube.create(f"/api/v1/namespaces/{namespace}/secrets", body)
+        else:
+            body["metadata"]["resourceVersion"] = secret["metadata"]["resourceVersion"]
+            kube.replace(path, body)
+        return bundle
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+        return load_or_create_secret(kube, namespace, name, hosts)  # another replica won the race: use theirs
+
+
+def client_config(mode: str, ca: bytes, *, url_host: str = "127.0.0.1", port: int = 9443,
+                  service_name: str | None = None, service_namespace: str | None = None) -> dict[str, Any]:
+    """The webhook's clientConfig for ``url`` or ``service`` mode."""
+    bundle = base64.b64encode(ca).decode()
+    if mode == "url":
+        host = f"[{url_host}]" if ":" in url_host else url_host
+        return {"url": f"https://{host}:{port}/{HANDLER_ID}", "caBundle": bundle}
+    if mode == "service":
+        if not service_name or not service_namespace:
+            raise ValueError("service mode needs --webhook-service-name and --webhook-service-namespace")
+        return {"service": {"name": service_name, "namespace": service_namespace, "port": port,
+                            "path": f"/{HANDLER_ID}"}, "caBundle": bundle}
+    raise ValueError(f"unknown webhook mode {mode!r}")
+
+
+def configuration(name: str, config: dict[str, Any], failure_policy: str = "Fail") -> dict[str, Any]:
+    """The ValidatingWebhookConfiguration for PyptoServing CREATE and UPDATE."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "pypto-serving"}},
+        "webhooks": [{
+            "name": WEBHOOK_NAME,
+            "clientConfig": config,
+            "rules": [{"apiGroups": [GROUP], "apiVersions": [VERSION], "operations": ["CREATE", "UPDATE"],
+                       "resources": [PLURAL], "scope": "Namespaced"}],
+            "failurePolicy": failure_policy,
+            "matchPolicy": "Equivalent",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1", "v1beta1"],
+            "timeoutSeconds": 10,
+        }],
+    }
+
+
+def register(kube: Kube, body: dict[str, Any]) -> None:
+    """Create or replace the ValidatingWebhookConfiguration."""
+    path = f"{VWC_PATH}/{body['metadata']['name']}"
+    for _ in range(5):
+        current = kube.get(path, ok_missing=True)
+        try:
+            if current is None:
+                kube.create(VWC_PATH, body)
+            else:
+                kube.replace(path, {**body, "metadata": {**body["metadata"],
+                                                        "resourceVersion": current["metadata"]["resourceVersion"]}})
+            return
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+    raise RuntimeError(f"could not register the webhook configuration {body['metadata']['name']}")
+
+
+def unregister(kube: Kube, name: str, config: dict[str, Any]) -> None:
+    """Delete the configuration if it still points at ``config`` (another replica may have taken it over)."""
+    path = f"{VWC_PATH}/{name}"
+    try:
+        current = kube.get(path, ok_missing=True)
+        hooks = (current or {}).get("webhooks") or []
+        if hooks and hooks[0].get("clientConfig", {}).get("url") == config.get("url"):
+            kube.delete(path)
+            log.info("removed the webhook configuration %s", name)
+    except Exception as exc:
+        log.warning("could not remove the webhook configuration %s: %r", name, exc)

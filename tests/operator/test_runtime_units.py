@@ -1,0 +1,168 @@
+"""Unit tests of the runtime pieces that need no cluster: work queue, lease decisions, TLS, webhook config,
+admission decisions, status diffing."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from pypto_serving.operator import webhook as wh
+from pypto_serving.operator.handlers import admission_decision
+from pypto_serving.operator.leader import decide, micro_time
+from pypto_serving.operator.reconciler import observed_pods, status_changed
+from pypto_serving.operator.workqueue import WorkQueue
+from tests.operator.corpus import load_corpus, minimal
+from tests.support.common import free_port
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_workqueue_dedups_delays_and_never_hands_out_a_key_twice() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        q = WorkQueue(clock)
+        q.add("a")
+        q.add("a")
+        q.add("b", delay=5)
+        assert len(q) == 2
+        assert await q.get() == "a"
+        q.add("a")  # triggered while processing: kept aside, not handed to another worker
+        q.add("c")
+        assert await q.get() == "c"
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(q.get(), 0.05)  # "a" is in progress, "b" not due yet
+        q.done("a")
+        assert await q.get() == "a"
+        q.done("a")
+        clock.now += 5
+        assert await q.get() == "b"
+        q.done("b")
+        assert q.add_rate_limited("x") == 0.5 and q.add_rate_limited("x") == 1.0
+        q.forget("x")
+        assert q.add_rate_limited("x") == 0.5
+        q.discard("x")
+        assert len(q) == 0
+
+    asyncio.run(scenario())
+
+
+def test_workqueue_wakes_a_waiting_worker() -> None:
+    async def scenario() -> str:
+        q = WorkQueue()
+        waiter = asyncio.create_task(q.get())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        q.add("k")
+        return str(await asyncio.wait_for(waiter, 1))
+
+    assert asyncio.run(scenario()) == "k"
+
+
+def lease(holder: str, renewed: float, duration: int = 15, transitions: int = 0) -> dict:
+    return {"metadata": {"name": "op", "namespace": "ns", "resourceVersion": "7"},
+            "spec": {"holderIdentity": holder, "renewTime": micro_time(renewed), "leaseDurationSeconds": duration,
+                     "leaseTransitions": transitions}}
+
+
+def test_lease_decisions() -> None:
+    first = decide(None, "me", 1000.0, 15, "ns", "op")
+    assert first.action == "create" and first.leading and first.lease["spec"]["holderIdentity"] == "me"
+    renew = decide(lease("me", 990.0), "me", 1000.0, 15, "ns", "op")
+    assert renew.action == "update" and renew.leading
+    assert renew.lease["metadata"]["resourceVersion"] == "7"  # optimistic concurrency on the write
+    assert decide(lease("other", 990.0), "me", 1000.0, 15, "ns", "op") == decide(
+        lease("other", 999.0), "me", 1000.0, 15, "ns", "op")
+    assert not decide(lease("other", 990.0), "me", 1000.0, 15, "ns", "op").leading
+    takeover = decide(lease("other", 980.0, transitions=2), "me", 1000.0, 15, "ns", "op")
+    assert takeover.action == "update" and takeover.leading
+    assert takeover.lease["spec"]["holderIdentity"] == "me" and takeover.lease["spec"]["leaseTransitions"] == 3
+    released = decide(lease("", 999.0, duration=1), "me", 1000.0, 15, "ns", "op")
+    assert released.leading
+
+
+def test_generated_tls_is_a_ca_chain_for_the_hosts(tmp_path: Path) -> None:
+    bundle = wh.generate(["127.0.0.1", "localhost", "svc.ns.svc"])
+    assert wh.covers(bundle, ["127.0.0.1", "svc.ns.svc"])
+    assert not wh.covers(bundle, ["10.0.0.1"])
+    assert not wh.covers(bundle, ["127.0.0.1"], now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=3640))
+    ca = x509.load_pem_x509_certificate(bundle.ca)
+    cert = x509.load_pem_x509_certificate(bundle.cert)
+    assert cert.issuer == ca.subject and cert.subject != ca.subject
+    ca_path, cert_path, key_path = bundle.write(tmp_path)
+    assert oct(key_path.stat().st_mode & 0o777) == "0o600"
+
+    # a real TLS handshake verified against the CA, by IP
+    class Hello(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"hi")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", free_port()), Hello)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    import httpx
+
+    client_ctx = ssl.create_default_context(cafile=str(ca_path))
+    response = httpx.get(f"https://127.0.0.1:{server.server_port}/", verify=client_ctx, trust_env=False)
+    assert response.text == "hi"
+    thread.join(5)
+    server.server_close()
+
+
+def test_webhook_configuration_modes() -> None:
+    url = wh.client_config("url", b"CA", url_host="127.0.5.6", port=9443)
+    assert url == {"url": "https://127.0.5.6:9443/validate-pyptoserving", "caBundle": "Q0E="}
+    svc = wh.client_config("service", b"CA", service_name="op-webhook", service_namespace="sys", port=443)
+    assert svc["service"] == {"name": "op-webhook", "namespace": "sys", "port": 443, "path": "/validate-pyptoserving"}
+    with pytest.raises(ValueError, match="unknown webhook mode"):
+        wh.client_config("magic", b"CA")
+    body = wh.configuration("pps-validate", url, "Ignore")
+    (hook,) = body["webhooks"]
+    assert hook["rules"][0]["resources"] == ["pyptoservings"] and hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+    assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "None"
+    assert hook["name"] == "validate.pyptoservings.serving.pypto.io"
+
+
+def test_admission_decision() -> None:
+    case = next(c for c in load_corpus() if c.name == "bad-pipeline-parallel")
+    message = admission_decision(case.body, None, "CREATE")
+    assert message is not None and case.expect in message
+    assert admission_decision(minimal(), None, "CREATE") is None
+    # metadata-only updates of an (already stored) invalid object are allowed, spec changes are not
+    assert admission_decision(case.body, case.body, "UPDATE") is None
+    assert admission_decision(case.body, minimal(), "UPDATE") is not None
+    deleting = {**case.body, "metadata": {**case.body["metadata"], "deletionTimestamp": "2024-01-01T00:00:00Z"}}
+    assert admission_decision(deleting, minimal(), "UPDATE") is None
+
+
+def test_status_changed_and_foreign_pods() -> None:
+    assert not status_changed({"phase": "Ready", "replicas": 2, "extra": 1}, {"phase": "Ready", "replicas": 2})
+    assert status_changed({"phase": "Ready"}, {"phase": "Degraded"})
+    assert status_changed({"gateway": {"url": "x"}}, {"gateway": None})
+    pod = {"metadata": {"name": "demo-dp-0", "labels": {"serving.pypto.io/dp-rank": "0"},
+                        "ownerReferences": [{"uid": "old-uid"}]}, "status": {"phase": "Running"}}
+    (view,) = observed_pods([pod], "new-uid")
+    assert view.deleting and not view.active  # an older incarnation's pod only blocks its rank
+    (mine,) = observed_pods([{**pod, "metadata": {**pod["metadata"], "ownerReferences": [{"uid": "new-uid"}]}}],
+                            "new-uid")
+    assert mine.active
