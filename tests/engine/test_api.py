@@ -4,6 +4,7 @@ official `openai` client (raw httpx only where the wire format itself is under t
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -209,3 +210,16 @@ def test_echo_prepends_the_prompt(client, model):
     plain = complete(client, model, "Echo me", max_tokens=3, ignore_eos=True, **GREEDY).choices[0].text
     echoed = complete(client, model, "Echo me", max_tokens=3, echo=True, ignore_eos=True, **GREEDY).choices[0].text
     assert echoed == "Echo me" + plain
+
+
+def test_concurrent_streams_each_get_their_own_tokens(client, model):
+    prompts = [f"Request number {i} says" for i in range(6)]
+    alone = [complete(client, model, p, max_tokens=10, ignore_eos=True, **GREEDY).choices[0].text for p in prompts]
+
+    def streamed(prompt: str) -> str:
+        chunks = complete(client, model, prompt, max_tokens=10, ignore_eos=True, stream=True, **GREEDY)
+        return "".join(c.choices[0].text for c in chunks)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(streamed, prompts))
+    assert together == alone
