@@ -52,6 +52,7 @@ from pypto_serving.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("pypto_serving.engine")
 CLIENT_CLOSED = 499  # nginx's "client closed request"
+MAX_CHOICES = 1024  # prompts x n of one completions call
 
 
 class APIError(Exception):
@@ -285,6 +286,9 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt")
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {MAX_CHOICES} choices per request",
+                       param="n" if body.n > 1 else "prompt")
     ids = [encode_prompt(state, p, "prompt") for p in prompts]
     limits = [max_tokens_for(state, len(p), body.max_tokens, "prompt") for p in ids]
     response_id = new_id("cmpl")
@@ -470,15 +474,19 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip())
     if not loc:
         return APIError(400, f"the request body must be a JSON object ({first.get('msg', 'invalid')})")
-    param = loc[0] if loc else None
-    where = ".".join(loc)
+    # a value matching no member of a union (prompt, stop, content) fails once per member: name the members
+    members = list(dict.fromkeys(str(e["loc"][2]) for e in errors if len(e["loc"]) > 2 and e["loc"][1] == loc[0]
+                                 and not str(e["loc"][2]).isdigit()))
+    if len(members) > 1:
+        return APIError(400, f"{loc[0]}: expected one of {', '.join(members)}", param=loc[0])
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
-    return APIError(400, f"{where}: {message}{more}" if where else f"{message}{more}", param=param)
+    return APIError(400, f"{'.'.join(loc)}: {message}{more}", param=loc[0])
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app around an AsyncEngine; the engine starts loading when the app starts."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state.server

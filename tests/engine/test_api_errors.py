@@ -73,6 +73,7 @@ COMPLETION_CASES = [
     ({"prompt": "x", "n": 1.5}, "n"),
     ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": ["x"] * 20, "n": 60}, "n"),
     ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"max_tokens": 3}, "prompt"),
 ]
