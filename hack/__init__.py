@@ -1,0 +1,1 @@
+"""Developer and CI tooling that is not shipped in the package (local Kubernetes substrate, install scripts)."""
