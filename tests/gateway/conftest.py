@@ -10,7 +10,7 @@ import pytest
 from tests.gateway.harness import GatewayProcess, start_gateway
 from tests.support.engines import EngineProcess, launch_engine
 
-ENGINE_ARGS = ["--max-model-len", "2048", "--max-num-seqs", "16"]
+ENGINE_ARGS = ["--max-model-len", "4096", "--max-num-seqs", "16", "--cpu-threads", "1"]
 
 
 @pytest.fixture(scope="session")

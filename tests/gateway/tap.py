@@ -37,6 +37,15 @@ class Tap:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        async def shutdown() -> None:
+            assert self._server is not None
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
@@ -72,10 +81,12 @@ def http_bodies(raw: bytes) -> list[tuple[int, bytes]]:
     conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
     conn.send(h11.EndOfMessage())
     conn.receive_data(bytes(raw))
-    conn.receive_data(b"")
     status, body = 0, bytearray()
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            break
         if isinstance(event, h11.Response):
             status, body = event.status_code, bytearray()
         elif isinstance(event, h11.Data):
