@@ -32,6 +32,15 @@ install: $(VENV)/.installed ## create .venv and install the project with the eng
 tools: ## build or reuse the Kubernetes 1.20 binaries and helm (cached in ~/.cache/pypto-serving)
 	bash hack/install-tools.sh
 
+CLUSTER_DIR ?= .work/cluster
+.PHONY: cluster-up
+cluster-up: install tools ## start (or find running) a persistent local cluster in .work/cluster
+	$(PY) -m hack.localkube up --dir $(CLUSTER_DIR)
+
+.PHONY: cluster-down
+cluster-down: ## stop the local cluster in .work/cluster (every pod process too) and delete its state
+	@if [ -x $(PY) ]; then $(PY) -m hack.localkube down --dir $(CLUSTER_DIR) --purge; else rm -rf $(CLUSTER_DIR); fi
+
 .PHONY: lint
 lint: install ## ruff
 	$(VENV)/bin/ruff check .

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -399,16 +400,22 @@ class LocalCluster:
                 processes.terminate([pid], grace if name == "node-agent" else 5.0)
                 stopped += 1
         stopped += processes.stop_marked(self.dir, grace=2)
+        self._remove_memory_volumes()
         for proc in self._procs.values():
             proc.poll()
         self._procs.clear()
         if self.state_file.exists():
             self.state_file.unlink()
         if purge and self.dir.exists():
-            import shutil
-
             shutil.rmtree(self.dir, ignore_errors=True)
         return stopped
+
+    def _remove_memory_volumes(self) -> None:
+        """Delete leftover emptyDir(medium: Memory) data in /dev/shm of this cluster's pods (after an agent crash)."""
+        for pod_dir in (self.dir / "pods").glob("*_*_*"):
+            uid = pod_dir.name.rsplit("_", 1)[-1]
+            for leftover in Path("/dev/shm").glob(f"localkube-{uid}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def log_tails(self, lines: int = 20) -> str:
         """The last lines of every component log (for failure messages)."""
