@@ -262,6 +262,29 @@ def test_env_and_volumes_appear_like_in_a_container(cluster: Cluster, namespace:
     assert not Path("/scratch/f").exists()  # the emptyDir was mounted only inside the pod's mount namespace
 
 
+def test_init_containers_run_first_and_failures_fail_a_never_restart_pod(cluster: Cluster, namespace: str) -> None:
+    shared = [{"name": "work", "mountPath": "/work-dir"}]
+    pod = pod_manifest("with-init", ["sh", "-c", "cat /work-dir/prepared"], restartPolicy="Never",
+                       container={"volumeMounts": shared}, volumes=[{"name": "work", "emptyDir": {}}],
+                       initContainers=[{"name": "prepare", "image": "none", "volumeMounts": shared,
+                                        "command": ["sh", "-c", "echo prepared-by-init > /work-dir/prepared"]}])
+    core = cluster.core_v1()
+    core.create_namespaced_pod(namespace, pod)
+    done = wait_pod(cluster, namespace, "with-init", lambda p: p["status"].get("phase") in ("Succeeded", "Failed"),
+                    "the pod to finish")
+    assert done["status"]["phase"] == "Succeeded"
+    assert done["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    assert "prepared-by-init" in cluster.pod_logs(namespace, "with-init", "main")
+
+    failing = pod_manifest("bad-init", SLEEPER, restartPolicy="Never",
+                           initContainers=[{"name": "prepare", "image": "none", "command": ["sh", "-c", "exit 7"]}])
+    core.create_namespaced_pod(namespace, failing)
+    failed = wait_pod(cluster, namespace, "bad-init", lambda p: p["status"].get("phase") == "Failed", "Failed")
+    assert failed["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 7
+    assert failed["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "PodInitializing"
+    assert not (cluster.pod_dir(namespace, "bad-init") / "logs" / "main").exists()  # main never started
+
+
 def test_probes_gate_readiness_and_liveness_restarts(cluster: Cluster, namespace: str) -> None:
     marker = f"/tmp/localkube-ready-{namespace}"
     command = ["sh", "-c", f"rm -f {marker}; sleep 4; touch {marker}; exec sleep 3600"]

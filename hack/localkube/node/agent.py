@@ -64,11 +64,17 @@ class NodeAgent:
         self.shutdown()
 
     def _watch_pods(self) -> None:
-        for kind, obj in list_and_watch(self.client, "/api/v1/pods", self.stop, fieldSelector="spec.nodeName!="):
+        while not self.stop.is_set():  # the watch must never die: without it no pod would run
             try:
-                self._handle(kind, obj)
+                for kind, obj in list_and_watch(self.client, "/api/v1/pods", self.stop,
+                                                fieldSelector="spec.nodeName!="):
+                    try:
+                        self._handle(kind, obj)
+                    except Exception:
+                        log(f"error handling pod event {kind}:\n{traceback.format_exc()}")
             except Exception:
-                log(f"error handling pod event {kind}:\n{traceback.format_exc()}")
+                log(f"pod watch failed, restarting it in 1s:\n{traceback.format_exc()}")
+                self.stop.wait(1.0)
 
     def _handle(self, kind: str, pod: dict[str, Any]) -> None:
         if kind == "RELISTED":

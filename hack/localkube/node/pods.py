@@ -103,6 +103,10 @@ class PodWorker:
         try:
             if self._setup():
                 self._run_containers()
+            if not self._stop.is_set():  # finished (Succeeded/Failed): keep the record until the pod is deleted
+                self._release_resources()
+                self._write_status()
+                self._stop.wait()
         except Exception:
             print(f"pod {self.key} worker error:\n{traceback.format_exc()}", flush=True)
         finally:
@@ -203,12 +207,8 @@ class PodWorker:
             self.agent.devices[self.node].release(self.uid, runner.name)
         for runner in self.runners:
             runner.start()
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not all(runner.finished.is_set() for runner in self.runners):
             self._write_status_if_changed()
-            if all(runner.finished.is_set() for runner in self.runners):
-                self._release_resources()
-                self._write_status()
-                self._stop.wait()  # terminal: keep the record until the pod is deleted
 
     def _write_status_if_changed(self) -> None:
         self._changed.wait(STATUS_INTERVAL)
