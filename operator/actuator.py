@@ -68,12 +68,15 @@ class Actuator:
             response = self.http.get(f"http://{pod.ip}:{d.ENGINE_PORT}/load")
             response.raise_for_status()
             return pod.name, Load.parse(response.json())
+        except httpx.ConnectError:
+            return pod.name, Load()  # nothing listens: no request can be in flight there
         except (httpx.HTTPError, ValueError) as exc:
             log.debug("GET /load of %s failed: %r", pod.name, exc)
             return pod.name, None
 
     def fetch_loads(self, pods: Sequence[PodView]) -> dict[str, Load]:
-        """`GET /load` of each pod, concurrently; pods that do not answer are left out."""
+        """`GET /load` of each pod, concurrently; pods that time out or fail are left out (unknown load), pods
+        where nothing listens count as idle."""
         if not pods:
             return {}
         results = self.pool.map(self._load, pods) if len(pods) > 1 else map(self._load, pods)

@@ -147,7 +147,7 @@ async def run(args: argparse.Namespace) -> int:
                                     ["clientConfig"])  # type: ignore[index]
         await health.stop()
 
-    registry = build_registry(controller, kube, on_startup, on_cleanup)
+    registry = build_registry(controller, kube, on_startup, on_cleanup, webhook=webhook_config is not None)
     log.info("starting: %s, leader election %s, webhook %s", "all namespaces" if args.all_namespaces
              else f"namespaces {args.namespace}", "on" if elector else "off", args.webhook_mode)
     try:
@@ -178,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.namespace and not args.all_namespaces:
         parser().error("one of --namespace NS or --all-namespaces is required")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    kopf.configure(verbose=args.log_level == "DEBUG", log_format=kopf.LogFormat.PLAIN)
+    kopf.configure(verbose=args.log_level == "DEBUG", log_format=kopf.LogFormat.FULL)
+    logging.getLogger().setLevel(args.log_level)
     logging.getLogger("kopf").setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return asyncio.run(run(args))

@@ -92,10 +92,19 @@ def model_schema(model: type[t.BaseModel]) -> dict[str, Any]:
     return structural(raw, defs)
 
 
+def _without_defaults(node: Any) -> Any:
+    """Drop defaults (the status is written by the operator only; defaults there would only add noise)."""
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
+
+
 def build_crd() -> dict[str, Any]:
     """The full CustomResourceDefinition (apiextensions.k8s.io/v1) for PyptoServing."""
     spec_schema = model_schema(t.PyptoServingSpec)
-    status_schema = model_schema(t.PyptoServingStatus)
+    status_schema = _without_defaults(model_schema(t.PyptoServingStatus))
     schema = {
         "type": "object",
         "description": "PyptoServing runs data-parallel LLM engine replicas on Ascend NPUs, plus a gateway.",

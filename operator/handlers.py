@@ -38,8 +38,8 @@ def admission_decision(body: dict[str, Any], old: dict[str, Any] | None, operati
 
 
 def build_registry(controller: Controller, kube: Kube, on_startup: Callable[[], Awaitable[None]],
-                   on_cleanup: Callable[[], Awaitable[None]]) -> kopf.OperatorRegistry:
-    """A kopf registry with this operator's handlers bound to ``controller``."""
+                   on_cleanup: Callable[[], Awaitable[None]], webhook: bool) -> kopf.OperatorRegistry:
+    """A kopf registry with this operator's handlers bound to ``controller`` (the validating one if ``webhook``)."""
     registry = kopf.OperatorRegistry()
     cfg = kube._cfg  # credentials kopf uses for its watches
 
@@ -83,10 +83,12 @@ def build_registry(controller: Controller, kube: Kube, on_startup: Callable[[], 
             meta = body.get("metadata") or {}
             controller.trigger((meta.get("namespace"), (meta.get("labels") or {}).get(d.L_INSTANCE)))
 
-    @kopf.on.validate(GROUP, VERSION, PLURAL, id=HANDLER_ID, registry=registry)
-    async def validate_resource(body: kopf.Body, old: Any, operation: str | None, **_: Any) -> None:
-        message = admission_decision(dict(body), dict(old) if old else None, operation)
-        if message is not None:
-            raise kopf.AdmissionError(message, code=422)
+    if webhook:
+
+        @kopf.on.validate(GROUP, VERSION, PLURAL, id=HANDLER_ID, registry=registry)
+        async def validate_resource(body: kopf.Body, old: Any, operation: str | None, **_: Any) -> None:
+            message = admission_decision(dict(body), dict(old) if old else None, operation)
+            if message is not None:
+                raise kopf.AdmissionError(message, code=422)
 
     return registry

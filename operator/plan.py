@@ -194,7 +194,10 @@ def _plan_pods(obs: Observed, spec: PyptoServingSpec, plan: Plan) -> tuple[list[
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str = "") -> dict[str, Any]:
-    return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message}
+    cond = {"type": kind, "status": "True" if ok else "False", "reason": reason}
+    if message:  # the 1.20 apiserver rejects "" for a string field in a CRD status as null
+        cond["message"] = message
+    return cond
 
 
 def _stamp(conditions: list[dict[str, Any]], previous: Sequence[Mapping[str, Any]], now: float,
@@ -216,11 +219,11 @@ def _transition_events(conditions: list[dict[str, Any]], previous: Sequence[Mapp
         old = before.get(cond["type"]) or {}
         changed = old.get("status") != cond["status"] or old.get("reason") != cond["reason"]
         if cond["type"] == "Degraded" and cond["status"] == "True" and changed:
-            out.append(Event("Warning", cond["reason"], cond["message"]))
+            out.append(Event("Warning", cond["reason"], cond.get("message", cond["reason"])))
         if cond["type"] == "SpecValid" and cond["status"] == "False" and changed:
-            out.append(Event("Warning", "InvalidSpec", cond["message"]))
+            out.append(Event("Warning", "InvalidSpec", cond.get("message", "invalid spec")))
         if cond["type"] == "Ready" and cond["status"] == "True" and changed:
-            out.append(Event("Normal", "Ready", cond["message"]))
+            out.append(Event("Normal", "Ready", cond.get("message", "all replicas ready")))
     return out
 
 
