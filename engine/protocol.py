@@ -50,6 +50,7 @@ class SamplingRequest(RequestModel):
     stop_token_ids: list[Annotated[int, Field(strict=True, ge=0)]] | None = None
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
+    return_tokens_as_token_ids: Bool = False
     stream: Bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

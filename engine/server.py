@@ -123,6 +123,10 @@ class ServerState:
             text = self._token_text[token_id] = self.core.tokenizer.decode([token_id])
         return text
 
+    def token_namer(self, body: SamplingRequest) -> Callable[[int], str]:
+        """How logprobs name tokens: their text, or "token_id:N" (vLLM's return_tokens_as_token_ids)."""
+        return (lambda token_id: f"token_id:{token_id}") if body.return_tokens_as_token_ids else self.token_text
+
     def begin(self) -> None:
         self.inflight += 1
         self.idle.clear()
@@ -297,7 +301,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     model = state.settings.served_model_name
 
     def logprobs(entries: list[Any]) -> CompletionLogprobs | None:
-        return completion_logprobs(state.token_text, entries) if body.logprobs is not None else None
+        return completion_logprobs(state.token_namer(body), entries) if body.logprobs is not None else None
 
     await start_generation(state, generation)
 
@@ -380,7 +384,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                 if text or entries or c.finished:
                     yield chat_chunk(response_id, model, c.index, {"content": text} if text else {},
                                      c.finish_reason, c.stop_reason,
-                                     chat_logprobs(state.token_text, entries) if body.logprobs else None)
+                                     chat_logprobs(state.token_namer(body), entries) if body.logprobs else None)
                 if error := stream_error(c):
                     yield error
             if body.include_usage:
@@ -395,7 +399,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     raise_for_failure(state, generation)
     choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text.delta(final=True)),
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                          logprobs=chat_logprobs(state.token_text, c.take_logprobs()) if body.logprobs else None)
+                          logprobs=chat_logprobs(state.token_namer(body), c.take_logprobs()) if body.logprobs else None)
                for c in generation.choices]
     response = ChatCompletionResponse(id=response_id, model=model, choices=choices,
                                       usage=UsageInfo(**generation.usage()))

@@ -34,7 +34,7 @@ def tokenizer(tiny_qwen3_dir: Path):
 
 
 VLLM_EXTRAS = ("ignore_eos", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens",
-               "include_stop_str_in_output")
+               "include_stop_str_in_output", "return_tokens_as_token_ids")
 
 
 def complete(client: openai.OpenAI, model: str, prompt, **kwargs):
@@ -223,3 +223,28 @@ def test_concurrent_streams_each_get_their_own_tokens(client, model):
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(streamed, prompts))
     assert together == alone
+
+
+def greedy_ids(client, model, prompt: str, n: int) -> list[int]:
+    result = complete(client, model, prompt, max_tokens=n, logprobs=0, ignore_eos=True,
+                      return_tokens_as_token_ids=True, **GREEDY)
+    return [int(t.removeprefix("token_id:")) for t in result.choices[0].logprobs.tokens]
+
+
+def test_sampling_fields_reach_the_sampler(client, model):
+    prompt = "The weather is sunny"
+    greedy = complete(client, model, prompt, max_tokens=12, ignore_eos=True, **GREEDY).choices[0].text
+    for narrowing in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 1e-6}):  # each leaves only the argmax
+        sampled = complete(client, model, prompt, max_tokens=12, ignore_eos=True, temperature=1.0, seed=1, **narrowing)
+        assert sampled.choices[0].text == greedy, narrowing
+    ids = greedy_ids(client, model, prompt, 8)
+    stopper = next(t for t in ids[1:] if t != ids[0])
+    early = complete(client, model, prompt, max_tokens=12, stop_token_ids=[stopper], **GREEDY)
+    assert early.choices[0].finish_reason == "stop"
+    assert early.choices[0].model_extra.get("stop_reason") == stopper
+    assert early.usage.completion_tokens == ids.index(stopper) + 1
+    held = complete(client, model, prompt, max_tokens=12, stop_token_ids=[stopper], min_tokens=8, **GREEDY)
+    assert held.usage.completion_tokens >= 8  # min_tokens bans the stop token until 8 tokens exist
+    for penalty in ({"presence_penalty": -2.0}, {"frequency_penalty": -2.0}, {"repetition_penalty": 0.1}):
+        rewarded = complete(client, model, prompt, max_tokens=12, ignore_eos=True, **penalty, **GREEDY)
+        assert rewarded.choices[0].text != greedy, penalty  # rewarding repeats changes the greedy output
