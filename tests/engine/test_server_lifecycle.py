@@ -48,12 +48,14 @@ class StreamReader(threading.Thread):
         except BaseException as exc:
             self.error = exc
 
+    def chunks(self) -> list[dict]:
+        return [chunk for e in self.events if e != "[DONE]" and "choices" in (chunk := json.loads(e))]
+
     def finish_reasons(self) -> list[str]:
-        chunks = [json.loads(e) for e in self.events if e != "[DONE]"]
-        return [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
+        return [c["finish_reason"] for chunk in self.chunks() for c in chunk["choices"] if c["finish_reason"]]
 
     def usage(self) -> dict:
-        return next(json.loads(e)["usage"] for e in reversed(self.events) if e != "[DONE]")
+        return self.chunks()[-1]["usage"]
 
 
 def assert_rejected_while_draining(engine_url: str, model: str) -> None:
@@ -169,7 +171,15 @@ def test_dead_worker_makes_health_fail(engine_factory, tiny_qwen3_dir):
     workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(workers) == 2
     assert httpx.get(f"{engine.url}/health", timeout=5).status_code == 200
+    stream = StreamReader(engine.url, tiny_qwen3_dir.name, max_tokens=240)
+    stream.start()
+    wait_for(lambda: stream.events, 60, "the first streamed chunk")
     subprocess.run(["kill", "-9", str(workers[-1])], check=True)
+    stream.join(60)
+    assert stream.status == 200 and stream.events[-1] == "[DONE]"  # the stream ends cleanly ...
+    errors = [json.loads(e)["error"] for e in stream.events[:-1] if "error" in json.loads(e)]
+    assert len(errors) == 1 and errors[0]["type"] == "internal_error"  # ... with an error event
+    assert stream.finish_reasons() == ["error"]
     wait_for(lambda: httpx.get(f"{engine.url}/health", timeout=5).status_code == 503, 30, "/health 503")
     assert httpx.get(f"{engine.url}/ready", timeout=5).status_code == 503
     response = completion(engine.url, tiny_qwen3_dir.name)
