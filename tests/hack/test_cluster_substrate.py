@@ -432,3 +432,35 @@ def test_apiserver_calls_admission_webhooks_by_url(cluster: Cluster, namespace: 
         core.create_namespaced_pod(namespace, allowed)
     finally:
         cluster.kubectl("delete", "validatingwebhookconfiguration", name, "--ignore-not-found")
+
+
+def test_helm_installs_a_chart_and_waits_for_its_deployment(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    chart = tmp_path / "chart"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: probe-web\nversion: 0.1.0\n")
+    (chart / "values.yaml").write_text("port: 8000\n")
+    (chart / "templates" / "deployment.yaml").write_text("""\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: "{{ .Release.Name }}"}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: "{{ .Release.Name }}"}}
+  template:
+    metadata: {labels: {app: "{{ .Release.Name }}"}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: web
+        image: python:3.11
+        command: [python, -m, http.server, "{{ .Values.port }}", --bind, $(POD_IP)]
+        env: [{name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]
+        readinessProbe: {tcpSocket: {port: {{ .Values.port }}}, periodSeconds: 1}
+""")
+    cluster.helm("install", "web", str(chart), "-n", namespace, "--set", "port=8123", "--wait", "--timeout", "120s")
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", "app=web", "-o", "json").stdout)["items"]
+    assert len(pods) == 1 and is_ready(pods[0])
+    assert httpx.get(f"http://{pods[0]['status']['podIP']}:8123/", timeout=10, trust_env=False).status_code == 200
+    assert "deployed" in cluster.helm("status", "web", "-n", namespace).stdout
+    cluster.helm("uninstall", "web", "-n", namespace, "--wait", "--timeout", "60s")
+    wait_for(lambda: not processes.is_alive(container_pid(pods[0])), 30, "the chart's pod process to exit")

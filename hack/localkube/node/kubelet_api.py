@@ -68,9 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
         if query.get("follow") != "true" or previous:
             self._send(200, data)
             return
-        self._follow(path, data, namespace, pod)
+        self._follow(path, data, namespace, pod, container)
 
-    def _follow(self, path: Path, first: bytes, namespace: str, pod: str) -> None:
+    def _follow(self, path: Path, first: bytes, namespace: str, pod: str, container: str) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Transfer-Encoding", "chunked")
@@ -84,13 +84,17 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             chunk(first)
             offset = path.stat().st_size
-            while self.server.agent.running and self.server.agent.find_worker(namespace, pod) is not None:
+            while True:  # until the container's process (this log file's run) is over
+                worker = self.server.agent.find_worker(namespace, pod)
+                running = self.server.agent.running and worker is not None and worker.container_running(container)
                 size = path.stat().st_size
                 if size > offset:
                     with open(path, "rb") as handle:
                         handle.seek(offset)
                         chunk(handle.read(size - offset))
                     offset = size
+                if not running:
+                    break
                 time.sleep(0.5)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, OSError):

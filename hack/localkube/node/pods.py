@@ -164,6 +164,10 @@ class PodWorker:
         if patched:
             self.update(patched)
 
+    def container_running(self, name: str) -> bool:
+        """True while the named container's process runs."""
+        return any(r.name == name and "running" in r.status()["state"] for r in self.init_runners + self.runners)
+
     def device_env(self, container: str) -> dict[str, str]:
         """ASCEND_RT_VISIBLE_DEVICES (and ASCEND_VISIBLE_DEVICES) for a container with devices."""
         ids = self.devices.get(container)
