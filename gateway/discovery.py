@@ -46,12 +46,12 @@ class StaticDiscovery(Discovery):
         self.endpoints = [e.strip().rstrip("/") for e in endpoints if e.strip()]
 
     async def start(self, registry: Registry) -> None:
-        registry.replace((url, url, True) for url in self.endpoints)
+        registry.replace((url, url, "ready") for url in self.endpoints)
 
 
-def pod_entry(pod: dict[str, Any], default_port: int = 8000) -> tuple[str, str, bool] | None:
-    """(name, url, eligible) of an engine pod, or None while it has no IP. Eligible = Ready, not terminating,
-    not labelled draining."""
+def pod_entry(pod: dict[str, Any], default_port: int = 8000) -> tuple[str, str, str] | None:
+    """(name, url, state) of an engine pod, or None while it has no IP. State is ``ready`` (eligible: Ready,
+    Running, not terminating, not labelled draining), ``draining``, ``terminating`` or ``not-ready``."""
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
     ip = status.get("podIP")
@@ -63,10 +63,16 @@ def pod_entry(pod: dict[str, Any], default_port: int = 8000) -> tuple[str, str, 
             if p.get("name") == ENGINE_PORT_NAME and p.get("containerPort"):
                 port = int(p["containerPort"])
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-    draining = (meta.get("labels") or {}).get(DRAINING_LABEL, "").lower() == "true"
-    eligible = ready and not draining and not meta.get("deletionTimestamp") and status.get("phase") == "Running"
+    if meta.get("deletionTimestamp"):
+        state = "terminating"
+    elif (meta.get("labels") or {}).get(DRAINING_LABEL, "").lower() == "true":
+        state = "draining"
+    elif not ready or status.get("phase") != "Running":
+        state = "not-ready"
+    else:
+        state = "ready"
     host = f"[{ip}]" if ":" in ip else ip
-    return meta.get("name", ip), f"http://{host}:{port}", eligible
+    return meta.get("name", ip), f"http://{host}:{port}", state
 
 
 class Gone(Exception):
@@ -114,14 +120,13 @@ class KubernetesDiscovery(Discovery):
         return ctx
 
     def _headers(self) -> dict[str, str]:
+        """Request headers with the credentials the client config holds (the token re-read when it rotates)."""
         cfg = self._cfg
-        if cfg.refresh_api_key_hook is not None:
-            cfg.refresh_api_key_hook(cfg)  # in-cluster: re-read the rotated ServiceAccount token
-        token = cfg.get_api_key_with_prefix("authorization")
         headers = {"Accept": "application/json"}
-        if token:
-            headers["Authorization"] = token
-        elif cfg.username:
+        for setting in cfg.auth_settings().values():  # bearer token under 'BearerToken' or 'authorization'
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[setting["key"]] = setting["value"]
+        if "authorization" not in {k.lower() for k in headers} and cfg.username:
             headers["Authorization"] = cfg.get_basic_auth_token()
         return headers
 
@@ -157,7 +162,10 @@ class KubernetesDiscovery(Discovery):
             except Gone:
                 log.info("watch of pods %r: resourceVersion gone, listing again", self.selector)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as exc:
-                log.warning("pod discovery failed (%r); reconnecting in %.1fs", exc, backoff)
+                reason = repr(exc)
+                if isinstance(exc, aiohttp.ClientResponseError):
+                    reason = f"HTTP {exc.status}: {exc.message}"
+                log.warning("pod discovery failed (%s); reconnecting in %.1fs", reason[:300], backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
 

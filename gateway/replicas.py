@@ -80,7 +80,7 @@ class Replica:
     name: str
     url: str
     clock: Clock = field(default=time.monotonic, repr=False)
-    discovered_ready: bool = True  # Ready, not terminating, not labelled draining (from discovery)
+    discovery_state: str = "ready"  # from discovery: ready | not-ready | draining (label) | terminating
     breaker: Breaker = field(default_factory=Breaker)
     reading: LoadReading | None = None
     refused_at: float | None = None  # answered 503 (draining / not ready); eligible again after a newer reading
@@ -126,7 +126,7 @@ class Replica:
     # --- eligibility ------------------------------------------------------------------------------------------
     def eligible(self, now: float | None = None) -> bool:
         """May this replica take a new request now?"""
-        if not self.discovered_ready or self.refused_at is not None:
+        if self.discovery_state != "ready" or self.refused_at is not None:
             return False
         if self.reading is not None and self.reading.draining:
             return False
@@ -136,8 +136,8 @@ class Replica:
     def state(self, now: float | None = None) -> str:
         """Human-readable state for /replicas."""
         now = self.clock() if now is None else now
-        if not self.discovered_ready:
-            return "not-ready"
+        if self.discovery_state != "ready":
+            return self.discovery_state
         if (self.reading is not None and self.reading.draining) or self.refused_at is not None:
             return "draining"
         if not self.breaker.allows(now):
@@ -198,8 +198,8 @@ class Registry:
         """Every known replica name, sorted."""
         return sorted(self._replicas)
 
-    def upsert(self, name: str, url: str, ready: bool = True) -> Replica:
-        """Add a replica or update its address and readiness (a new address resets its load state)."""
+    def upsert(self, name: str, url: str, state: str = "ready") -> Replica:
+        """Add a replica or update its address and discovery state (a new address resets its load state)."""
         replica = self._replicas.get(name)
         if replica is not None and replica.url != url:
             self.remove(name)
@@ -210,7 +210,7 @@ class Registry:
             self.version += 1
             for listener in self.listeners:
                 listener(replica, "added")
-        replica.discovered_ready = ready
+        replica.discovery_state = state
         return replica
 
     def remove(self, name: str) -> None:
@@ -221,14 +221,14 @@ class Registry:
             for listener in self.listeners:
                 listener(replica, "removed")
 
-    def replace(self, entries: Iterable[tuple[str, str, bool]]) -> None:
-        """Make the registry hold exactly ``entries`` (name, url, ready) — used after a full re-list."""
-        wanted = {name: (url, ready) for name, url, ready in entries}
+    def replace(self, entries: Iterable[tuple[str, str, str]]) -> None:
+        """Make the registry hold exactly ``entries`` (name, url, state) — used after a full re-list."""
+        wanted = {name: (url, state) for name, url, state in entries}
         for name in list(self._replicas):
             if name not in wanted:
                 self.remove(name)
-        for name, (url, ready) in wanted.items():
-            self.upsert(name, url, ready)
+        for name, (url, state) in wanted.items():
+            self.upsert(name, url, state)
 
     def failure(self, replica: Replica) -> None:
         """Count a failed request or poll against ``replica``'s breaker (reporting an ejection)."""

@@ -99,10 +99,10 @@ def test_draining_reading_and_503_make_a_replica_ineligible_until_a_newer_readin
 
 def test_registry_replace_and_readiness() -> None:
     reg = Registry()
-    reg.replace([("a", "http://a", True), ("b", "http://b", False)])
+    reg.replace([("a", "http://a", "ready"), ("b", "http://b", "not-ready")])
     assert reg.names() == ["a", "b"] and [r.name for r in reg.eligible()] == ["a"]
     version = reg.version
-    reg.replace([("b", "http://b", True)])
+    reg.replace([("b", "http://b", "ready")])
     assert reg.names() == ["b"] and reg.version > version
     assert [r.name for r in reg.eligible(exclude=["b"])] == []
     old = reg.get("b")

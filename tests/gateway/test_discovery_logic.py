@@ -23,13 +23,15 @@ def pod(name: str = "demo-dp-0", ip: str | None = "127.0.1.5", ready: bool = Tru
 
 
 def test_pod_entry_eligibility() -> None:
-    assert pod_entry(pod()) == ("demo-dp-0", "http://127.0.1.5:8000", True)
+    assert pod_entry(pod()) == ("demo-dp-0", "http://127.0.1.5:8000", "ready")
     assert pod_entry(pod(port=9000))[1] == "http://127.0.1.5:9000"
     assert pod_entry(pod(port=None), default_port=8123)[1] == "http://127.0.1.5:8123"
     assert pod_entry(pod(ip=None)) is None
     assert pod_entry(pod(ip="fd00::1"))[1] == "http://[fd00::1]:8000"
-    for bad in (pod(ready=False), pod(draining=True), pod(deleting=True), pod(phase="Pending")):
-        assert pod_entry(bad)[2] is False
+    assert pod_entry(pod(ready=False))[2] == "not-ready"
+    assert pod_entry(pod(phase="Pending"))[2] == "not-ready"
+    assert pod_entry(pod(draining=True))[2] == "draining"
+    assert pod_entry(pod(draining=True, deleting=True))[2] == "terminating"
 
 
 def test_watch_events_update_the_registry_one_event_at_a_time() -> None:
@@ -39,7 +41,7 @@ def test_watch_events_update_the_registry_one_event_at_a_time() -> None:
     discovery.apply(registry, "ADDED", pod("b", "127.0.1.2"))
     assert [r.name for r in registry.eligible()] == ["a", "b"]
     discovery.apply(registry, "MODIFIED", pod("a", "127.0.1.1", draining=True))  # one event stops traffic
-    assert [r.name for r in registry.eligible()] == ["b"]
+    assert [r.name for r in registry.eligible()] == ["b"] and registry.get("a").state() == "draining"
     discovery.apply(registry, "DELETED", pod("b", "127.0.1.2"))
     assert registry.names() == ["a"]
     discovery.apply(registry, "MODIFIED", pod("a", None))  # lost its IP

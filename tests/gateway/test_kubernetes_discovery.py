@@ -92,7 +92,7 @@ def test_gateway_pod_follows_engine_pods_readiness_and_draining_label(cluster, n
     assert set(served(4)) == both
     # the operator's draining label: one watch event takes the pod out of rotation
     cluster.kubectl("label", "pod", "gwtest-dp-0", "-n", namespace, "serving.pypto.io/draining=true")
-    wait_for(lambda: replicas()["gwtest-dp-0"]["state"] == "not-ready", 10, "the draining label seen")
+    wait_for(lambda: replicas()["gwtest-dp-0"]["state"] == "draining", 10, "the draining label seen")
     assert served(6) == Counter({"gwtest-dp-1": 6})
     # a deleted pod disappears; with the other one draining there is no replica left: 503 with a clear message
     cluster.kubectl("delete", "pod", "gwtest-dp-1", "-n", namespace, "--wait=false")
