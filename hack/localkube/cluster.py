@@ -22,6 +22,7 @@ from hack.localkube.kubeclient import Credentials, KubeClient
 SERVICE_CIDR = "127.253.0.0/16"  # loopback on purpose: nothing serves it, so no packet ever leaves the machine
 KUBERNETES_SERVICE_IP = "127.253.0.1"
 CLUSTER_NAME = "localkube"
+PORT_ATTEMPTS = 3  # free ports are picked before the components bind them: another process may win the race
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node-agent")
 
 
@@ -150,23 +151,34 @@ class LocalCluster:
         if leftovers:
             _progress(f"stopped {leftovers} leftover processes of an earlier run in {self.dir}")
         self.ports = Ports(**self._load_state().get("ports", {}))
-        self.ports.fill()
-        try:
-            self._write_pki()
-            self._start_etcd(deadline)
-            self._start_apiserver(deadline)
-            self._write_kubeconfigs()
-            self._start_controller_manager(deadline)
-            self._start_scheduler(deadline)
-            self._start_node_agent(deadline)
-            self._wait_default_service_account(deadline)
-        except BaseException:
-            self.down()
-            raise
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.ports.fill()
+            try:
+                self._start_all(deadline)
+                break
+            except ClusterStartError as exc:
+                self.down()
+                if "address already in use" not in str(exc).lower() or attempt == PORT_ATTEMPTS:
+                    raise
+                _progress(f"a port was taken meanwhile ({exc.args[0].splitlines()[0]}); retrying with new ports")
+                self.ports = Ports()
+            except BaseException:
+                self.down()
+                raise
         self._save_state({name: proc.pid for name, proc in self._procs.items()})
         _progress(f"cluster ready at {self.server} in {time.monotonic() - started:.1f}s; "
                   f"KUBECONFIG={self.kubeconfig}")
         return self
+
+    def _start_all(self, deadline: float) -> None:
+        self._write_pki()
+        self._start_etcd(deadline)
+        self._start_apiserver(deadline)
+        self._write_kubeconfigs()
+        self._start_controller_manager(deadline)
+        self._start_scheduler(deadline)
+        self._start_node_agent(deadline)
+        self._wait_default_service_account(deadline)
 
     def _write_pki(self) -> None:
         self.pki_dir.mkdir(parents=True, exist_ok=True)

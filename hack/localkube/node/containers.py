@@ -6,7 +6,6 @@ thread ever dies (parent-death signal), so a crashed agent never leaves pod proc
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import shutil
@@ -290,8 +289,7 @@ class ContainerRunner:
                     if not result:
                         self._event("Unhealthy", f"Readiness probe failed: {probers['readiness'].last_message}",
                                     "Warning")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(TICK)
+            self._stop.wait(TICK)  # wakes at once on a stop request; exits are seen by poll() within a tick
 
     def _kill_unhealthy(self, proc: subprocess.Popen[bytes], target: ProbeTarget, prober: Prober) -> str:
         kind = prober.kind.capitalize()
