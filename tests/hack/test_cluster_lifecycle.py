@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hack.localkube import ClusterConfig, LocalCluster, processes
+from hack.localkube import ClusterConfig, ClusterStartError, LocalCluster, processes
+from hack.localkube.tools import MissingToolError
 from tests.support.cluster import Cluster
 from tests.support.common import wait_for
 
@@ -65,3 +66,23 @@ def test_down_stops_everything_and_up_resumes(tmp_path: Path) -> None:
         cluster.close()
         local.down(purge=True)
     assert not local.dir.exists()
+
+
+def test_a_failed_start_says_why_and_leaves_nothing_running(tmp_path: Path) -> None:
+    local = LocalCluster(tmp_path / "broken", ClusterConfig(nodes=1, device_resource="not a resource name",
+                                                           die_with_parent=True))
+    with pytest.raises(ClusterStartError) as failure:
+        local.up(timeout=120)
+    message = str(failure.value)
+    assert "node-agent" in message and "node-agent.log" in message
+    assert "not a resource name" in message  # the apiserver's rejection, from the agent's log tail
+    assert "hack.localkube down" in message  # says what to do next
+    assert processes.marked_pids(local.dir) == []
+
+
+def test_missing_binaries_point_to_make_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYPTO_CACHE_DIR", str(tmp_path / "empty-cache"))
+    local = LocalCluster(tmp_path / "no-tools", ClusterConfig(nodes=1, die_with_parent=True))
+    with pytest.raises(MissingToolError, match="make tools"):
+        local.up(timeout=60)
+    assert processes.marked_pids(local.dir) == []  # etcd, started first, was stopped again
