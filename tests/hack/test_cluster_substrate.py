@@ -231,10 +231,11 @@ def test_env_and_volumes_appear_like_in_a_container(cluster: Cluster, namespace:
     host_dir.mkdir()
     (host_dir / "weights.txt").write_text("tiny weights\n")
     script = ("echo mode=$MODE key=$API_KEY ip=$MY_IP combined=$COMBINED; cat /etc/serving/serving.json; echo; "
-              "cat /models/weights.txt; df -P /dev/shm | tail -1 | awk '{print \"shm=\" $1}'; "
+              "cat weights.txt; df -P /dev/shm | tail -1 | awk '{print \"shm=\" $1}'; "
               "echo scratch > /scratch/f && cat /scratch/f; ls /var/run/secrets/kubernetes.io/serviceaccount; "
               "cat /etc/podinfo/labels; echo")
     container = {
+        "workingDir": "/models",
         "env": [{"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}},
                 {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "api-key", "key": "key"}}},
                 {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},

@@ -138,9 +138,9 @@ def test_mount_script_binds_volumes_in_a_private_namespace(tmp_path: Path) -> No
     (volume / "greeting").write_text("hello from the volume\n")
     target = f"/tmp/localkube-mount-test-{os.getpid()}"
     script = tmp_path / "mounts.sh"
-    script.write_text(mount_script([Mount(volume, target, read_only=True)]))
+    script.write_text(mount_script([Mount(volume, target, read_only=True)], working_dir=target))
     result = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", str(script),
-                             "sh", "-c", f"cat {target}/greeting; touch {target}/x 2>/dev/null || echo read-only"],
+                             "sh", "-c", "cat greeting; touch x 2>/dev/null || echo read-only"],
                             capture_output=True, text=True, timeout=30, check=False)
     try:
         assert result.returncode == 0, result.stderr

@@ -187,7 +187,8 @@ class ContainerRunner:
                     raise ConfigError("container has no command or args: the localkube node agent ignores "
                                       "images and runs `command`+`args` as a host process")
                 script = self.ctx.pod_dir / f"{self.name}.mounts.sh"
-                script.write_text(mount_script(container_mounts(self.spec, self.ctx.volumes, env)))
+                mounts = container_mounts(self.spec, self.ctx.volumes, env)
+                script.write_text(mount_script(mounts, self.spec.get("workingDir") or "/"))
                 return command, env, script
             except (ConfigError, VolumeError) as exc:
                 self._set({"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}})
@@ -207,9 +208,6 @@ class ContainerRunner:
             self._record_exit(128, "StartError", now, now, message)
             self._event("Failed", f"Error: {message}", "Warning")
             return None
-        working_dir = self.spec.get("workingDir") or "/"
-        if not Path(working_dir).is_dir():
-            Path(working_dir).mkdir(parents=True, exist_ok=True)
         env = {**env, processes.MARKER: str(self.ctx.cluster_dir)}
         args = processes.with_parent_death_signal(
             ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", str(script), *command])
@@ -217,7 +215,7 @@ class ContainerRunner:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab", buffering=0) as log:
             return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=working_dir, start_new_session=True, close_fds=True)
+                                    cwd="/", start_new_session=True, close_fds=True)
 
     def _record_exit(self, exit_code: int, reason: str, started: str, finished: str, message: str = "") -> None:
         terminated = {"exitCode": exit_code, "reason": reason, "startedAt": started, "finishedAt": finished}
