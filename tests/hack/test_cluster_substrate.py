@@ -286,6 +286,24 @@ def test_init_containers_run_first_and_failures_fail_a_never_restart_pod(cluster
     assert not (cluster.pod_dir(namespace, "bad-init") / "logs" / "main").exists()  # main never started
 
 
+def test_missing_config_map_holds_the_container_until_it_exists(cluster: Cluster, namespace: str) -> None:
+    container = {"env": [{"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "later", "key": "mode"}}}]}
+    core = cluster.core_v1()
+    core.create_namespaced_pod(namespace, pod_manifest("waits", ["sh", "-c", "echo mode=$MODE; sleep 3600"],
+                                                       container=container))
+
+    def config_error(pod: dict[str, Any]) -> bool:
+        statuses = pod["status"].get("containerStatuses") or [{}]
+        return statuses[0].get("state", {}).get("waiting", {}).get("reason") == "CreateContainerConfigError"
+
+    pod = wait_pod(cluster, namespace, "waits", config_error, "CreateContainerConfigError")
+    assert 'configMap "later" not found' in pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+    assert pod["status"]["phase"] == "Pending"
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "later"}, "data": {"mode": "now"}})
+    wait_pod(cluster, namespace, "waits", lambda p: p["status"].get("phase") == "Running", "Running", 60)
+    wait_for(lambda: "mode=now" in cluster.pod_logs(namespace, "waits"), 30, "the container to see the ConfigMap")
+
+
 def test_probes_gate_readiness_and_liveness_restarts(cluster: Cluster, namespace: str) -> None:
     marker = f"/tmp/localkube-ready-{namespace}"
     command = ["sh", "-c", f"rm -f {marker}; sleep 4; touch {marker}; exec sleep 3600"]

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from hack.localkube import processes
+from hack.localkube.kubeclient import ApiError
 from hack.localkube.node.env import ConfigError, EnvResolver, expand_command
 from hack.localkube.node.events import EventRecorder
 from hack.localkube.node.probes import Prober, ProbeTarget, run_action
@@ -142,7 +145,12 @@ class ContainerRunner:
         try:
             while not self._stop.is_set():
                 began = time.time()
-                exit_code = self._run_once()
+                try:
+                    exit_code = self._run_once()
+                except Exception:  # an agent bug must not end the container for good: count it as a crash
+                    print(f"container {self._pod_name()}/{self.name}: supervisor error (restarting it):\n"
+                          f"{traceback.format_exc()}", flush=True)
+                    exit_code = 128
                 if exit_code is None:  # stopped before it could start
                     break
                 self.last_exit_code = exit_code
@@ -190,9 +198,10 @@ class ContainerRunner:
                 mounts = container_mounts(self.spec, self.ctx.volumes, env)
                 script.write_text(mount_script(mounts, self.spec.get("workingDir") or "/"))
                 return command, env, script
-            except (ConfigError, VolumeError) as exc:
+            except (ConfigError, VolumeError, ApiError, httpx.HTTPError, OSError) as exc:
+                if self.status()["state"].get("waiting", {}).get("message") != str(exc):
+                    self._event("Failed", f"Error: {exc}", "Warning")
                 self._set({"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}})
-                self._event("Failed", f"Error: {exc}", "Warning")
                 self._stop.wait(2.0)
         return None
 
@@ -240,7 +249,12 @@ class ContainerRunner:
             self._pid = proc.pid
         self._set({"running": {"startedAt": rfc3339(started_wall)}}, ready=False, started=False)
         self._event("Started", f"Started container {self.name}")
-        kill_reason = self._supervise(proc, env)
+        try:
+            kill_reason = self._supervise(proc, env)
+        finally:
+            if proc.poll() is None:  # never leave a process behind unsupervised
+                processes.signal_pids([proc.pid], signal.SIGKILL)
+                proc.wait()
         code = proc.returncode
         exit_code = code if code is not None and code >= 0 else 128 + (-code if code else signal.SIGKILL)
         processes.signal_pids([proc.pid], signal.SIGKILL)  # leftovers in the container's process group

@@ -105,8 +105,8 @@ class PodWorker:
                 self._run_containers()
             if not self._stop.is_set():  # finished (Succeeded/Failed): keep the record until the pod is deleted
                 self._release_resources()
-                self._write_status()
-                self._stop.wait()
+                while not self._stop.is_set():
+                    self._write_status_if_changed()  # writes only when it differs (or a write failed)
         except Exception:
             print(f"pod {self.key} worker error:\n{traceback.format_exc()}", flush=True)
         finally:
