@@ -9,10 +9,12 @@ is a 4xx, and a client that goes away has its core requests aborted at once.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +96,25 @@ class ServerState:
         self.request_exit: Callable[[], None] = lambda: None  # set by the CLI: makes uvicorn exit
         self._token_text: dict[int, str] = {}
         self._exit_task: asyncio.Task[None] | None = None
+        # Tokenizing (and chat templates) run on one worker thread, on a private copy of the tokenizer, so a huge
+        # prompt never stalls the event loop (HF tokenizers release the GIL) and no tokenizer is shared by threads.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self.encoder: Any = None
+        self.max_prompt_chars = 0
+
+    def on_ready(self) -> None:
+        """The engine loaded: prepare the tokenize thread's tokenizer and the prompt length pre-check."""
+        self.encoder = copy.deepcopy(self.core.tokenizer)
+        longest = max((len(token) for token in self.encoder.get_vocab()), default=1)
+        # no token covers more characters than its own string: longer texts cannot fit the context
+        self.max_prompt_chars = int(self.core.max_model_len) * max(longest, 1)
+
+    async def in_tokenize_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` (which may use `self.encoder`) on the tokenize thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn)
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def core(self) -> Any:
@@ -227,13 +248,18 @@ TEMPLATE_RESERVED = {"conversation", "messages", "tokenize", "add_generation_pro
                      "return_dict", "return_tensors", "tools", "chat_template"}
 
 
-def encode_prompt(state: ServerState, prompt: str | list[int], param: str, special: bool = True) -> list[int]:
-    """Token ids of one prompt, checked: not empty, every id inside the vocabulary."""
-    tokenizer = state.core.tokenizer
-    ids = tokenizer.encode(prompt, add_special_tokens=special) if isinstance(prompt, str) else list(prompt)
-    if not prompt or not ids:
+async def encode_prompt(state: ServerState, prompt: str | list[int], param: str, special: bool = True) -> list[int]:
+    """Token ids of one prompt, checked: not empty, not hopelessly long, every id inside the vocabulary."""
+    if isinstance(prompt, str) and len(prompt) > state.max_prompt_chars:
+        raise APIError(400, f"{param} has {len(prompt)} characters, more than fit this model's maximum context "
+                            f"length of {state.core.max_model_len} tokens", param=param)
+    if isinstance(prompt, str) and prompt:
+        ids = await state.in_tokenize_thread(lambda: state.encoder.encode(prompt, add_special_tokens=special))
+    else:
+        ids = list(prompt)
+    if not ids:
         raise APIError(400, f"{param} must not be empty", param=param)
-    vocab = int(getattr(state.core, "vocab_size", 0) or len(tokenizer))
+    vocab = int(getattr(state.core, "vocab_size", 0) or len(state.core.tokenizer))
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
         raise APIError(400, f"token id {bad} in {param} is outside the vocabulary [0, {vocab})", param=param)
@@ -293,7 +319,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {MAX_CHOICES} choices per request",
                        param="n" if body.n > 1 else "prompt")
-    ids = [encode_prompt(state, p, "prompt") for p in prompts]
+    ids = [await encode_prompt(state, p, "prompt") for p in prompts]
     limits = [max_tokens_for(state, len(p), body.max_tokens, "prompt") for p in ids]
     response_id = new_id("cmpl")
     generation = Generation(state.engine, make_choices(state, body, ids, limits, body.logprobs, response_id), state.end)
@@ -337,19 +363,25 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     return Response(response.model_dump_json(), media_type="application/json")
 
 
-def render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+async def render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     """The prompt ids of a chat request, rendered by the tokenizer's own chat template."""
-    tokenizer = state.core.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(state.encoder, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     kwargs = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k not in TEMPLATE_RESERVED}
+    messages = [m.template_dict() for m in body.messages]
+    if sum(len(str(m.get("content") or "")) for m in messages) > state.max_prompt_chars:
+        raise APIError(400, "the messages are longer than fit this model's maximum context length", param="messages")
+
+    def render() -> str:
+        return state.encoder.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=body.add_generation_prompt,
+                                                 continue_final_message=body.continue_final_message, **kwargs)
+
     try:
-        text = tokenizer.apply_chat_template([m.template_dict() for m in body.messages], tokenize=False,
-                                             add_generation_prompt=body.add_generation_prompt,
-                                             continue_final_message=body.continue_final_message, **kwargs)
+        text = await state.in_tokenize_thread(render)
     except Exception as exc:  # jinja raise_exception, bad roles, bad kwargs: the caller's input
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from exc
-    return encode_prompt(state, text, "messages", special=False)
+    return await encode_prompt(state, text, "messages", special=False)
 
 
 def chat_chunk(response_id: str, model: str, index: int, delta: dict[str, Any], finish_reason: str | None = None,
@@ -366,7 +398,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     """POST /v1/chat/completions."""
     state.admit()
     state.check_model(body.model)
-    ids = render_chat(state, body)
+    ids = await render_chat(state, body)
     limit = max_tokens_for(state, len(ids), body.requested_max_tokens, "messages")
     response_id = new_id("chatcmpl")
     choices = make_choices(state, body, [ids], [limit], body.num_logprobs, response_id)
@@ -496,6 +528,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         state = app.state.server
         engine.start(on_state=lambda s: _on_engine_state(state, s))
         yield
+        state.close()
         await engine.shutdown()
 
     app = FastAPI(title="pypto-serving engine", lifespan=lifespan)
@@ -574,5 +607,6 @@ def _on_engine_state(state: ServerState, engine_state: State) -> None:
         log.error("the model failed to load: %s", state.engine.load_error)
         state.request_exit()
     elif engine_state is State.READY:
+        state.on_ready()
         log.info("ready: serving %s", state.settings.served_model_name)
 

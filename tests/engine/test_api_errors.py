@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -174,9 +175,9 @@ def test_disconnect_mid_stream_aborts_the_request(tiny_engine, model):
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in received)
         busy = idle_load(tiny_engine)
-        assert busy["running"] + busy["waiting"] == 1 and busy["pending_tokens"] > 0
+        assert busy["running"] + busy["waiting"] == 1 and busy["pending_tokens"] > 0, busy
     wait_idle(tiny_engine, kv_idle)
-    assert aborted_count(tiny_engine) == aborted + 1
+    assert aborted_count(tiny_engine) == aborted + 1, (received, tiny_engine.log_tail(20))
 
 
 def test_disconnect_of_a_non_streaming_request_aborts_it(tiny_engine, model):
@@ -188,4 +189,14 @@ def test_disconnect_of_a_non_streaming_request_aborts_it(tiny_engine, model):
                      f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
         wait_for(lambda: idle_load(tiny_engine)["running"] == 1, 30, "the request to run")
     wait_idle(tiny_engine, kv_idle)
-    assert aborted_count(tiny_engine) == aborted + 1
+    assert aborted_count(tiny_engine) == aborted + 1, tiny_engine.log_tail(20)
+
+
+def test_huge_prompts_are_rejected_without_tokenizing_them(tiny_engine, model):
+    huge = "The quick brown fox jumps over the lazy dog. " * 110_000  # ~5 MB, under the body cap
+    started = time.monotonic()
+    error = assert_error(post(tiny_engine, "/v1/completions", {"model": model, "prompt": huge}), 400, "prompt")
+    assert "maximum context length" in error["message"]
+    assert_error(post(tiny_engine, "/v1/chat/completions",
+                      {"model": model, "messages": [{"role": "user", "content": huge}]}), 400, "messages")
+    assert time.monotonic() - started < 10  # tokenizing 5 MB would take tens of seconds on this machine
