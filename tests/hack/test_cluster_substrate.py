@@ -305,17 +305,30 @@ def test_missing_config_map_holds_the_container_until_it_exists(cluster: Cluster
 
 
 def test_probes_gate_readiness_and_liveness_restarts(cluster: Cluster, namespace: str) -> None:
-    marker = f"/tmp/localkube-ready-{namespace}"
-    command = ["sh", "-c", f"rm -f {marker}; sleep 4; touch {marker}; exec sleep 3600"]
-    readiness = {"exec": {"command": ["test", "-f", marker]}, "periodSeconds": 1, "failureThreshold": 1}
+    marker = Path(f"/tmp/localkube-ready-{namespace}")  # the test decides when the pod becomes ready
+    marker.unlink(missing_ok=True)
+    readiness = {"exec": {"command": ["test", "-f", str(marker)]}, "periodSeconds": 1, "failureThreshold": 1}
     core = cluster.core_v1()
-    core.create_namespaced_pod(namespace, pod_manifest("slow-ready", command, container={"readinessProbe": readiness}))
+    core.create_namespaced_pod(namespace, pod_manifest("slow-ready", SLEEPER, container={"readinessProbe": readiness}))
     pod = wait_pod(cluster, namespace, "slow-ready", lambda p: p["status"].get("phase") == "Running", "Running")
+
+    def probe_failed() -> bool:
+        listed = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                 "involvedObject.name=slow-ready,reason=Unhealthy", "-o", "json").stdout
+        return any(e.get("count", 1) >= 2 and "Readiness probe failed" in e["message"]
+                   for e in json.loads(listed)["items"])
+
+    wait_for(probe_failed, 60, "two failed readiness probes (one aggregated Unhealthy event)", interval=0.5)
+    pod = read_pod(cluster, namespace, "slow-ready")
     assert not is_ready(pod), "the pod must not be Ready before its readiness probe passes"
     assert condition(pod, "Ready")["reason"] == "ContainersNotReady"
-    started = time.monotonic()
-    wait_pod(cluster, namespace, "slow-ready", is_ready, "Ready once the marker file exists", 60)
-    assert time.monotonic() - started > 1.0
+    marker.touch()
+    try:
+        wait_pod(cluster, namespace, "slow-ready", is_ready, "Ready once the marker file exists", 60)
+        marker.unlink()
+        wait_pod(cluster, namespace, "slow-ready", lambda p: not is_ready(p), "unready once the marker is gone", 60)
+    finally:
+        marker.unlink(missing_ok=True)
 
     liveness = {"tcpSocket": {"port": free_port()}, "initialDelaySeconds": 1, "periodSeconds": 1,
                 "failureThreshold": 2, "timeoutSeconds": 1}

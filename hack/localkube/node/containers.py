@@ -281,31 +281,34 @@ class ContainerRunner:
                 self._graceful_stop(proc, target, self._stop_grace if self._stop_grace is not None else 30.0)
                 return ""
             now = time.monotonic()
-            if not started and probers["startup"].due(now):
-                result = probers["startup"].run(target, now)
+            startup = probers.get("startup")
+            if not started and startup and startup.due(now):
+                result = self._probe(startup, target, now)
                 if result is True:
                     started = True
                     self._set(ready="readiness" not in probers, started=True)
                     if "readiness" in probers:
                         probers["readiness"].reset_due(now)
                 elif result is False:
-                    return self._kill_unhealthy(proc, target, probers["startup"])
+                    return self._kill_unhealthy(proc, target, startup)
             live = probers.get("liveness")
-            if started and live and live.due(now) and live.run(target, now) is False and proc.poll() is None:
+            if started and live and live.due(now) and self._probe(live, target, now) is False and proc.poll() is None:
                 return self._kill_unhealthy(proc, target, live)
-            if started and "readiness" in probers and probers["readiness"].due(now):
-                before = self.ready
-                result = probers["readiness"].run(target, now)
-                if result is not None and result != before:
+            ready = probers.get("readiness")
+            if started and ready and ready.due(now):
+                result = self._probe(ready, target, now)
+                if result is not None and result != self.ready:
                     self._set(ready=result)
-                    if not result:
-                        self._event("Unhealthy", f"Readiness probe failed: {probers['readiness'].last_message}",
-                                    "Warning")
             self._stop.wait(TICK)  # wakes at once on a stop request; exits are seen by poll() within a tick
 
+    def _probe(self, prober: Prober, target: ProbeTarget, now: float) -> bool | None:
+        """Run a probe; a failed attempt is an ``Unhealthy`` event, as with the kubelet."""
+        result = prober.run(target, now)
+        if not prober.last_ok:
+            self._event("Unhealthy", f"{prober.kind.capitalize()} probe failed: {prober.last_message}", "Warning")
+        return result
+
     def _kill_unhealthy(self, proc: subprocess.Popen[bytes], target: ProbeTarget, prober: Prober) -> str:
-        kind = prober.kind.capitalize()
-        self._event("Unhealthy", f"{kind} probe failed: {prober.last_message}", "Warning")
         message = f"Container {self.name} failed {prober.kind} probe, will be restarted"
         self._event("Killing", message)
         self._set(ready=False)

@@ -81,6 +81,7 @@ class Prober:
     failures: int = 0
     next_due: float = field(default=0.0)
     last_message: str = ""
+    last_ok: bool = False
 
     def __post_init__(self) -> None:
         self.next_due = self.started_at + float(self.spec.get("initialDelaySeconds") or 0)
@@ -102,6 +103,7 @@ class Prober:
     def run(self, target: ProbeTarget, now: float | None = None) -> bool | None:
         """Probe once; returns the (possibly unchanged) result: True, False, or None while undecided."""
         ok, self.last_message = run_action(self.spec, target, self.timeout)
+        self.last_ok = ok
         self.next_due = (now if now is not None else time.monotonic()) + self.period
         if ok:
             self.successes, self.failures = self.successes + 1, 0
