@@ -33,9 +33,10 @@ tools: ## build or reuse the Kubernetes 1.20 binaries and helm (cached in ~/.cac
 	bash hack/install-tools.sh
 
 CLUSTER_DIR ?= .work/cluster
+CLUSTER_ARGS ?=
 .PHONY: cluster-up
 cluster-up: install tools ## start (or find running) a persistent local cluster in .work/cluster
-	$(PY) -m hack.localkube up --dir $(CLUSTER_DIR)
+	$(PY) -m hack.localkube up --dir $(CLUSTER_DIR) $(CLUSTER_ARGS)
 
 .PHONY: cluster-down
 cluster-down: ## stop the local cluster in .work/cluster (every pod process too) and delete its state
