@@ -1,0 +1,141 @@
+"""Bad input on the real cluster: the webhook rejects the corpus at apply time, the reconciler flags what gets
+through without it, and the operator runs with nothing more than operator/rbac.yaml grants."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.operator.clusterkit import (
+    OperatorProcess,
+    condition,
+    engine_pods,
+    events,
+    get_resource,
+    kubectl_apply,
+    resource,
+)
+from tests.operator.corpus import load_corpus, minimal
+from tests.support.common import REPO_ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.cluster
+CORPUS = load_corpus()
+
+
+def test_webhook_rejects_every_invalid_resource_at_apply_time(
+        cluster: Any, namespace: str, kube: Any, start_operator: Callable[..., OperatorProcess]) -> None:
+    config = f"pps-validate-{namespace}"
+    op = start_operator("--webhook-mode", "url", "--webhook-listen", "127.0.0.1", "--webhook-port", str(free_port()),
+                        "--webhook-config-name", config, "--webhook-failure-policy", "Fail")
+    try:
+        probe = next(c for c in CORPUS if c.stage == "webhook")
+        wait_for(lambda: "denied the request" in kubectl_apply(cluster, namespace, probe.body, check=False).stderr,
+                 30, "the webhook to be registered and serving")
+        for case in CORPUS:
+            result = kubectl_apply(cluster, namespace, case.body, check=False)
+            assert result.returncode != 0, f"{case.name} was accepted"
+            if case.stage == "webhook":
+                assert "denied the request" in result.stderr and case.expect in result.stderr, (case.name,
+                                                                                                result.stderr)
+            else:  # rejected by the CRD's OpenAPI schema before the webhook is asked
+                assert case.field.rsplit(".", 1)[-1] in result.stderr, (case.name, result.stderr)
+        assert cluster.kubectl("get", "pps", "-n", namespace, "-o", "name").stdout.strip() == ""
+
+        # valid objects pass; a spec change that breaks one is rejected; metadata-only updates are allowed
+        good = minimal("good", replicas=0)
+        kubectl_apply(cluster, namespace, good)
+        broken = copy.deepcopy(good)
+        broken["spec"]["parallel"] = {"tensorParallelSize": 1, "pipelineParallelSize": 4}
+        result = kubectl_apply(cluster, namespace, broken, check=False)
+        assert result.returncode != 0 and "spec.parallel.pipelineParallelSize" in result.stderr
+        cluster.kubectl("label", "pps", "good", "-n", namespace, "team=serving")
+        assert op.healthy()
+    finally:
+        op.stop()
+        gone = cluster.kubectl("get", "validatingwebhookconfiguration", config, check=False)
+        cluster.kubectl("delete", "validatingwebhookconfiguration", config, "--ignore-not-found")
+    assert gone.returncode != 0, "url-mode webhook registration must be removed on a clean shutdown"
+
+
+def test_without_the_webhook_the_reconciler_flags_invalid_resources(
+        cluster: Any, namespace: str, kube: Any, operator: OperatorProcess) -> None:
+    cases = [c for c in CORPUS if c.stage == "webhook"]
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input="---\n".join(yaml.safe_dump(c.body) for c in cases))
+
+    for case in cases:
+        def flagged(case: Any = case) -> dict[str, Any] | None:
+            body = get_resource(kube, namespace, case.name)
+            return body if (body.get("status") or {}).get("phase") == "Invalid" else None
+
+        body = wait_for(flagged, 60, f"{case.name} phase Invalid")
+        valid = condition(body, "SpecValid")  # type: ignore[arg-type]
+        assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+        assert case.expect in valid["message"], (case.name, valid["message"])
+        assert engine_pods(kube, namespace, case.name) == []
+        assert any(e["reason"] == "InvalidSpec" for e in events(kube, namespace, case.name)), case.name
+
+    # fixing the spec makes it valid (replicas 0: no engine needed)
+    cluster.kubectl("patch", "pps", "bad-pipeline-parallel", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"replicas":0,"parallel":{"pipelineParallelSize":1}}}')
+    wait_for(lambda: condition(get_resource(kube, namespace, "bad-pipeline-parallel"), "SpecValid").get("status")
+             == "True", 60, "SpecValid=True after the fix")
+    assert operator.healthy()  # nothing crashed the operator
+
+
+def token_kubeconfig(cluster: Any, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as ``namespace/account`` with its token."""
+    def token() -> str | None:
+        secrets = cluster.kubectl("get", "sa", account, "-n", namespace, "-o", "jsonpath={.secrets[0].name}").stdout
+        if not secrets:
+            return None
+        data = cluster.kubectl("get", "secret", secrets, "-n", namespace, "-o", "jsonpath={.data.token}").stdout
+        return base64.b64decode(data).decode() if data else None
+
+    value = wait_for(token, 60, f"a token for {namespace}/{account}")
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "op",
+              "clusters": [{"name": "c", "cluster": admin["clusters"][0]["cluster"]}],
+              "users": [{"name": "op", "user": {"token": value}}],
+              "contexts": [{"name": "op", "context": {"cluster": "c", "user": "op", "namespace": namespace}}]}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_operator_runs_with_only_the_rbac_file_permissions(
+        cluster: Any, namespace: str, kube: Any, start_operator: Callable[..., OperatorProcess],
+        model_volume: dict[str, Any], tmp_path: Path) -> None:
+    role = yaml.safe_load((REPO_ROOT / "operator" / "rbac.yaml").read_text())
+    role["metadata"]["name"] = f"pypto-op-test-{namespace}"[:63]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(role))
+    try:
+        cluster.kubectl("create", "serviceaccount", "operator", "-n", namespace)
+        cluster.kubectl("create", "rolebinding", "operator", "-n", namespace,
+                        f"--clusterrole={role['metadata']['name']}", f"--serviceaccount={namespace}:operator")
+        kubeconfig = token_kubeconfig(cluster, namespace, "operator", tmp_path / "operator.kubeconfig")
+        op = start_operator("--kubeconfig", str(kubeconfig))
+        # the engine pod cannot schedule (no node has the label): creation, status and events still happen
+        body = resource("rbac", model_volume, replicas=1, gateway={"enabled": True, "replicas": 0},
+                        engine={"nodeSelector": {"pypto.test/nowhere": "true"}})
+        kubectl_apply(cluster, namespace, body)
+        wait_for(lambda: (get_resource(kube, namespace, "rbac").get("status") or {}).get("phase") == "Degraded", 60,
+                 f"phase Degraded; operator log:\n{op.log_tail()}")
+        assert [p["metadata"]["name"] for p in engine_pods(kube, namespace, "rbac")] == ["rbac-dp-0"]
+        for kind in ("deployment", "service", "serviceaccount", "role", "rolebinding"):
+            cluster.kubectl("get", kind, "rbac-gateway", "-n", namespace)
+        assert any(e["reason"] == "CreatedReplica" for e in events(kube, namespace, "rbac"))
+        cluster.kubectl("scale", "pps", "rbac", "-n", namespace, "--replicas=0")
+        wait_for(lambda: engine_pods(kube, namespace, "rbac") == [], 60, "the replica drained and deleted")
+        cluster.kubectl("patch", "pps", "rbac", "-n", namespace, "--type=merge",
+                        "-p", '{"spec":{"gateway":{"enabled":false}}}')
+        wait_for(lambda: cluster.kubectl("get", "deployment", "rbac-gateway", "-n", namespace, check=False).returncode
+                 != 0, 60, "the gateway removed once disabled")
+        log = op.log_tail(400)
+        assert "403" not in log and "forbidden" not in log.lower(), log
+    finally:
+        cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], "--ignore-not-found")
