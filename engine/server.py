@@ -13,7 +13,7 @@ import copy
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -189,16 +189,24 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
-async def start_generation(state: ServerState, generation: Generation) -> None:
-    """Hand a generation to the engine: a rejection is a 400, an engine going away a 503."""
+async def admit_and_start(state: ServerState, prepare: Callable[[], Awaitable[Generation]]) -> Generation:
+    """Admit a request (from here it counts as in flight, so a drain waits for it), prepare its generation and hand
+    it to the engine: a rejection is a 400, an engine going away a 503."""
+    state.admit()
     state.begin()
     try:
-        await generation.start()
+        generation = await prepare()
+    except BaseException:
+        state.end()
+        raise
+    try:
+        await generation.start()  # on failure the generation closes itself, which ends the in-flight count
     except ValueError as exc:
         raise APIError(400, str(exc), param=getattr(exc, "param", None)) from exc
     except RuntimeError as exc:
         raise APIError(503, str(exc), "service_unavailable", code="unavailable",
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from exc
+    return generation
 
 
 def raise_for_failure(state: ServerState, generation: Generation) -> None:
@@ -310,26 +318,27 @@ def make_choices(state: ServerState, body: SamplingRequest, prompts: list[list[i
 
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     """POST /v1/completions."""
-    state.admit()
-    state.check_model(body.model)
     raw = body.prompt
     prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
-    if not prompts:
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    if len(prompts) * body.n > MAX_CHOICES:
-        raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {MAX_CHOICES} choices per request",
-                       param="n" if body.n > 1 else "prompt")
-    ids = [await encode_prompt(state, p, "prompt") for p in prompts]
-    limits = [max_tokens_for(state, len(p), body.max_tokens, "prompt") for p in ids]
     response_id = new_id("cmpl")
-    generation = Generation(state.engine, make_choices(state, body, ids, limits, body.logprobs, response_id), state.end)
+
+    async def prepare() -> Generation:
+        state.check_model(body.model)
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {MAX_CHOICES} choices per request",
+                           param="n" if body.n > 1 else "prompt")
+        ids = [await encode_prompt(state, p, "prompt") for p in prompts]
+        limits = [max_tokens_for(state, len(p), body.max_tokens, "prompt") for p in ids]
+        return Generation(state.engine, make_choices(state, body, ids, limits, body.logprobs, response_id), state.end)
+
+    generation = await admit_and_start(state, prepare)
     echo = [(p if isinstance(p, str) else state.core.tokenizer.decode(p)) if body.echo else "" for p in prompts]
     model = state.settings.served_model_name
 
     def logprobs(entries: list[Any]) -> CompletionLogprobs | None:
         return completion_logprobs(state.token_namer(body), entries) if body.logprobs is not None else None
-
-    await start_generation(state, generation)
 
     if body.stream:
         async def events() -> AsyncIterator[str]:
@@ -396,15 +405,17 @@ def chat_chunk(response_id: str, model: str, index: int, delta: dict[str, Any], 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     """POST /v1/chat/completions."""
-    state.admit()
-    state.check_model(body.model)
-    ids = await render_chat(state, body)
-    limit = max_tokens_for(state, len(ids), body.requested_max_tokens, "messages")
     response_id = new_id("chatcmpl")
-    choices = make_choices(state, body, [ids], [limit], body.num_logprobs, response_id)
-    generation = Generation(state.engine, choices, state.end)
+
+    async def prepare() -> Generation:
+        state.check_model(body.model)
+        ids = await render_chat(state, body)
+        limit = max_tokens_for(state, len(ids), body.requested_max_tokens, "messages")
+        return Generation(state.engine, make_choices(state, body, [ids], [limit], body.num_logprobs, response_id),
+                          state.end)
+
+    generation = await admit_and_start(state, prepare)
     model = state.settings.served_model_name
-    await start_generation(state, generation)
 
     if body.stream:
         async def events() -> AsyncIterator[str]:

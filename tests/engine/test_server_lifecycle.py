@@ -117,11 +117,16 @@ def test_load_failure_exits_non_zero_with_the_reason(tmp_path: Path):
 def test_post_drain_finishes_in_flight_work_then_sigterm_exits_when_idle(engine_factory, tiny_qwen3_dir):
     engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=list(TINY_ENGINE_ARGS))
     model = tiny_qwen3_dir.name
+    # rejected requests must not stay counted as in flight (SIGTERM below would then wait for the deadline)
+    assert completion(engine.url, model, prompt="").status_code == 400
+    assert completion(engine.url, model, max_tokens=10_000).status_code == 400
+    assert completion(engine.url, "no-such-model").status_code == 404
+    assert completion(engine.url, model).status_code == 200
     stream = StreamReader(engine.url, model, max_tokens=200)
     stream.start()
     wait_for(lambda: stream.events, 60, "the first streamed chunk")
     drained = httpx.post(f"{engine.url}/drain", timeout=10)
-    assert drained.status_code == 200 and drained.json()["draining"] is True
+    assert drained.status_code == 200 and drained.json() == {"draining": True, "inflight": 1}
     assert_rejected_while_draining(engine.url, model)
     stream.join(120)
     assert stream.error is None and stream.status == 200
