@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="serving.json", help="options file (flags override it)")
     for name, (kind, default, help_, _) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
-        shown = f"{help_} (default: {default})"
+        shown = help_ if default is None else f"{help_} (default: {default})"
         if kind is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=shown)
         else:
