@@ -27,7 +27,7 @@ from pypto_serving.operator.validation import Problem, summary
 
 SCALE_DOWN, ROLLOUT = "scale-down", "rollout"
 REQUEUE_DRAINING = 1.0  # seconds between /load polls of draining replicas
-REQUEUE_PROGRESSING = 5.0
+REQUEUE_PROGRESSING = 10.0  # a safety net: pod events already trigger reconciles
 UNKNOWN_LOAD = 10**9  # a Ready replica whose load is unknown is assumed busy (never drained first)
 
 
