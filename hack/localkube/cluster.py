@@ -9,6 +9,7 @@ import shutil
 import socket
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,8 @@ class LocalCluster:
     def is_running(self) -> bool:
         """True if the recorded processes are alive and the API answers."""
         state = self._load_state()
-        if not state or not all(processes.is_alive(pid) for pid in state.get("pids", {}).values()):
+        pids = state.get("pids") or {}
+        if not pids or not all(processes.is_alive(pid) for pid in pids.values()):
             return False
         self.ports = Ports(**state["ports"])
         return self._api_ready()
@@ -346,6 +348,7 @@ class LocalCluster:
 
     def _start_node_agent(self, deadline: float) -> None:
         c, k = self.config, self.pki_dir
+        boot_id = uuid.uuid4().hex
         config = {
             "cluster_dir": str(self.dir), "server": self.server, "ca_file": str(k / "ca.crt"),
             "cert_file": str(k / "admin.crt"), "key_file": str(k / "admin.key"),
@@ -355,6 +358,7 @@ class LocalCluster:
             "node_pods": c.node_pods, "node_name_prefix": c.node_name_prefix,
             "restart_backoff_base": c.restart_backoff_base, "restart_backoff_max": c.restart_backoff_max,
             "path_prefix": str(Path(sys.executable).parent), "env_prefixes": c.extra_pod_env_prefixes,
+            "boot_id": boot_id,
         }
         config_file = self.dir / "node-agent.json"
         config_file.write_text(json.dumps(config, indent=2))
@@ -366,7 +370,7 @@ class LocalCluster:
         def nodes_ready() -> bool:
             listed = client.get("/api/v1/nodes") or {}
             ready = [node for node in listed.get("items", [])
-                     if node["metadata"]["name"].startswith(c.node_name_prefix)
+                     if node["status"].get("nodeInfo", {}).get("bootID") == boot_id  # this start's, not stale
                      and any(cond["type"] == "Ready" and cond["status"] == "True"
                              for cond in node.get("status", {}).get("conditions", []))]
             return len(ready) >= c.nodes
@@ -416,8 +420,8 @@ class LocalCluster:
         for proc in self._procs.values():
             proc.poll()
         self._procs.clear()
-        if self.state_file.exists():
-            self.state_file.unlink()
+        if state:  # keep the ports for the next start (so the kubeconfig stays valid), forget the pids
+            self.state_file.write_text(json.dumps({**state, "pids": {}}, indent=2))
         if purge and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
         return stopped

@@ -32,6 +32,7 @@ class AgentConfig:
     restart_backoff_max: float = 300.0
     path_prefix: str = ""
     env_prefixes: list[str] = field(default_factory=list)
+    boot_id: str = ""  # reported as the nodes' nodeInfo.bootID, so `up` can tell this start's nodes from stale ones
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:

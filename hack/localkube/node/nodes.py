@@ -65,14 +65,19 @@ class NodeManager:
             "addresses": [{"type": "InternalIP", "address": self.node_ips[name]},
                           {"type": "Hostname", "address": name}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": c.kubelet_port}},
-            "nodeInfo": {"machineID": name, "systemUUID": name, "bootID": self._transition,
+            "nodeInfo": {"machineID": name, "systemUUID": name, "bootID": c.boot_id or self._transition,
                          "kernelVersion": platform.release(), "osImage": "localkube (host processes)",
                          "containerRuntimeVersion": "localkube://0.1", "kubeletVersion": KUBELET_VERSION,
                          "kubeProxyVersion": KUBELET_VERSION, "operatingSystem": "linux", "architecture": "amd64"},
         }
 
     def register(self) -> None:
-        """Create or update every node, drop not-ready taints and post a Ready status."""
+        """Create or update every node, drop not-ready taints and post a Ready status; delete local nodes left
+        from an earlier start with more nodes (nothing would run their pods)."""
+        listed = self.client.get("/api/v1/nodes", labelSelector="localkube.pypto.io/node=true") or {}
+        for node in listed.get("items", []):
+            if node["metadata"]["name"] not in self.config.node_names:
+                self.client.delete(f"/api/v1/nodes/{node['metadata']['name']}")
         for name in self.config.node_names:
             existing = self.client.get(f"/api/v1/nodes/{name}", ok_missing=True)
             if existing is None:
