@@ -51,8 +51,8 @@ COMPLETION_CASES = [
     ({"prompt": [5, -1]}, "prompt"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 1000}, "max_tokens"),
-    ({"prompt": [7] * 300, "max_tokens": 1}, "prompt"),
+    ({"prompt": "x", "max_tokens": 5000}, "max_tokens"),
+    ({"prompt": [7] * 1100, "max_tokens": 1}, "prompt"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
     ({"prompt": "x", "temperature": -0.5}, "temperature"),
     ({"prompt": "x", "temperature": True}, "temperature"),
@@ -90,7 +90,7 @@ CHAT_CASES = [
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"messages": [{"role": "user", "content": "hi " * 300}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi " * 1100}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": "true"}, "logprobs"),
     ({"messages": [{"role": "user"}], "chat_template_kwargs": "x"}, "chat_template_kwargs"),
@@ -169,7 +169,7 @@ def wait_idle(engine: EngineProcess, kv_idle: float) -> None:
 
 def test_disconnect_mid_stream_aborts_the_request(tiny_engine, model):
     kv_idle, aborted = idle_load(tiny_engine)["kv_cache_usage"], aborted_count(tiny_engine)
-    body = {"model": model, "prompt": "A long story", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    body = {"model": model, "prompt": "A long story", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{tiny_engine.url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
@@ -182,7 +182,7 @@ def test_disconnect_mid_stream_aborts_the_request(tiny_engine, model):
 
 def test_disconnect_of_a_non_streaming_request_aborts_it(tiny_engine, model):
     kv_idle, aborted = idle_load(tiny_engine)["kv_cache_usage"], aborted_count(tiny_engine)
-    body = json.dumps({"model": model, "prompt": "Another long story", "max_tokens": 240, "ignore_eos": True})
+    body = json.dumps({"model": model, "prompt": "Another long story", "max_tokens": 1000, "ignore_eos": True})
     host, port = tiny_engine.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"

@@ -122,7 +122,7 @@ def test_post_drain_finishes_in_flight_work_then_sigterm_exits_when_idle(engine_
     assert completion(engine.url, model, max_tokens=10_000).status_code == 400
     assert completion(engine.url, "no-such-model").status_code == 404
     assert completion(engine.url, model).status_code == 200
-    stream = StreamReader(engine.url, model, max_tokens=200)
+    stream = StreamReader(engine.url, model, max_tokens=1000)
     stream.start()
     wait_for(lambda: stream.events, 60, "the first streamed chunk")
     drained = httpx.post(f"{engine.url}/drain", timeout=10)
@@ -131,7 +131,7 @@ def test_post_drain_finishes_in_flight_work_then_sigterm_exits_when_idle(engine_
     stream.join(120)
     assert stream.error is None and stream.status == 200
     assert stream.events[-1] == "[DONE]"
-    assert stream.finish_reasons() == ["length"] and stream.usage()["completion_tokens"] == 200
+    assert stream.finish_reasons() == ["length"] and stream.usage()["completion_tokens"] == 1000
     assert engine.alive()  # /drain alone does not exit
     started = time.monotonic()
     engine.proc.send_signal(signal.SIGTERM)
@@ -142,7 +142,7 @@ def test_post_drain_finishes_in_flight_work_then_sigterm_exits_when_idle(engine_
 def test_sigterm_drains_in_flight_streams_before_exiting(engine_factory, tiny_qwen3_dir):
     engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=list(TINY_ENGINE_ARGS))
     model = tiny_qwen3_dir.name
-    stream = StreamReader(engine.url, model, max_tokens=200)
+    stream = StreamReader(engine.url, model, max_tokens=1000)
     stream.start()
     wait_for(lambda: stream.events, 60, "the first streamed chunk")
     engine.proc.send_signal(signal.SIGTERM)
@@ -150,14 +150,14 @@ def test_sigterm_drains_in_flight_streams_before_exiting(engine_factory, tiny_qw
     assert_rejected_while_draining(engine.url, model)
     stream.join(120)
     assert stream.error is None and stream.events[-1] == "[DONE]"
-    assert stream.finish_reasons() == ["length"] and stream.usage()["completion_tokens"] == 200
+    assert stream.finish_reasons() == ["length"] and stream.usage()["completion_tokens"] == 1000
     assert engine.proc.wait(30) == 0
     assert "draining" in engine.log_tail(200)
 
 
 def test_drain_deadline_aborts_what_is_left(engine_factory, tiny_qwen3_dir):
     engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=[*TINY_ENGINE_ARGS, "--drain-timeout", "0"])
-    stream = StreamReader(engine.url, tiny_qwen3_dir.name, max_tokens=240)
+    stream = StreamReader(engine.url, tiny_qwen3_dir.name, max_tokens=1000)
     stream.start()
     wait_for(lambda: stream.events, 60, "the first streamed chunk")
     engine.proc.send_signal(signal.SIGTERM)
@@ -165,7 +165,7 @@ def test_drain_deadline_aborts_what_is_left(engine_factory, tiny_qwen3_dir):
     stream.join(30)
     assert not stream.is_alive()
     assert stream.finish_reasons() == ["abort"]
-    assert stream.usage()["completion_tokens"] < 240
+    assert stream.usage()["completion_tokens"] < 1000
 
 
 def test_dead_worker_makes_health_fail(engine_factory, tiny_qwen3_dir):
@@ -176,7 +176,7 @@ def test_dead_worker_makes_health_fail(engine_factory, tiny_qwen3_dir):
     workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(workers) == 2
     assert httpx.get(f"{engine.url}/health", timeout=5).status_code == 200
-    stream = StreamReader(engine.url, tiny_qwen3_dir.name, max_tokens=240)
+    stream = StreamReader(engine.url, tiny_qwen3_dir.name, max_tokens=1000)
     stream.start()
     wait_for(lambda: stream.events, 60, "the first streamed chunk")
     subprocess.run(["kill", "-9", str(workers[-1])], check=True)

@@ -154,12 +154,12 @@ def module_engine_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     launcher.stop_all()
 
 
-TINY_ENGINE_ARGS = ("--max-model-len", "256", "--max-num-seqs", "8")
+TINY_ENGINE_ARGS = ("--max-model-len", "1024", "--max-num-seqs", "8")
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_dir: Path) -> Iterator[EngineProcess]:
-    """One real engine on the tiny Qwen3 (max model len 256) shared by the session's API tests. Tests must leave it
+    """One real engine on the tiny Qwen3 (max model len 1024) shared by the session's API tests. Tests must leave it
     serving (no drain, no kill) and idle when they end; destructive tests start their own with `engine_factory`."""
     launcher = EngineLauncher(tmp_path_factory.mktemp("tiny-engine"))
     try:
