@@ -113,10 +113,23 @@ def gateway(*args: str) -> GatewayProcess:
     return start_gateway(*args, timeout=60)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (from /proc; Linux)."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            total += cpu_seconds(int(child))
+    except OSError:
+        pass
+    return total
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def write_result(name: str, result: dict) -> Path:

@@ -1,56 +1,84 @@
 """Benchmark 1, proxy overhead: direct to one engine vs through the gateway vs through nginx (round-robin reverse
 proxy), max_tokens=1, at concurrency 1 and 32, all against the same real engine in one run.
 
-Targets: the gateway adds <= 1 ms p50 and <= 5 ms p99 of end-to-end latency.
+The three paths are measured *interleaved*: each of the N workers sends its requests to direct, gateway and nginx
+in turn (the bench library's `send_request`), so every path sees the same engine load and the same machine noise
+(this machine's 2 cores are shared). Reported: end-to-end latency percentiles per path and the difference to
+direct. Targets: the gateway adds <= 1 ms p50 and <= 5 ms p99.
 Run: `.venv/bin/python benchmarks/gateway_overhead.py [--requests N]`; writes docs/benchmarks/gateway_overhead.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gateway_common import Nginx, gateway, model_name, start_engines, write_result
-from pypto_serving.engine.bench import BenchRequest, run_benchmark
+import httpx
+
+from benchmarks.gateway_common import Nginx, cpu_seconds, gateway, model_name, start_engines, write_result
+from pypto_serving.engine.bench import BenchConfig, BenchRequest, percentiles, send_request
 from tests.support.models import tiny_model_dir
+
+REQUEST = BenchRequest("measure the proxy overhead " * 4, 24, 1)
+
+
+async def interleaved(targets: dict[str, str], model: str, concurrency: int, per_target: int) -> dict[str, list[float]]:
+    """``concurrency`` workers, each cycling through the targets; returns e2e seconds per target."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    clients = {name: httpx.AsyncClient(base_url=url, limits=limits, timeout=60) for name, url in targets.items()}
+    configs = {name: BenchConfig(base_url=url, model=model, progress=False) for name, url in targets.items()}
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    names = list(targets)
+    rounds = per_target // concurrency
+
+    async def worker(offset: int) -> None:
+        for i in range(rounds * len(names)):
+            name = names[(i + offset) % len(names)]
+            result = await send_request(clients[name], configs[name], REQUEST)
+            if not result.ok:
+                raise RuntimeError(f"{name}: {result.error}")
+            samples[name].append(result.e2e_s)
+
+    try:
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return samples
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--requests", type=int, default=400, help="requests per target and concurrency")
-    p.add_argument("--rounds", type=int, default=2, help="targets are measured in interleaved rounds")
+    p.add_argument("--requests", type=int, default=1280, help="requests per path and concurrency")
     args = p.parse_args(argv)
-    (engine,) = start_engines(tiny_model_dir("qwen3"), 1, ["--max-num-seqs", "64"], Path(tempfile.mkdtemp()))
+    (engine,) = start_engines(tiny_model_dir("qwen3"), 1, ["--max-num-seqs", "64", "--cpu-threads", "1"],
+                              Path(tempfile.mkdtemp()))
     gw = gateway("--endpoints", engine.url)
     nginx = Nginx([engine.url])
     try:
         model = model_name(engine.url)
         targets = {"direct": engine.url, "gateway": gw.url, "nginx": nginx.url}
-        requests = [BenchRequest("measure the proxy overhead " * 4, 24, 1)] * args.requests
-        for url in targets.values():  # warm up connections and code paths
-            run_benchmark(requests[:50], base_url=url, model=model, max_concurrency=8, progress=False)
-        samples: dict[str, dict[int, list[dict]]] = {t: {1: [], 32: []} for t in targets}
-        for _ in range(args.rounds):
-            for concurrency in (1, 32):
-                for name, url in targets.items():
-                    result = run_benchmark(requests, base_url=url, model=model, max_concurrency=concurrency,
-                                           progress=False)
-                    assert result["errors"] == 0, result["error_samples"]
-                    samples[name][concurrency].append(result["e2e_ms"])
-        table: dict[str, dict[str, dict[str, float]]] = {}
-        for name in targets:
-            table[name] = {}
-            for concurrency in (1, 32):
-                runs = samples[name][concurrency]
-                table[name][f"c{concurrency}"] = {q: sorted(r[q] for r in runs)[len(runs) // 2] for q in ("p50", "p99")}
-        print(f"{'e2e ms (median of rounds)':28s} {'c1 p50':>8s} {'c1 p99':>8s} {'c32 p50':>8s} {'c32 p99':>8s}")
+        asyncio.run(interleaved(targets, model, 4, 100))  # warm-up
+        table: dict[str, dict[str, dict[str, float]]] = {name: {} for name in targets}
+        pids = {"gateway": gw.proc.pid, "nginx": nginx.proc.pid}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        for concurrency in (1, 32):
+            samples = asyncio.run(interleaved(targets, model, concurrency, args.requests))
+            for name, values in samples.items():
+                table[name][f"c{concurrency}"] = percentiles(values)
+        print(f"{'e2e ms':10s} {'c1 p50':>8s} {'c1 p99':>8s} {'c32 p50':>8s} {'c32 p99':>8s}")
         for name, row in table.items():
-            print(f"{name:28s} {row['c1']['p50']:8.2f} {row['c1']['p99']:8.2f} {row['c32']['p50']:8.2f} "
+            print(f"{name:10s} {row['c1']['p50']:8.2f} {row['c1']['p99']:8.2f} {row['c32']['p50']:8.2f} "
                   f"{row['c32']['p99']:8.2f}")
+        cpu_us = {name: (cpu_seconds(pid) - cpu_before[name]) / (2 * args.requests) * 1e6 for name, pid in pids.items()}
+        print(f"proxy CPU per request (noise-free cost): gateway {cpu_us['gateway']:.0f} us, "
+              f"nginx {cpu_us['nginx']:.0f} us; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         added = {proxy: {c: {q: table[proxy][c][q] - table["direct"][c][q] for q in ("p50", "p99")}
                          for c in ("c1", "c32")} for proxy in ("gateway", "nginx")}
         for proxy, row in added.items():
@@ -58,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"c32 p50 {row['c32']['p50']:+.2f} ms, p99 {row['c32']['p99']:+.2f} ms")
         met = all(added["gateway"][c]["p50"] <= 1.0 and added["gateway"][c]["p99"] <= 5.0 for c in ("c1", "c32"))
         print(f"target gateway <= +1 ms p50 and <= +5 ms p99: {'MET' if met else 'MISSED'}")
-        write_result("gateway_overhead", {"requests": args.requests, "rounds": args.rounds, "max_tokens": 1,
-                                          "e2e_ms": table, "added_ms": added, "target": {"p50_ms": 1, "p99_ms": 5},
-                                          "met": met})
+        decision = gw.metric("pypto_gateway_routing_decision_seconds_sum") / max(
+            gw.metric("pypto_gateway_routing_decision_seconds_count"), 1)
+        write_result("gateway_overhead", {"requests_per_path": args.requests, "max_tokens": 1, "interleaved": True,
+                                          "e2e_ms": table, "added_ms": added, "cpu_us_per_request": cpu_us,
+                                          "gateway_mean_decision_us":
+                                          decision * 1e6, "target": {"p50_ms": 1, "p99_ms": 5}, "met": met})
     finally:
         nginx.stop()
         gw.stop()

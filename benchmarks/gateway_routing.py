@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=240)
     p.add_argument("--rate", type=float, default=8.0, help="requests/s (Poisson)")
-    p.add_argument("--long-share", type=float, default=0.1)
-    p.add_argument("--max-num-seqs", type=int, default=4, help="engine batch slots (a long request holds one)")
+    p.add_argument("--long-share", type=float, default=0.15)
+    p.add_argument("--max-num-seqs", type=int, default=2, help="engine batch slots (a long request holds one)")
     args = p.parse_args(argv)
     engines = start_engines(tiny_model_dir("qwen3"), 4, ["--max-num-seqs", str(args.max_num_seqs),
                                                         "--max-model-len", "1024"], Path(tempfile.mkdtemp()))
