@@ -93,6 +93,7 @@ class AsyncEngine:
 
     @property
     def ready(self) -> bool:
+        """Loaded and not stopped."""
         return self.state is State.READY
 
     def healthy(self) -> bool:
@@ -111,7 +112,7 @@ class AsyncEngine:
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params: Any, sink: Sink) -> None:
         """Queue a request; returns once the engine accepted it (ValueError if it rejected it)."""
-        if not self.ready:
+        if not self.ready or not self.healthy():
             raise RuntimeError("the engine is not ready")
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sinks[request_id] = sink
