@@ -117,6 +117,8 @@ class Proxy:
             except UPSTREAM_ERRORS as exc:
                 ticket.end()
                 self.registry.failure(replica)
+                if isinstance(exc, aiohttp.SocketTimeoutError):  # it took the request, then went silent: no re-run
+                    return self._timed_out(replica)
                 reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
                 last_error = (502, error_body(502, f"replica {replica.name} unreachable: {exc!r}",
                                               code="upstream_unreachable"), replica.name)
@@ -176,6 +178,8 @@ class Proxy:
             self.registry.failure(replica)
             self.metrics.requests.labels(replica.name, "502").inc()
             if out is None:
+                if isinstance(exc, aiohttp.SocketTimeoutError):
+                    return self._timed_out(replica)
                 return error_response(502, f"replica {replica.name} failed mid-response: {exc!r}",
                                       code="upstream_failed", headers={REPLICA_HEADER: replica.name})
             # Bytes reached the client: no retry. Cut its connection so that it sees a truncated response.
@@ -184,6 +188,11 @@ class Proxy:
             return out
         finally:
             upstream.close()  # after a full read the connection is already back in the pool; else it closes
+
+    def _timed_out(self, replica: Replica) -> web.Response:
+        self.metrics.requests.labels(replica.name, "504").inc()
+        return error_response(504, f"replica {replica.name} sent nothing for {self.config.idle_timeout_s:g}s",
+                              code="upstream_timeout", headers={REPLICA_HEADER: replica.name})
 
     def _done(self, replica: Replica, status: int) -> None:
         self.metrics.requests.labels(replica.name, str(status)).inc()

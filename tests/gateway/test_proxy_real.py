@@ -229,3 +229,17 @@ def test_killed_replica_requests_succeed_elsewhere_and_the_breaker_ejects_it(
     assert gw.metric("pypto_gateway_retries_total", reason="connect") == 3  # until the breaker ejected it
     assert gw.replicas()[victim.url]["state"] == "ejected"
     assert gw.metric("pypto_gateway_ejections_total", replica=victim.url) == 1
+
+
+def test_upstream_idle_timeout_is_a_504_and_never_re_run(shared_engines: list[EngineProcess],
+                                                         gateway_factory: Callable[..., GatewayProcess]) -> None:
+    gw = gateway_factory("--endpoints", endpoints(*shared_engines), "--idle-timeout", "0.5")
+    # non-streaming: the engine answers only after ~seconds of decoding, silence the gateway does not wait out
+    resp = httpx.post(gw.url + "/v1/completions", json={"prompt": "silent", **LONG}, timeout=30)
+    assert resp.status_code == 504 and resp.json()["error"]["code"] == "upstream_timeout"
+    assert gw.metric("pypto_gateway_retries_total") == 0  # the engine had the request: never sent to another
+    wait_for(lambda: all(load(e)["running"] == 0 for e in shared_engines), 10, "the abandoned request aborted")
+    # a stream that keeps producing tokens is never idle, however long it runs
+    body = {"prompt": "chatty", "stream": True, **LONG, "max_tokens": 1500}
+    with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=60) as stream:
+        assert stream.status_code == 200 and b"data: [DONE]" in stream.read()
