@@ -34,17 +34,17 @@ class Controller:
                  elector: LeaderElector | None = None) -> None:
         self.reconciler, self.metrics, self.config, self.elector = reconciler, metrics, config, elector
         self.queue = WorkQueue()
-        self.known: dict[Key, int] = {}  # key -> last seen generation
+        self.known: dict[Key, tuple[str, int]] = {}  # key -> (uid, generation) last seen
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
         self.tasks: list[asyncio.Task[None]] = []
         self.heartbeat = time.monotonic()
 
     # --- triggers (event loop only) ---------------------------------------------------------------------------
-    def resource_seen(self, key: Key, generation: int, force: bool = False) -> None:
-        """A PyptoServing event: reconcile when it is new or its spec (generation) changed."""
-        if force or self.known.get(key) != generation:
+    def resource_seen(self, key: Key, uid: str, generation: int, force: bool = False) -> None:
+        """A PyptoServing event: reconcile when it is new (or recreated) or its spec (generation) changed."""
+        if force or self.known.get(key) != (uid, generation):
             self.queue.add(key)
-        self.known[key] = generation
+        self.known[key] = (uid, generation)
         self.metrics.managed_resources.set(len(self.known))
 
     def resource_gone(self, key: Key) -> None:

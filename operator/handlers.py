@@ -69,7 +69,8 @@ def build_registry(controller: Controller, kube: Kube, on_startup: Callable[[], 
         if type == "DELETED":
             controller.resource_gone(key)
         else:
-            controller.resource_seen(key, int(meta.get("generation") or 0), force=bool(meta.get("deletionTimestamp")))
+            controller.resource_seen(key, str(meta.get("uid")), int(meta.get("generation") or 0),
+                                     force=bool(meta.get("deletionTimestamp")))
 
     @kopf.on.event("", "v1", "pods", labels={d.L_NAME: d.APP, d.L_COMPONENT: d.ENGINE}, registry=registry)
     async def engine_pod_event(body: kopf.Body, **_: Any) -> None:

@@ -190,6 +190,8 @@ def _plan_pods(obs: Observed, spec: PyptoServingSpec, plan: Plan) -> tuple[list[
         reason = "rollout" if has_old or held else "scale-up"
         for rank in lowest_free_ranks(obs.pods, count):
             plan.actions.append(CreatePod(rank, reason))
+        if reason == "scale-up":
+            plan.events.append(Event("Normal", "ScalingUp", f"creating {count} replica(s) to reach {n}"))
     return active, count, len(current) + count
 
 

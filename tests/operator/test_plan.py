@@ -51,6 +51,7 @@ def test_create_from_scratch() -> None:
     assert out.status["selector"] == "app.kubernetes.io/instance=demo,app.kubernetes.io/component=engine"
     assert out.status["observedGeneration"] == 3 and out.status["devicesPerReplica"] == 1
     assert out.requeue_after == p.REQUEUE_PROGRESSING
+    assert [(e.type, e.reason) for e in out.events] == [("Normal", "ScalingUp")]
 
 
 def test_converged_is_idle_and_ready() -> None:

@@ -9,14 +9,17 @@ import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
 from pypto_serving.operator import webhook as wh
+from pypto_serving.operator.controller import Controller, ControllerConfig
 from pypto_serving.operator.handlers import admission_decision
 from pypto_serving.operator.leader import decide, micro_time
-from pypto_serving.operator.reconciler import observed_pods, status_changed
+from pypto_serving.operator.metrics import Metrics
+from pypto_serving.operator.reconciler import Outcome, observed_pods, status_changed
 from pypto_serving.operator.workqueue import WorkQueue
 from tests.operator.corpus import load_corpus, minimal
 from tests.support.common import free_port
@@ -166,3 +169,64 @@ def test_status_changed_and_foreign_pods() -> None:
     (mine,) = observed_pods([{**pod, "metadata": {**pod["metadata"], "ownerReferences": [{"uid": "new-uid"}]}}],
                             "new-uid")
     assert mine.active
+
+
+class FakeReconciler:
+    """Records calls; answers from a script of outcomes (an exception is raised)."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script, self.calls = script, []
+
+    def reconcile(self, namespace: str, name: str) -> Any:
+        self.calls.append((namespace, name))
+        step = self.script.pop(0) if self.script else Outcome(exists=True)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+
+def test_controller_enqueues_new_recreated_or_changed_resources_only() -> None:
+    async def scenario() -> None:
+        c = Controller(FakeReconciler([]), Metrics(), ControllerConfig(workers=1))  # type: ignore[arg-type]
+        key = ("ns", "a")
+        c.resource_seen(key, "uid-1", 1)
+        assert len(c.queue) == 1
+        c.queue.done(await c.queue.get())
+        c.resource_seen(key, "uid-1", 1)  # a status-only update: same generation
+        assert len(c.queue) == 0
+        c.resource_seen(key, "uid-1", 2)  # spec changed
+        c.queue.done(await c.queue.get())
+        c.resource_seen(key, "uid-2", 1)  # deleted and recreated while the watch was down
+        assert len(c.queue) == 1
+        c.queue.done(await c.queue.get())
+        c.trigger(("ns", "unknown"))  # a pod of a resource this operator does not know
+        assert len(c.queue) == 0
+        c.trigger(key)
+        assert len(c.queue) == 1
+        c.resource_gone(key)
+        assert len(c.queue) == 0 and key not in c.known
+        c.pool.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_controller_workers_requeue_retry_and_forget() -> None:
+    async def scenario() -> tuple[FakeReconciler, Metrics]:
+        script = [Outcome(exists=True, requeue_after=0.05), RuntimeError("apiserver hiccup"), Outcome(exists=False)]
+        fake = FakeReconciler(script)
+        metrics = Metrics()
+        c = Controller(fake, metrics, ControllerConfig(workers=2))  # type: ignore[arg-type]
+        c.start()
+        c.resource_seen(("ns", "a"), "uid-1", 1)
+        deadline = asyncio.get_running_loop().time() + 10
+        while ("ns", "a") in c.known and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert c.alive()
+        await c.stop()
+        return fake, metrics
+
+    fake, metrics = asyncio.run(scenario())
+    assert fake.calls == [("ns", "a")] * 3  # requeued after 0.05 s, retried after the error, then gone
+    text = metrics.render().decode()
+    assert 'pypto_operator_reconciles_total{result="success"} 2.0' in text
+    assert "pypto_operator_reconcile_errors_total 1.0" in text
