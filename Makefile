@@ -58,4 +58,3 @@ test-unit: install ## tests that need no cluster
 .PHONY: crds
 crds: install ## regenerate crds/ from the operator's pydantic models (operator/types.py)
 	$(PY) -m pypto_serving.operator.crd > crds/pyptoservings.serving.pypto.io.yaml
-	$(PY) -m pypto_serving.operator.crd --peering > crds/kopf-peering.yaml

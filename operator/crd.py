@@ -19,7 +19,6 @@ from pypto_serving.operator import types as t
 
 CRD_NAME = f"{t.PLURAL}.{t.GROUP}"
 CRD_FILE = f"{CRD_NAME}.yaml"
-PEERING_FILE = "kopf-peering.yaml"
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas", "description": "Desired DP replicas"},
@@ -142,35 +141,6 @@ def build_crd() -> dict[str, Any]:
     }
 
 
-def _peering_crd(kind: str, plural: str, scope: str) -> dict[str, Any]:
-    """One of kopf's peering CRDs (used for leader election between operator replicas)."""
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.kopf.dev"},
-        "spec": {
-            "scope": scope,
-            "group": "kopf.dev",
-            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-            "versions": [{
-                "name": "v1", "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "properties": {"status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-                    "x-kubernetes-preserve-unknown-fields": True}},
-                "additionalPrinterColumns": [
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
-            }],
-        },
-    }
-
-
-def build_peering_crds() -> list[dict[str, Any]]:
-    """kopf's ClusterKopfPeering and KopfPeering CRDs."""
-    return [_peering_crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
-            _peering_crd("KopfPeering", "kopfpeerings", "Namespaced")]
-
-
 def render(docs: list[dict[str, Any]]) -> str:
     """YAML text of the given documents, with a header naming the generator."""
     header = "# Generated from operator/types.py by `make crds` (pypto-serving crd). Do not edit by hand.\n"
@@ -178,11 +148,10 @@ def render(docs: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the generated CRD (or kopf's peering CRDs with --peering)."""
+    """Print the generated CRD."""
     parser = argparse.ArgumentParser(prog="pypto-serving crd", description=__doc__.splitlines()[0])
-    parser.add_argument("--peering", action="store_true", help="print kopf's peering CRDs instead")
-    args = parser.parse_args(argv)
-    sys.stdout.write(render(build_peering_crds() if args.peering else [build_crd()]))
+    parser.parse_args(argv)
+    sys.stdout.write(render([build_crd()]))
     return 0
 
 
