@@ -22,9 +22,11 @@ from pypto_serving.engine.layers.sampler import Sampler, SampleResult, SamplingB
 from pypto_serving.engine.loader import checkpoint_dtype, load_hf_config, load_weights
 from pypto_serving.engine.models import model_class
 
-# A decode group is split when padding it to a longer sequence would gather more than this many bytes of K/V
-# per layer that nobody reads (about the cost of one extra gather + SDPA call on a CPU).
-GROUP_SPLIT_BYTES = 256 << 10
+# Decode groups: a group is split when padding it to a longer member would gather more than GROUP_PAD_BYTES of
+# unused K/V per layer (about the cost of one more gather + SDPA call), and kept under GROUP_MAX_BYTES of gathered
+# K/V per layer so the workspace stays in the CPU's cache between the gather and the attention that reads it.
+GROUP_PAD_BYTES = 256 << 10
+GROUP_MAX_BYTES = 4 << 20
 
 
 @dataclass
@@ -156,13 +158,14 @@ class ModelRunner:
                        meta: AttentionMetadata) -> int:
         """Cut the length-sorted decodes into padded groups; returns the largest gather (in blocks)."""
         bs, need, start = self.block_size, 0, 0
-        split_blocks = max(1, GROUP_SPLIT_BYTES // self.block_bytes_per_layer)
+        pad_blocks = max(1, GROUP_PAD_BYTES // self.block_bytes_per_layer)
+        max_blocks = max(1, GROUP_MAX_BYTES // self.block_bytes_per_layer) if self.device.type == "cpu" else 1 << 62
         while start < len(decodes):
             end, useful = start + 1, -(-ctxs[decodes[start]] // bs)
             while end < len(decodes):
-                nb = -(-ctxs[decodes[end]] // bs)
-                # extending pads every member to nb blocks
-                if (nb * (end - start + 1) - useful - nb) > split_blocks:
+                nb, size = -(-ctxs[decodes[end]] // bs), end - start + 1
+                # extending pads every member to nb blocks (decodes are sorted by length)
+                if nb * size - useful - nb > pad_blocks or nb * size > max_blocks:
                     break
                 useful += nb
                 end += 1

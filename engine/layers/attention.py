@@ -80,6 +80,15 @@ class Attention(nn.Module):
         shape = (n, -1, self.num_kv_heads, self.head_dim)
         return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
+    def _decode_matmul(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decode attention as two batched matmuls (CPU half precision, where SDPA's kernel is slow)."""
+        n, group = q.shape[0], self.num_heads // self.num_kv_heads
+        qq = q.view(n, self.num_kv_heads, group, self.head_dim) * self.scale
+        scores = torch.matmul(qq, k.transpose(2, 3)).float()  # [n, kv_heads, group, L]
+        scores.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, v).view(n, self.num_heads, self.head_dim)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hk, D] for this step's tokens -> [T, Hq * D]."""
         flat = (-1, self.num_kv_heads, self.head_dim)
@@ -88,7 +97,10 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         for g in meta.decodes:
             kk, vv = self._gather(g.blocks, meta, g.end - g.start)
-            out[g.start:g.end] = sdpa(q[g.start:g.end].unsqueeze(2), kk, vv, g.mask, self.scale).squeeze(2)
+            if self.k_cache.device.type == "cpu" and q.dtype != torch.float32:
+                out[g.start:g.end] = self._decode_matmul(q[g.start:g.end], kk, vv, g.mask)
+            else:
+                out[g.start:g.end] = sdpa(q[g.start:g.end].unsqueeze(2), kk, vv, g.mask, self.scale).squeeze(2)
         for p in meta.prefills:
             qq = q[p.start:p.end].transpose(0, 1).unsqueeze(0)
             if p.blocks is None:

@@ -78,6 +78,12 @@ def test_half_precision_runs_close_to_float32(dtype: str) -> None:
     # same argmax for most positions, logits within half-precision noise
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
     assert (got - ref).abs().mean() < 0.1 * ref.abs().mean()
+    # the decode path (CPU half precision: matmul attention) agrees with the prefill of the same tokens
+    runner.kv_cache.zero_()
+    _logits(runner, _step(PROMPT[:-1], [44], [44], [[0, 1, 2]]))
+    last = _logits(runner, _step(PROMPT[-1:], [1], [45], [[0, 1, 2]], sample_rows=[0]))[0].float()
+    assert last.argmax() == got[-1].argmax()
+    assert (last - got[-1]).abs().mean() < 0.05 * got[-1].abs().mean()
 
 
 def test_auto_dtype_follows_checkpoint() -> None:
@@ -85,3 +91,31 @@ def test_auto_dtype_follows_checkpoint() -> None:
     runner = ModelRunner(EngineConfig(model=path, num_kv_blocks=8), "cpu", 4096)
     assert runner.dtype == torch.bfloat16
     assert runner.model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_decode_groups_split_by_length_and_size(arch_runner: tuple[str, ModelRunner],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many decodes of different lengths in one step, cut into several padded groups, still match transformers."""
+    from pypto_serving.engine import model_runner
+
+    path, runner = arch_runner
+    block_bytes = runner.block_bytes_per_layer
+    monkeypatch.setattr(model_runner, "GROUP_PAD_BYTES", 2 * block_bytes)
+    monkeypatch.setattr(model_runner, "GROUP_MAX_BYTES", 12 * block_bytes)
+    hf = _hf_model(path)
+    lengths = [3, 30, 7, 18, 5, 26, 11, 4]  # context after the new token
+    seqs = [[(13 * i + 7 * j) % 900 + 5 for j in range(n)] for i, n in enumerate(lengths)]
+    tables, next_block = [], 0
+    for n in lengths:
+        tables.append(list(range(next_block, next_block + -(-n // 4))))
+        next_block += len(tables[-1])
+    runner.kv_cache.zero_()
+    prompts = [s[:-1] for s in seqs]
+    _logits(runner, _step([t for p in prompts for t in p], [len(p) for p in prompts], [len(p) for p in prompts],
+                          tables))
+    step = _step([s[-1] for s in seqs], [1] * len(seqs), lengths, tables, sample_rows=list(range(len(seqs))))
+    _, _, meta, _ = runner.prepare(step)
+    assert len(meta.decodes) >= 3 and all((g.end - g.start) * g.blocks_per_seq <= 12 for g in meta.decodes)
+    got = _logits(runner, step)
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(got[i], hf(torch.tensor([s])).logits[0, -1], rtol=1e-4, atol=1e-4)
