@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-len", type=int, default=768, help="shared prefix tokens")
     p.add_argument("--suffix-len", type=int, default=16)
     p.add_argument("--output-len", type=int, default=8)
-    p.add_argument("--rate", type=float, default=4.0)
+    p.add_argument("--rate", type=float, default=2.0)
     p.add_argument("--num-kv-blocks", type=int, default=256, help="per engine (x16 tokens)")
     args = p.parse_args(argv)
     model_dir = tiny_model_dir("qwen3", **MODEL_SIZES)
