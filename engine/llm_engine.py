@@ -16,7 +16,7 @@ from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.layers.sampler import SampleResult, SamplingBatch
 from pypto_serving.engine.loader import load_hf_config
 from pypto_serving.engine.model_runner import StepInput
-from pypto_serving.engine.sampling_params import SamplingParams
+from pypto_serving.engine.sampling_params import SamplingParamError, SamplingParams
 from pypto_serving.engine.scheduler import ScheduledBatch, Scheduler
 from pypto_serving.engine.sequence import Sequence
 from pypto_serving.engine.worker import InProcessExecutor, MultiprocExecutor, StepFailed, StepTimeout, WorkerDied
@@ -118,6 +118,8 @@ class LLMEngine:
         params.validate()
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise SamplingParamError("stop_token_ids", f"must be token ids below the vocabulary size {self.vocab_size}")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
@@ -180,7 +182,7 @@ class LLMEngine:
             tables.append(seq.block_table)
             if start + n == seq.num_tokens:
                 sample_rows.append(i)
-        sampling = _sampling_batch([batch.seqs[i] for i in sample_rows]) if sample_rows else None
+        sampling = _sampling_batch([batch.seqs[i] for i in sample_rows], self.vocab_size) if sample_rows else None
         step = StepInput(self._step_id, input_ids, query_lens, context_lens, tables, sample_rows, sampling)
         return step, sample_rows
 
@@ -270,10 +272,11 @@ class LLMEngine:
             self.executor.shutdown()
 
 
-def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:
+def _sampling_batch(seqs: list[Sequence], vocab_size: int) -> SamplingBatch:
     """Sampling settings of the sequences that sample this step, in order."""
     params = [s.params for s in seqs]
-    banned = [sorted(s.stop_ids) if s.num_output_tokens < s.params.min_tokens else [] for s in seqs]
+    banned = [sorted(t for t in s.stop_ids if t < vocab_size) if s.num_output_tokens < s.params.min_tokens else []
+              for s in seqs]
     batch = SamplingBatch(
         temperatures=[p.temperature for p in params], top_ps=[p.top_p for p in params],
         top_ks=[p.top_k for p in params], min_ps=[p.min_p for p in params], seeds=[p.seed for p in params],

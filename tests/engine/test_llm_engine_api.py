@@ -68,6 +68,9 @@ def test_bad_sampling_params_and_duplicate_ids(engine: LLMEngine) -> None:
     with pytest.raises(SamplingParamError) as info:
         engine.add_request("x", [5, 6], SamplingParams(top_p=1.5))
     assert info.value.param == "top_p"
+    with pytest.raises(SamplingParamError) as info:
+        engine.add_request("x", [5, 6], SamplingParams(stop_token_ids=[3, 1024], min_tokens=2))
+    assert info.value.param == "stop_token_ids"
     engine.add_request("dup", [5, 6], GREEDY)
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("dup", [5, 6], GREEDY)

@@ -7,7 +7,7 @@ import torch
 
 from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.model_runner import ModelRunner, StepInput
-from tests.support.models import _hf_model, tiny_model_dir
+from tests.support.models import hf_model, tiny_model_dir
 
 ARCHS = ["qwen3", "qwen2", "llama"]
 PROMPT = [(7 * i + 3) % 1000 + 5 for i in range(45)]
@@ -36,7 +36,7 @@ def arch_runner(request: pytest.FixtureRequest) -> tuple[str, ModelRunner]:
 
 def test_prefill_logits_match_transformers(arch_runner: tuple[str, ModelRunner]) -> None:
     path, runner = arch_runner
-    ref = _hf_model(path)(torch.tensor([PROMPT])).logits[0]
+    ref = hf_model(path)(torch.tensor([PROMPT])).logits[0]
     got = _logits(runner, _step(PROMPT, [45], [45], [list(range(12))]))
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -45,7 +45,7 @@ def test_prefill_logits_match_transformers(arch_runner: tuple[str, ModelRunner])
 def test_chunked_prefill_and_batched_decode_match_transformers(arch_runner: tuple[str, ModelRunner]) -> None:
     """Two sequences with scattered block tables: chunked prefill, then a mixed step, then batched decodes."""
     path, runner = arch_runner
-    hf = _hf_model(path)
+    hf = hf_model(path)
     a, b = PROMPT[:30], PROMPT[10:21]
     ta, tb = [40, 3, 17, 8, 22, 9, 30, 1, 2, 11], [5, 60, 33, 12]  # blocks of 4 tokens, out of order
     runner.kv_cache.zero_()
@@ -73,7 +73,7 @@ def test_half_precision_runs_close_to_float32(dtype: str) -> None:
     runner = ModelRunner(EngineConfig(model=path, num_kv_blocks=32, block_size=16, dtype=dtype), "cpu", 4096)
     assert runner.dtype == getattr(torch, dtype) and runner.kv_cache.dtype == runner.dtype
     got = _logits(runner, _step(PROMPT, [45], [45], [[0, 1, 2]])).float()
-    ref = _hf_model(path)(torch.tensor([PROMPT])).logits[0]
+    ref = hf_model(path)(torch.tensor([PROMPT])).logits[0]
     assert torch.isfinite(got).all()
     # same argmax for most positions, logits within half-precision noise
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
@@ -102,7 +102,7 @@ def test_decode_groups_split_by_length_and_size(arch_runner: tuple[str, ModelRun
     block_bytes = runner.block_bytes_per_layer
     monkeypatch.setattr(model_runner, "GROUP_PAD_BYTES", 2 * block_bytes)
     monkeypatch.setattr(model_runner, "GROUP_MAX_BYTES", 12 * block_bytes)
-    hf = _hf_model(path)
+    hf = hf_model(path)
     lengths = [3, 30, 7, 18, 5, 26, 11, 4]  # context after the new token
     seqs = [[(13 * i + 7 * j) % 900 + 5 for j in range(n)] for i, n in enumerate(lengths)]
     tables, next_block = [], 0

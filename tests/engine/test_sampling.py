@@ -14,7 +14,7 @@ from pypto_serving.engine.layers.sampler import Sampler, SamplingBatch
 from pypto_serving.engine.llm_engine import LLMEngine
 from pypto_serving.engine.sampling_params import SamplingParamError, SamplingParams
 from tests.engine.test_llm_engine import random_prompts
-from tests.support.models import _hf_model, hf_greedy, tiny_model_dir
+from tests.support.models import hf_greedy, hf_model, tiny_model_dir
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
 
@@ -168,7 +168,7 @@ def test_logprobs_match_transformers(engine: LLMEngine) -> None:
     tokens, logprobs, _ = run(engine, {"lp": (prompt, SamplingParams(max_tokens=6, temperature=0.0, logprobs=3,
                                                                      ignore_eos=True))})["lp"]
     assert tokens == hf_greedy(path, prompt, 6) and len(logprobs) == 6
-    ref = torch.log_softmax(_hf_model(path)(torch.tensor([prompt + tokens])).logits[0], -1)
+    ref = torch.log_softmax(hf_model(path)(torch.tensor([prompt + tokens])).logits[0], -1)
     for k, lp in enumerate(logprobs):
         row = ref[len(prompt) - 1 + k]
         assert lp.token_id == tokens[k] and lp.logprob == pytest.approx(row[tokens[k]].item(), abs=1e-4)
@@ -183,7 +183,7 @@ def test_repetition_penalty_matches_transformers(engine: LLMEngine) -> None:
     got = run(engine, {"rp": (prompt, params)})["rp"][0]
     config = GenerationConfig(do_sample=False, max_new_tokens=20, repetition_penalty=1.5, eos_token_id=None,
                               pad_token_id=0)
-    ref = _hf_model(path).generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+    ref = hf_model(path).generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
     assert got == ref and got != hf_greedy(path, prompt, 20)
 
 
@@ -200,5 +200,5 @@ def test_stop_token_ids_and_min_tokens(engine: LLMEngine) -> None:
     assert stop not in tokens[:8]
     config = GenerationConfig(do_sample=False, max_new_tokens=20, min_new_tokens=8, eos_token_id=stop,
                               pad_token_id=0)
-    ref = _hf_model(path).generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+    ref = hf_model(path).generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
     assert tokens == ref[:len(tokens)] and (tokens[-1] == stop or len(tokens) == 20)

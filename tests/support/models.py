@@ -66,7 +66,8 @@ def tiny_llama_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _hf_model(model_dir: str):  # -> transformers PreTrainedModel
+def hf_model(model_dir: str):  # -> transformers PreTrainedModel
+    """The model loaded by `transformers` in float32 (cached per directory): the reference implementation."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +81,7 @@ def _hf_greedy(model_dir: str, prompt_ids: tuple[int, ...], max_new_tokens: int)
 
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
-        out = _hf_model(model_dir).generate(torch.tensor([prompt_ids]), generation_config=config)
+        out = hf_model(model_dir).generate(torch.tensor([prompt_ids]), generation_config=config)
     return tuple(out[0, len(prompt_ids):].tolist())
 
 
