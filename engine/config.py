@@ -26,7 +26,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory
     # KV pool budget when num_kv_blocks is None: <= 1.0 is a fraction of the device memory free after loading the
-    # weights, > 1 a number of bytes. None: 0.9 on accelerators, 0.25 of available RAM (at most 8 GiB) on cpu.
+    # weights, > 1 a number of bytes. None: 0.9 on accelerators, 0.25 of available RAM (at most 2 GiB) on cpu.
     # The pool never exceeds what max_num_seqs sequences of max_model_len tokens can use.
     kv_cache_memory: float | None = None
     enable_prefix_caching: bool = True

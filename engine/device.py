@@ -114,7 +114,7 @@ def kv_cache_budget(device: torch.device, setting: float | None) -> int:
     """Bytes for the KV pool from ``kv_cache_memory``: a fraction (<= 1) of free memory, or bytes (> 1)."""
     free = available_memory(device)
     if setting is None:
-        return int(free * 0.9) if device.type != "cpu" else min(int(free * 0.25), 8 << 30)
+        return int(free * 0.9) if device.type != "cpu" else min(int(free * 0.25), 2 << 30)
     return int(setting) if setting > 1 else int(free * setting)
 
 

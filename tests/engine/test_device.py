@@ -60,7 +60,7 @@ def test_kv_budget_fraction_bytes_and_cpu_default() -> None:
     assert free > 0
     assert devices.kv_cache_budget(cpu, 123456789.0) == 123456789
     assert abs(devices.kv_cache_budget(cpu, 0.5) - free * 0.5) < 0.01 * free
-    assert 0 < devices.kv_cache_budget(cpu, None) <= 8 << 30
+    assert 0 < devices.kv_cache_budget(cpu, None) <= 2 << 30
 
 
 def test_cpu_threads_split_across_ranks() -> None:
