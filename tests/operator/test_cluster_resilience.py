@@ -145,3 +145,19 @@ def test_rolling_update_keeps_replicas_minus_max_unavailable_ready(
     assert max(t for _, t in samples) <= 3, samples  # replicas + maxSurge
     reasons = [e["reason"] for e in events(kube, namespace, "roll")]
     assert reasons.count("ReplacingReplica") == 3
+
+
+def test_crash_looping_replica_is_degraded_with_the_reason(
+        cluster: Any, namespace: str, kube: Any, operator: OperatorProcess, model_volume: dict[str, Any]) -> None:
+    broken = {**model_volume, "path": "/models/tiny/no-such-model"}  # the engine exits: no config.json there
+    kubectl_apply(cluster, namespace, resource("crash", broken, replicas=1))
+
+    def degraded() -> dict[str, Any] | None:
+        body = get_resource(kube, namespace, "crash")
+        return body if condition(body, "Degraded").get("reason") == "CrashLoopBackOff" else None
+
+    body = wait_for(degraded, 120, "Degraded=True with reason CrashLoopBackOff")
+    cond = condition(body, "Degraded")  # type: ignore[arg-type]
+    assert cond["status"] == "True" and "crash-dp-0" in cond["message"]
+    assert body["status"]["phase"] == "Degraded" and body["status"]["readyReplicas"] == 0  # type: ignore[index]
+    assert any(e["type"] == "Warning" and e["reason"] == "CrashLoopBackOff" for e in events(kube, namespace, "crash"))
