@@ -22,7 +22,7 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rope to q [T, Hq, D] and k [T, Hk, D] at integer ``positions`` [T] from a precomputed table."""
+    """A cos/sin table for every position (shared by all layers); `apply_rotary` rotates q and k with it."""
 
     def __init__(self, hf_config, head_dim: int, max_position: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -32,9 +32,16 @@ class RotaryEmbedding(nn.Module):
         cos_sin = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1).to(dtype)
         self.register_buffer("cos_sin", cos_sin, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, D / 2] at ``positions`` [T] (looked up once per step)."""
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return cos, sin
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] by the step's cos/sin."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,13 @@ from pypto_serving.engine.layers.attention import Attention, AttentionMetadata
 from pypto_serving.engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from pypto_serving.engine.layers.layernorm import RMSNorm
 from pypto_serving.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from pypto_serving.engine.layers.rotary import RotaryEmbedding
+from pypto_serving.engine.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 class DecoderAttention(nn.Module):
     """Self-attention: merged qkv projection, optional q/k norm, rope, paged attention, output projection."""
 
-    def __init__(self, cfg, dtype: torch.dtype) -> None:
+    def __init__(self, cfg) -> None:
         super().__init__()
         arch = cfg.model_type
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -35,10 +35,10 @@ class DecoderAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg, head_dim, cfg.max_position_embeddings, dtype)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -47,7 +47,7 @@ class DecoderAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -70,20 +70,20 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the next norm."""
 
-    def __init__(self, cfg, dtype: torch.dtype) -> None:
+    def __init__(self, cfg) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, dtype)
+        self.self_attn = DecoderAttention(cfg)
         self.mlp = DecoderMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+        x = self.self_attn(rope, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -94,13 +94,15 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg, dtype: torch.dtype) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers))
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.rotary = RotaryEmbedding(cfg, head_dim, cfg.max_position_embeddings, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual, rope = self.embed_tokens(input_ids), None, self.rotary(positions)
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(rope, x, residual, meta)
         return self.norm(x, residual)[0]
 
 
