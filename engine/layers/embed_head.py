@@ -37,12 +37,12 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits over this rank's vocabulary slice, gathered on rank 0 (the only rank that samples)."""
+    """Logits over the full vocabulary: each rank's slice, all-gathered (supported by gloo, NCCL and HCCL alike)."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
         if self.tp_size == 1:
             return logits
-        parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
-        dist.gather(logits, parts, dst=0)
-        return torch.cat(parts, dim=-1)[:, : self.vocab_size] if parts is not None else None
+        parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
+        dist.all_gather(parts, logits)
+        return torch.cat(parts, dim=-1)[:, : self.vocab_size]

@@ -127,8 +127,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         """Final hidden states [T, hidden] of the step's tokens."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits [N, vocab] on rank 0 (None on other ranks)."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] (on every rank; only rank 0 samples)."""
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
