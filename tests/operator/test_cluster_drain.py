@@ -97,6 +97,7 @@ def test_scale_down_drains_the_victim_and_its_stream_completes(cluster: Any, nam
 
     wait_for(lambda: streams["drain-dp-1"].finished_at is not None, 120, "the victim's stream to finish")
     wait_for(lambda: victim() is None, 60, "drain-dp-1 deleted once idle")
+    wait_for(lambda: all(s.finished_at is not None for s in streams.values()), 120, "every stream to finish")
     for name, stream in streams.items():
         assert stream.error is None, f"{name}: {stream.error!r}"
         assert stream.done and stream.completion_tokens == TOKENS, name
