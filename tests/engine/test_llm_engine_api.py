@@ -24,7 +24,7 @@ def model() -> str:
 
 @pytest.fixture
 def engine(model: str) -> LLMEngine:
-    eng = LLMEngine(EngineConfig(model=model, num_kv_blocks=128, max_model_len=256, step_timeout_s=1.0))
+    eng = LLMEngine(EngineConfig(model=model, num_kv_blocks=128, max_model_len=256))
     yield eng
     eng.shutdown()
 
@@ -181,10 +181,11 @@ def test_a_slow_step_times_out_then_the_engine_recovers(engine: LLMEngine, model
     def slow_once(step):
         calls["n"] += 1
         if calls["n"] == 1:
-            time.sleep(1.5)  # step_timeout_s is 1.0
+            time.sleep(1.2)  # past step_timeout_s, well within the grace of another step_timeout_s
         return real(step)
 
     runner.execute = slow_once
+    engine.config.step_timeout_s = 1.0  # read at every step
     prompt = random_prompts(1, (9, 9), seed=52)[0]
     engine.add_request("slow", prompt, GREEDY)
     engine.add_request("slow2", prompt[:5], GREEDY)
@@ -207,6 +208,7 @@ def test_a_step_that_never_returns_makes_the_engine_unhealthy(engine: LLMEngine)
         return real(step)
 
     runner.execute = hang
+    engine.config.step_timeout_s = 1.0  # read at every step
     engine.add_request("stuck", [5, 6, 7], GREEDY)
     assert engine.step()[0].finish_reason == "error"
     engine.add_request("queued", [5, 6, 7], GREEDY)

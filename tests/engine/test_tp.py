@@ -69,12 +69,13 @@ def _run_one(engine: LLMEngine, request_id: str, prompt: list[int], n: int) -> l
 
 def test_hung_worker_times_out_the_batch_then_recovers_and_a_dead_worker_makes_health_false() -> None:
     model = str(tiny_model_dir("llama"))
-    engine = LLMEngine(EngineConfig(model=model, tensor_parallel_size=2, num_kv_blocks=64, step_timeout_s=2.0))
+    engine = LLMEngine(EngineConfig(model=model, tensor_parallel_size=2, num_kv_blocks=64))
     rank1 = engine.executor.procs[1]
     prompt = random_prompts(1, (12, 12), seed=30)[0]
     try:
         assert _run_one(engine, "warm", prompt, 4) == hf_greedy(model, prompt, 4)
         # a hung rank: the step times out, only its batch fails, the engine stays healthy while it may recover
+        engine.config.step_timeout_s = 2.0  # read at every step
         os.kill(rank1.pid, signal.SIGSTOP)
         engine.add_request("hung", prompt, SamplingParams(max_tokens=4, temperature=0.0))
         started = time.monotonic()
