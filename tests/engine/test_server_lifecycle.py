@@ -4,8 +4,10 @@ one in-process server whose real LLMEngine is built behind a gate so the loading
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -28,25 +30,57 @@ def completion(url: str, model: str, **fields: object) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
 
 
-class StreamReader(threading.Thread):
-    """Reads one streamed completion in the background; `events` are the SSE data payloads."""
+HELD_N = 8  # choices per test stream
 
-    def __init__(self, url: str, model: str, max_tokens: int) -> None:
+
+class SmallWindowConnection(http.client.HTTPConnection):
+    """HTTP over a socket whose receive buffer is set before connecting, so the TCP window stays tiny."""
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect((self.host, self.port))
+
+
+class StreamReader(threading.Thread):
+    """Reads one streamed completion in the background; `events` are the SSE data payloads.
+
+    The stream is 8 choices with 20 logprobs per token: seconds of engine work and ~7 MB of SSE for 1000 tokens,
+    more than loopback TCP buffers take (and the socket's receive window is tiny). With `hold`, the reader stops
+    after the first event until `resume` is set, so the server soon blocks sending and the request stays in flight
+    for as long as the test wants, whatever the machine's speed.
+    """
+
+    def __init__(self, url: str, model: str, max_tokens: int, hold: bool = False) -> None:
         super().__init__(daemon=True)
         self.body = {"model": model, "prompt": "Tell me everything", "max_tokens": max_tokens, "ignore_eos": True,
-                     "stream": True, "stream_options": {"include_usage": True}}
+                     "n": HELD_N, "logprobs": 20, "stream": True, "stream_options": {"include_usage": True}}
         self.url = url
+        self.hold = hold
+        self.resume = threading.Event()
         self.events: list[str] = []
         self.status: int | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        host, port = self.url.removeprefix("http://").split(":")
+        connection = SmallWindowConnection(host, int(port), timeout=120)
         try:
-            with httpx.stream("POST", f"{self.url}/v1/completions", json=self.body, timeout=120) as response:
-                self.status = response.status_code
-                self.events.extend(line[6:] for line in response.iter_lines() if line.startswith("data: "))
+            connection.request("POST", "/v1/completions", body=json.dumps(self.body),
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            self.status = response.status
+            while raw := response.readline():
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith("data: "):
+                    self.events.append(line[6:])
+                    if self.hold:
+                        self.resume.wait(120)
         except BaseException as exc:
             self.error = exc
+        finally:
+            connection.close()
 
     def chunks(self) -> list[dict]:
         return [chunk for e in self.events if e != "[DONE]" and "choices" in (chunk := json.loads(e))]
@@ -122,16 +156,17 @@ def test_post_drain_finishes_in_flight_work_then_sigterm_exits_when_idle(engine_
     assert completion(engine.url, model, max_tokens=10_000).status_code == 400
     assert completion(engine.url, "no-such-model").status_code == 404
     assert completion(engine.url, model).status_code == 200
-    stream = StreamReader(engine.url, model, max_tokens=1000)
+    stream = StreamReader(engine.url, model, max_tokens=1000, hold=True)
     stream.start()
     wait_for(lambda: stream.events, 60, "the first streamed chunk")
     drained = httpx.post(f"{engine.url}/drain", timeout=10)
     assert drained.status_code == 200 and drained.json() == {"draining": True, "inflight": 1}
     assert_rejected_while_draining(engine.url, model)
+    stream.resume.set()
     stream.join(120)
     assert stream.error is None and stream.status == 200
     assert stream.events[-1] == "[DONE]"
-    assert stream.finish_reasons() == ["length"] and stream.usage()["completion_tokens"] == 1000
+    assert stream.finish_reasons() == ["length"] * HELD_N and stream.usage()["completion_tokens"] == 1000 * HELD_N
     assert engine.alive()  # /drain alone does not exit
     started = time.monotonic()
     engine.proc.send_signal(signal.SIGTERM)
@@ -142,15 +177,18 @@ def test_post_drain_finishes_in_flight_work_then_sigterm_exits_when_idle(engine_
 def test_sigterm_drains_in_flight_streams_before_exiting(engine_factory, tiny_qwen3_dir):
     engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=list(TINY_ENGINE_ARGS))
     model = tiny_qwen3_dir.name
-    stream = StreamReader(engine.url, model, max_tokens=1000)
+    stream = StreamReader(engine.url, model, max_tokens=1000, hold=True)
     stream.start()
     wait_for(lambda: stream.events, 60, "the first streamed chunk")
     engine.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: httpx.get(f"{engine.url}/ready", timeout=5).status_code == 503, 10, "/ready 503 on SIGTERM")
     assert_rejected_while_draining(engine.url, model)
+    time.sleep(2.0)  # longer than the whole generation takes: the held stream must still keep the engine up
+    assert engine.alive()
+    stream.resume.set()
     stream.join(120)
     assert stream.error is None and stream.events[-1] == "[DONE]"
-    assert stream.finish_reasons() == ["length"] and stream.usage()["completion_tokens"] == 1000
+    assert stream.finish_reasons() == ["length"] * HELD_N and stream.usage()["completion_tokens"] == 1000 * HELD_N
     assert engine.proc.wait(30) == 0
     assert "draining" in engine.log_tail(200)
 
@@ -164,8 +202,8 @@ def test_drain_deadline_aborts_what_is_left(engine_factory, tiny_qwen3_dir):
     assert engine.proc.wait(30) == 0
     stream.join(30)
     assert not stream.is_alive()
-    assert stream.finish_reasons() == ["abort"]
-    assert stream.usage()["completion_tokens"] < 1000
+    assert stream.finish_reasons() == ["abort"] * HELD_N
+    assert stream.usage()["completion_tokens"] < 1000 * HELD_N
 
 
 def test_dead_worker_makes_health_fail(engine_factory, tiny_qwen3_dir):
@@ -183,8 +221,8 @@ def test_dead_worker_makes_health_fail(engine_factory, tiny_qwen3_dir):
     stream.join(60)
     assert stream.status == 200 and stream.events[-1] == "[DONE]"  # the stream ends cleanly ...
     errors = [json.loads(e)["error"] for e in stream.events[:-1] if "error" in json.loads(e)]
-    assert len(errors) == 1 and errors[0]["type"] == "internal_error"  # ... with an error event
-    assert stream.finish_reasons() == ["error"]
+    assert len(errors) == HELD_N and errors[0]["type"] == "internal_error"  # ... with an error event per choice
+    assert stream.finish_reasons() == ["error"] * HELD_N
     wait_for(lambda: httpx.get(f"{engine.url}/health", timeout=5).status_code == 503, 30, "/health 503")
     assert httpx.get(f"{engine.url}/ready", timeout=5).status_code == 503
     response = completion(engine.url, tiny_qwen3_dir.name)
