@@ -25,6 +25,7 @@ log = logging.getLogger("pypto_serving.operator.actuator")
 COMPONENT = "pypto-serving-operator"
 GATEWAY_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
                  ("rbac.authorization.k8s.io/v1", "Role"), ("v1", "ServiceAccount"))
+NETWORK_POLICY_KINDS = (("networking.k8s.io/v1", "NetworkPolicy"),)
 # Top-level fields of a child that the operator owns and rewrites when its desired content changes.
 MANAGED_FIELDS = ("spec", "rules", "roleRef", "subjects")
 
@@ -142,10 +143,13 @@ class Actuator:
 
     def delete_gateway(self, namespace: str, name: str, owner_uid: str) -> int:
         """Delete the gateway objects of a resource whose gateway was disabled; returns how many."""
+        return self.delete_owned(namespace, d.gateway_name(name), GATEWAY_KINDS, owner_uid)
+
+    def delete_owned(self, namespace: str, name: str, kinds: Sequence[tuple[str, str]], owner_uid: str) -> int:
+        """Delete the objects ``name`` of these (apiVersion, kind)s that this resource owns; returns how many."""
         deleted = 0
-        for api_version, kind in GATEWAY_KINDS:
-            obj = {"apiVersion": api_version, "kind": kind, "metadata": {"name": d.gateway_name(name),
-                                                                          "namespace": namespace}}
+        for api_version, kind in kinds:
+            obj = {"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": namespace}}
             _, path = object_path(obj)
             current = self.kube.get(path, ok_missing=True)
             refs = ((current or {}).get("metadata") or {}).get("ownerReferences") or []

@@ -27,6 +27,11 @@ log = logging.getLogger("pypto_serving.operator")
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
+def default_host() -> str:
+    """Never all interfaces by default: in a pod its IP ($POD_IP from the downward API), elsewhere loopback."""
+    return os.environ.get("POD_IP") or "127.0.0.1"
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="pypto-serving operator", description=__doc__)
@@ -37,14 +42,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
                    help="kubeconfig file (default: $KUBECONFIG, else in-cluster, else ~/.kube/config)")
     p.add_argument("--context", default=None, help="kubeconfig context")
-    p.add_argument("--health-host", default="0.0.0.0", help="address of /healthz and /metrics")
+    p.add_argument("--health-host", default=default_host(),
+                   help="address of /healthz and /metrics (default: $POD_IP, else 127.0.0.1)")
     p.add_argument("--health-port", type=int, default=8081, help="port of /healthz and /metrics (0: disabled)")
     p.add_argument("--workers", type=int, default=4, help="concurrent reconciles (of different resources)")
     p.add_argument("--resync-seconds", type=float, default=30.0, help="periodic full resync interval")
     w = p.add_argument_group("admission webhook")
     w.add_argument("--webhook-mode", choices=["none", "url", "service"], default="none",
                    help="url: register https://HOST:PORT (local clusters); service: a Service (real clusters)")
-    w.add_argument("--webhook-listen", default="0.0.0.0", help="address the webhook server binds")
+    w.add_argument("--webhook-listen", default=default_host(),
+                   help="address the webhook server binds (default: $POD_IP, else 127.0.0.1)")
     w.add_argument("--webhook-port", type=int, default=9443, help="webhook server port (TLS)")
     w.add_argument("--webhook-host", default=None,
                    help="url mode: host the apiserver dials (default: $POD_IP, else 127.0.0.1)")

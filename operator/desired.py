@@ -33,6 +33,17 @@ ENGINE_PORT, GATEWAY_PORT = 8000, 8080
 DRAIN_GRACE_SLACK = 30  # seconds of terminationGracePeriod beyond drain.timeoutSeconds
 PROBE_PERIOD = 2
 API_KEY_DIR = "/etc/pypto-serving/api-key"
+# Labels of the operator's pods (the helm chart's selector labels), allowed to reach the engines' /load and /drain.
+OPERATOR_POD_LABELS = {L_NAME: APP, L_COMPONENT: "operator"}
+# Engine container default: no privilege escalation. It keeps the image's user: Ascend device nodes
+# (/dev/davinci*) are usually root:HwHiAiUser 0660 with ids that differ per node, so running as non-root needs
+# the node's HwHiAiUser ids in spec.engine.securityContext / podSecurityContext (docs/reliability.md, Security).
+ENGINE_SECURITY_CONTEXT: dict[str, Any] = {"allowPrivilegeEscalation": False}
+# The gateway needs no privilege and no disk: non-root, read-only root filesystem, no capabilities.
+GATEWAY_POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+GATEWAY_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,8 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
         "readinessProbe": _http_probe("/ready", ENGINE_PORT, PROBE_PERIOD, 2),
         "livenessProbe": _http_probe("/health", ENGINE_PORT, 10, 3, timeout=5),
         "volumeMounts": mounts,
+        "securityContext": copy.deepcopy(eng.security_context if eng.security_context is not None
+                                         else ENGINE_SECURITY_CONTEXT),
     }
     if eng.startup_timeout_seconds > 0:
         container["startupProbe"] = _http_probe(
@@ -204,6 +217,8 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
         pod_spec["tolerations"] = copy.deepcopy(eng.tolerations)
     if eng.priority_class_name:
         pod_spec["priorityClassName"] = eng.priority_class_name
+    if eng.pod_security_context:
+        pod_spec["securityContext"] = copy.deepcopy(eng.pod_security_context)
     labels = {**_common_labels(owner.name, ENGINE), L_RANK: str(rank), L_HASH: shape_hash or spec_hash(spec)}
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": owner.namespace, "labels": labels,
@@ -246,10 +261,12 @@ def gateway_objects(owner: Owner, spec: PyptoServingSpec) -> list[dict[str, Any]
         "env": [_field_env("POD_NAMESPACE", "metadata.namespace"), _field_env("POD_IP", "status.podIP")],
         "readinessProbe": _http_probe("/ready", GATEWAY_PORT, PROBE_PERIOD, 2),
         "livenessProbe": _http_probe("/health", GATEWAY_PORT, 10, 3, timeout=5),
+        "securityContext": copy.deepcopy(GATEWAY_SECURITY_CONTEXT),
     }
     if gw.resources:
         container["resources"] = copy.deepcopy(gw.resources)
-    pod_spec: dict[str, Any] = {"serviceAccountName": gname, "containers": [container]}
+    pod_spec: dict[str, Any] = {"serviceAccountName": gname, "containers": [container],
+                                "securityContext": copy.deepcopy(GATEWAY_POD_SECURITY_CONTEXT)}
     if gw.api_key_secret is not None:
         container["volumeMounts"] = [{"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True}]
         pod_spec["volumes"] = [{"name": "api-key", "secret": {
@@ -272,6 +289,27 @@ def gateway_objects(owner: Owner, spec: PyptoServingSpec) -> list[dict[str, Any]
     ]
 
 
+def network_policy_name(name: str) -> str:
+    """Name of the engine pods' NetworkPolicy."""
+    return f"{name}-engines"
+
+
+def network_policy(owner: Owner, spec: PyptoServingSpec) -> dict[str, Any]:
+    """NetworkPolicy: the engine pods accept TCP 8000 only from this resource's gateway pods (same namespace),
+    from the operator's pods (any namespace: Kubernetes 1.20 does not label namespaces by name) and from
+    ``spec.networkPolicy.extraIngressFrom``. Only a CNI that implements NetworkPolicy enforces it."""
+    peers: list[dict[str, Any]] = [
+        {"podSelector": {"matchLabels": gateway_selector(owner.name)}},
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)}},
+    ]
+    peers += [copy.deepcopy(peer) for peer in spec.network_policy.extra_ingress_from]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": network_policy_name(owner.name), "namespace": owner.namespace,
+                         "labels": _common_labels(owner.name, ENGINE), "ownerReferences": [owner.reference()]},
+            "spec": {"podSelector": {"matchLabels": engine_selector(owner.name)}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]}]}}
+
+
 def gateway_url(owner: Owner) -> str:
     """In-cluster URL of the gateway Service."""
     return f"http://{gateway_name(owner.name)}.{owner.namespace}.svc:{GATEWAY_PORT}"
@@ -280,6 +318,8 @@ def gateway_url(owner: Owner) -> str:
 def children(owner: Owner, spec: PyptoServingSpec) -> list[dict[str, Any]]:
     """Every non-pod object the resource should own (the gateway ones only when enabled)."""
     out = [engine_service(owner)]
+    if spec.network_policy.enabled:
+        out.append(network_policy(owner, spec))
     if spec.gateway.enabled:
         out += gateway_objects(owner, spec)
     return out

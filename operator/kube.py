@@ -134,7 +134,8 @@ def collection_path(api_version: str, kind_plural: str, namespace: str | None) -
 
 PLURALS = {"Pod": "pods", "Service": "services", "ServiceAccount": "serviceaccounts", "Role": "roles",
            "RoleBinding": "rolebindings", "Deployment": "deployments", "Event": "events", "Secret": "secrets",
-           "Lease": "leases", "ValidatingWebhookConfiguration": "validatingwebhookconfigurations"}
+           "Lease": "leases", "ValidatingWebhookConfiguration": "validatingwebhookconfigurations",
+           "NetworkPolicy": "networkpolicies"}
 
 
 def object_path(obj: dict[str, Any]) -> tuple[str, str]:

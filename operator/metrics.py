@@ -52,7 +52,7 @@ class Metrics:
 class HealthServer:
     """aiohttp server for /healthz (the loop answers and the workers are alive), /readyz and /metrics."""
 
-    def __init__(self, metrics: Metrics, alive: Callable[[], bool], host: str = "0.0.0.0", port: int = 8081) -> None:
+    def __init__(self, metrics: Metrics, alive: Callable[[], bool], host: str = "127.0.0.1", port: int = 8081) -> None:
         self.metrics, self.alive, self.host, self.port = metrics, alive, host, port
         self.started = time.time()
         self._runner: web.AppRunner | None = None

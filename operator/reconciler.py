@@ -14,7 +14,7 @@ from typing import Any
 
 from pypto_serving.operator import desired as d
 from pypto_serving.operator import plan as planner
-from pypto_serving.operator.actuator import Actuator
+from pypto_serving.operator.actuator import NETWORK_POLICY_KINDS, Actuator
 from pypto_serving.operator.metrics import Metrics
 from pypto_serving.operator.state import PodView, pod_view
 from pypto_serving.operator.validation import validate
@@ -123,3 +123,7 @@ class Reconciler:
         if not spec.gateway.enabled and had_gateway and self.act.delete_gateway(owner.namespace, owner.name, owner.uid):
             self.act.event(body, "Normal", "GatewayRemoved", "deleted the gateway (spec.gateway.enabled is false)",
                            now)
+        if not spec.network_policy.enabled and self.act.delete_owned(
+                owner.namespace, d.network_policy_name(owner.name), NETWORK_POLICY_KINDS, owner.uid):
+            self.act.event(body, "Normal", "NetworkPolicyRemoved",
+                           "deleted the engines' NetworkPolicy (spec.networkPolicy.enabled is false)", now)

@@ -104,6 +104,13 @@ class EngineSpec(_Model):
     shm_size: str | None = Field(default=None, description="sizeLimit of the /dev/shm memory emptyDir.")
     startup_timeout_seconds: int = Field(
         default=1800, ge=0, le=86400, description="How long model loading may take before the pod is restarted.")
+    security_context: KubeObject | None = Field(
+        default=None, description="corev1 SecurityContext of the engine container (default: "
+        "allowPrivilegeEscalation false; it runs as the image's user because Ascend device nodes are usually "
+        "owned by HwHiAiUser, whose ids differ per node: set runAsUser/runAsGroup here or in podSecurityContext).")
+    pod_security_context: KubeObject | None = Field(
+        default=None, description="corev1 PodSecurityContext of the engine pod (e.g. runAsNonRoot, runAsUser, "
+        "supplementalGroups with the HwHiAiUser group).")
 
 
 class ApiKeySecret(_Model):
@@ -139,6 +146,14 @@ class DrainSpec(_Model):
     timeout_seconds: int = Field(default=600, ge=0, le=86400, description="Drain deadline before deletion.")
 
 
+class NetworkPolicySpec(_Model):
+    """The NetworkPolicy that lets only the gateway and the operator reach the engine pods."""
+
+    enabled: bool = Field(default=True, description="Create the engine pods' NetworkPolicy.")
+    extra_ingress_from: list[KubeObject] = Field(
+        default=[], description="More NetworkPolicyPeer entries allowed to reach the engines (e.g. Prometheus).")
+
+
 class PyptoServingSpec(_Model):
     """Desired state of a PyptoServing: DP replicas of an engine, each a TP x PP device group."""
 
@@ -150,6 +165,8 @@ class PyptoServingSpec(_Model):
     gateway: GatewaySpec = Field(default=GatewaySpec(), description="Gateway settings.")
     rollout: RolloutSpec = Field(default=RolloutSpec(), description="Rolling update settings.")
     drain: DrainSpec = Field(default=DrainSpec(), description="Drain settings.")
+    network_policy: NetworkPolicySpec = Field(
+        default=NetworkPolicySpec(), description="Engine ingress restricted to the gateway and the operator.")
 
     @property
     def devices_per_replica(self) -> int:

@@ -139,9 +139,55 @@ def test_gateway_objects() -> None:
     assert d.gateway_url(OWNER) == "http://demo-gateway.ns1.svc:8080"
 
 
-def test_children_depend_on_gateway_enabled() -> None:
-    assert [o["kind"] for o in d.children(OWNER, spec_of(gateway={"enabled": False}))] == ["Service"]
-    assert len(d.children(OWNER, spec_of())) == 6
+def test_children_depend_on_gateway_and_network_policy_enabled() -> None:
+    assert [o["kind"] for o in d.children(OWNER, spec_of(gateway={"enabled": False}))] == ["Service", "NetworkPolicy"]
+    assert [o["kind"] for o in d.children(OWNER, spec_of(gateway={"enabled": False},
+                                                          networkPolicy={"enabled": False}))] == ["Service"]
+    assert len(d.children(OWNER, spec_of())) == 7
+
+
+def test_network_policy_admits_only_the_gateway_and_the_operator_on_the_engine_port() -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}
+    policy = d.network_policy(OWNER, spec_of(networkPolicy={"extraIngressFrom": [peer]}))
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    assert policy["metadata"]["name"] == "demo-engines" and policy["metadata"]["namespace"] == "ns1"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    spec = policy["spec"]
+    # It selects exactly the engine pods (the labels every engine pod carries) and restricts only ingress.
+    pod_labels = d.engine_pod(OWNER, spec_of(), 0)["metadata"]["labels"]
+    assert spec["podSelector"] == {"matchLabels": d.engine_selector("demo")}
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    gateway_pod_labels = next(o for o in d.gateway_objects(OWNER, spec_of()) if o["kind"] == "Deployment")[
+        "spec"]["template"]["metadata"]["labels"]
+    assert rule["from"][0] == {"podSelector": {"matchLabels": d.gateway_selector("demo")}}
+    assert rule["from"][0]["podSelector"]["matchLabels"].items() <= gateway_pod_labels.items()
+    assert rule["from"][1] == {"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "pypto-serving", "app.kubernetes.io/component": "operator"}}}
+    assert rule["from"][2] == peer and len(rule["from"]) == 3
+
+
+def test_security_contexts() -> None:
+    # The gateway: non-root, no privilege, read-only root filesystem.
+    dep = next(o for o in d.gateway_objects(OWNER, spec_of()) if o["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    container = pod["containers"][0]["securityContext"]
+    assert container == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                         "capabilities": {"drop": ["ALL"]}}
+    # Engines: no privilege escalation by default, the image's user (Ascend device ownership), configurable.
+    default = d.engine_pod(OWNER, spec_of(), 0)
+    assert default["spec"]["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False}
+    assert "securityContext" not in default["spec"]
+    custom = spec_of(engine={"securityContext": {"runAsUser": 1000, "capabilities": {"drop": ["ALL"]}},
+                             "podSecurityContext": {"runAsNonRoot": True, "supplementalGroups": [1001]}})
+    pod = d.engine_pod(OWNER, custom, 0)
+    assert pod["spec"]["containers"][0]["securityContext"] == {"runAsUser": 1000, "capabilities": {"drop": ["ALL"]}}
+    assert pod["spec"]["securityContext"] == {"runAsNonRoot": True, "supplementalGroups": [1001]}
+    # A security context is pod-shaping: changing it rolls the replicas.
+    assert d.spec_hash(custom) != d.spec_hash(spec_of())
 
 
 def test_applied_hash_changes_with_content() -> None:
