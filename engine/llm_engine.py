@@ -110,7 +110,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request (ValueError / SamplingParamError on invalid input)."""
+        """Queue a request (ValueError / SamplingParamError on invalid input, RuntimeError once the engine is dead)."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -127,8 +127,8 @@ class LLMEngine:
         if total > self.num_kv_blocks * self.config.block_size:
             raise ValueError(f"prompt + max_tokens ({total}) exceeds the KV cache capacity "
                              f"({self.num_kv_blocks * self.config.block_size} tokens)")
-        if self._dead is not None:
-            raise RuntimeError(f"the engine cannot serve: {self._dead}")
+        if self._dead is not None or not self.executor.alive():  # a worker that died while idle is not seen yet
+            raise RuntimeError(f"the engine cannot serve: {self._dead or 'a worker exited'}")
         seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids)
         self._requests[request_id] = seq
         self.scheduler.add(seq)

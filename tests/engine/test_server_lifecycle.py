@@ -4,13 +4,17 @@ one in-process server whose real LLMEngine is built behind a gate so the loading
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -103,6 +107,26 @@ def assert_rejected_while_draining(engine_url: str, model: str) -> None:
     assert httpx.get(f"{engine_url}/health", timeout=10).status_code == 200
 
 
+@contextlib.contextmanager
+def in_process_server(factory: Callable[[], LLMEngine], model: str) -> Iterator[tuple[str, AsyncEngine]]:
+    """The engine app around a real LLMEngine built by `factory`, served by uvicorn on a thread of this process (so
+    the test can reach the engine's workers); yields its URL once /health answers, and the AsyncEngine."""
+    engine = AsyncEngine(factory)
+    app = build_app(engine, ServerSettings(served_model_name="tiny", model=model))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 30, "/health")
+        yield url, engine
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 def test_loading_answers_health_but_not_ready(tiny_qwen3_dir: Path):
     gate = threading.Event()
     config = EngineConfig(model=str(tiny_qwen3_dir), max_model_len=256, max_num_seqs=4)
@@ -111,29 +135,44 @@ def test_loading_answers_health_but_not_ready(tiny_qwen3_dir: Path):
         gate.wait(60)
         return LLMEngine(config)
 
-    app = build_app(AsyncEngine(gated_engine), ServerSettings(served_model_name="tiny", model=config.model))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 30, "/health")
-        ready = httpx.get(f"{url}/ready", timeout=5)
-        assert ready.status_code == 503 and ready.json()["status"] == "loading"
-        assert httpx.get(f"{url}/load", timeout=5).json() == {"running": 0, "waiting": 0, "pending_tokens": 0,
-                                                             "kv_cache_usage": 0.0, "draining": False}
-        early = completion(url, "tiny")
-        assert early.status_code == 503 and early.json()["error"]["code"] == "loading"
-        assert "retry-after" in early.headers
-        gate.set()
-        wait_for(lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200, 60, "/ready after loading")
-        assert completion(url, "tiny").json()["usage"]["completion_tokens"] >= 1
-    finally:
-        gate.set()
-        server.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive()
+    with in_process_server(gated_engine, config.model) as (url, _):
+        try:
+            ready = httpx.get(f"{url}/ready", timeout=5)
+            assert ready.status_code == 503 and ready.json()["status"] == "loading"
+            assert httpx.get(f"{url}/load", timeout=5).json() == {"running": 0, "waiting": 0, "pending_tokens": 0,
+                                                                 "kv_cache_usage": 0.0, "draining": False}
+            early = completion(url, "tiny")
+            assert early.status_code == 503 and early.json()["error"]["code"] == "loading"
+            assert "retry-after" in early.headers
+            gate.set()
+            wait_for(lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200, 60, "/ready after loading")
+            assert completion(url, "tiny").json()["usage"]["completion_tokens"] >= 1
+        finally:
+            gate.set()  # never leave the loop thread waiting on the gate
+
+
+def test_a_request_the_dead_engine_refuses_is_503_with_retry_after(tiny_qwen3_dir: Path):
+    """A request admitted while the engine still looked healthy, then refused by LLMEngine.add_request (RuntimeError:
+    a TP worker died meanwhile), is a 503 to retry elsewhere, never a 400 blaming the client."""
+    config = EngineConfig(model=str(tiny_qwen3_dir), max_model_len=256, max_num_seqs=4, tensor_parallel_size=2)
+    with in_process_server(lambda: LLMEngine(config), config.model) as (url, engine), ThreadPoolExecutor(2) as pool:
+        wait_for(lambda: httpx.get(f"{url}/ready", timeout=2).status_code == 200, 120, "/ready")
+        rank1 = engine.engine.executor.procs[1]
+        os.kill(rank1.pid, signal.SIGSTOP)  # the next step hangs in its all-reduce: the loop thread is stuck in it
+        try:
+            first = pool.submit(completion, url, "tiny")
+            wait_for(engine.engine.has_unfinished_requests, 30, "the first request to be in the hung step")
+            second = pool.submit(completion, url, "tiny")  # admitted (the health snapshot predates the hang), queued
+            wait_for(lambda: engine.num_requests() == 2, 30, "the second request to be queued")
+        finally:
+            os.kill(rank1.pid, signal.SIGKILL)  # the step sees the rank die: the engine is dead
+        failed, refused = first.result(60), second.result(60)
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "engine_error"
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "unavailable")
+    assert error["message"].startswith("the engine cannot serve") and "rank 1" in error["message"]
 
 
 def test_load_failure_exits_non_zero_with_the_reason(tmp_path: Path):

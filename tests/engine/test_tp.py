@@ -94,6 +94,8 @@ def test_hung_worker_times_out_the_batch_then_recovers_and_a_dead_worker_makes_h
         os.kill(rank1.pid, signal.SIGKILL)
         rank1.join(timeout=10)
         assert not engine.is_healthy()
+        with pytest.raises(RuntimeError, match="cannot serve: a worker exited"):  # refused before any step saw it
+            engine.add_request("early", prompt, SamplingParams())
         started = time.monotonic()
         outs = engine.step()
         assert time.monotonic() - started < 5
