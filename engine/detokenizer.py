@@ -19,7 +19,11 @@ REPLACEMENT_CHAR = "\ufffd"
 
 
 def special_token_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids a full decode with skip_special_tokens drops: the named special tokens and added tokens marked special."""
+    """Ids a full decode with skip_special_tokens drops: the named special tokens and added tokens marked special.
+
+    `all_special_ids` alone is not enough for real checkpoints: configs that name only bos/eos (Llama 3's reserved
+    and header tokens, for one) leave special added tokens out of it, yet the fast tokenizer's own decode drops them.
+    """
     ids = set(getattr(tokenizer, "all_special_ids", []))
     ids.update(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(tok, "special", False))
     return frozenset(ids)

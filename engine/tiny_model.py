@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 # Bump whenever the bytes written for the same arguments change (tests key their model cache on it).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: every special token is named in tokenizer_config.json (additional_special_tokens)
 
 ARCHS = ("qwen3", "qwen2", "llama")
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -197,11 +197,15 @@ def write_tiny_model(out: str | os.PathLike, arch: str, seed: int = 0, dtype: st
         raise ValueError(f"--vocab {sizes['vocab']} is smaller than the tokenizer's {tok.get_vocab_size()} tokens")
     tok.save(str(out / "tokenizer.json"))
     special = _special_ids(arch, tok)
+    specials = [t for t in sorted(tok.get_vocab(), key=tok.token_to_id) if t.startswith("<|")]
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": True}
-             for t in sorted(tok.get_vocab(), key=tok.token_to_id) if t.startswith("<|")}
+                                       "single_word": False, "special": True} for t in specials}
+    # the chat markers too, as real Qwen / Llama configs do, so `all_special_ids` (and with it
+    # skip_special_tokens in convert_ids_to_tokens) covers every special token, not only bos/eos/pad
+    named = set(special["tokens"].values())
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added,
-               **special["tokens"], "chat_template": _chat_template(arch), "clean_up_tokenization_spaces": False,
+               **special["tokens"], "additional_special_tokens": [t for t in specials if t not in named],
+               "chat_template": _chat_template(arch), "clean_up_tokenization_spaces": False,
                "model_max_length": sizes.get("max_position", 4096), "add_bos_token": arch == "llama"}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
 

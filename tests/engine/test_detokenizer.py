@@ -3,6 +3,7 @@ emoji/CJK text so that multi-byte characters are merged tokens, not only single 
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -40,6 +41,28 @@ def stream_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> tuple[str, 
     deltas = [detok.add(token_id) for token_id in ids]
     deltas.append(detok.flush())
     return "".join(deltas), deltas
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens_follow_skip_special_tokens_like_a_full_decode(tokenizer, skip):
+    specials = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    ids = tokenizer.encode("Hi there", add_special_tokens=False)
+    ids = [specials[-1], *ids[:2], specials[0], *ids[2:], specials[-1]]
+    detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=skip)
+    text = "".join(detok.add(token_id) for token_id in ids) + detok.flush()
+    assert text == tokenizer.decode(ids, skip_special_tokens=skip)
+    assert ("<|" in text) is not skip
+
+
+def test_special_tokens_the_config_does_not_name_are_skipped_too(multilingual_tokenizer):
+    """Like Llama 3's reserved tokens: special added tokens outside all_special_ids, which a full decode drops."""
+    tokenizer = copy.deepcopy(multilingual_tokenizer)
+    tokenizer.backend_tokenizer.add_special_tokens(["<|reserved_0|>"])
+    reserved = tokenizer.convert_tokens_to_ids("<|reserved_0|>")
+    assert reserved not in tokenizer.all_special_ids and tokenizer.added_tokens_decoder[reserved].special
+    ids = [reserved, *tokenizer.encode("你好 world", add_special_tokens=False), reserved]
+    text, _ = stream_text(tokenizer, [], ids)
+    assert text == tokenizer.decode(ids, skip_special_tokens=True) == "你好 world"
 
 
 def test_merged_multibyte_tokens_exist(multilingual_tokenizer):

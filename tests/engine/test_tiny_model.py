@@ -44,6 +44,18 @@ def test_cli_writes_a_model_transformers_loads(tmp_path: Path, arch: str) -> Non
     assert logits.shape == (1, len(ids), 600) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_every_special_token_is_named_so_the_stock_skip_path_drops_it(arch: str) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir(arch))
+    assert set(tok.all_special_ids) == {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    chat = tok.encode(text, add_special_tokens=False)
+    kept = tok.convert_ids_to_tokens(chat, skip_special_tokens=True)  # what vLLM-style detokenizers use
+    assert not [t for t in kept if t.startswith("<|")]
+    assert tok.convert_tokens_to_string(kept) == tok.decode(chat, skip_special_tokens=True)
+    assert "user" in tok.decode(chat, skip_special_tokens=True)
+
+
 def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     args = ["--arch", "qwen3", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
             "--intermediate", "48", "--vocab", "600"]
