@@ -32,7 +32,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     step_timeout_s: float = 120.0
-    # torch threads per rank on cpu; None: the cores this process may use, split evenly across TP ranks
+    # torch threads per rank on cpu; None: the cores this process may use (CPU affinity, capped by the cgroup CPU
+    # quota, i.e. a pod's cpu limit), split evenly across TP ranks
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ thin on purpose; only the cpu path runs in this repository's CI (see docs/archit
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -128,9 +129,73 @@ def resolve_dtype(requested: str, checkpoint_dtype: torch.dtype | None, device_t
     return dtype
 
 
+def parse_cpu_max(text: str) -> float | None:
+    """cgroup v2 `cpu.max` ("QUOTA PERIOD" or "max PERIOD") as cores, None when unlimited."""
+    fields = text.split()
+    if not fields or fields[0] == "max":
+        return None
+    period = int(fields[1]) if len(fields) > 1 else 100_000
+    return int(fields[0]) / period if period > 0 else None
+
+
+def parse_cfs_quota(quota: str, period: str) -> float | None:
+    """cgroup v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us` as cores, None when unlimited (quota -1)."""
+    q, p = int(quota), int(period)
+    return q / p if q > 0 and p > 0 else None
+
+
+def cgroup_cpu_limit(proc_cgroup: str, root: str | Path = "/sys/fs/cgroup") -> float | None:
+    """The tightest CPU quota, in cores, on the cgroups named by `proc_cgroup` (the text of /proc/self/cgroup) and
+    their ancestors under `root`, cgroup v2 or v1; None when nothing limits it. Every level that exists is read, so a
+    container that sees only its own cgroup at `root` (a cgroup namespace, v1 bind mounts) is covered too."""
+    root = Path(root)
+    limits: list[float] = []
+    for line in proc_cgroup.splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        hierarchy, controllers, path = fields
+        if hierarchy == "0" and controllers == "":
+            bases = [root / "unified", root]  # v2 (a hybrid host mounts it under unified/)
+        elif "cpu" in controllers.split(","):
+            bases = [root / controllers, root / "cpu"]  # v1: "cpu,cpuacct" (often also linked as "cpu")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p and p != ".."]
+        for base in dict.fromkeys(bases):
+            for depth in range(len(parts), -1, -1):
+                limit = _cgroup_dir_limit(base.joinpath(*parts[:depth]))
+                if limit is not None:
+                    limits.append(limit)
+    return min(limits) if limits else None
+
+
+def _cgroup_dir_limit(directory: Path) -> float | None:
+    try:
+        return parse_cpu_max((directory / "cpu.max").read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        return parse_cfs_quota((directory / "cpu.cfs_quota_us").read_text(),
+                               (directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (a pod's cpu limit), >= 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        limit = cgroup_cpu_limit(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        limit = None
+    if limit is not None:
+        cores = min(cores, int(limit))  # more threads than the quota only get throttled
+    return max(1, cores)
+
+
 def cpu_threads_per_rank(world_size: int, requested: int | None = None) -> int:
     """Torch intra-op threads for one cpu rank: ``requested``, else the usable cores split across ranks."""
     if requested:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // world_size)
+    return max(1, usable_cpus() // world_size)

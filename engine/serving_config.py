@@ -41,7 +41,8 @@ OPTIONS: dict[str, tuple[type, Any, str, str]] = {
     "enable_prefix_caching": (bool, True, "reuse KV blocks of shared prompt prefixes", "engine"),
     "seed": (int, 0, "engine seed for requests without their own", "engine"),
     "step_timeout_s": (float, 120.0, "a worker step slower than this fails its batch", "engine"),
-    "cpu_threads": (int, None, "torch threads per rank on cpu", "engine"),
+    "cpu_threads": (int, None, "torch threads per rank on cpu (default: the CPU affinity capped by the cgroup "
+                                "CPU quota, split across TP ranks)", "engine"),
     "drain_timeout": (float, 120.0, "seconds SIGTERM waits for in-flight requests before exiting", "server"),
     "max_body_bytes": (int, 8 * 1024 * 1024, "largest request body accepted (else 413)", "server"),
     "log_level": (str, "info", "debug|info|warning|error", "server"),

@@ -50,8 +50,8 @@ class InProcessExecutor:
     """TP=1: one `ModelRunner` in this process, driven by a dedicated thread."""
 
     def __init__(self, config: EngineConfig, device_type: str, max_model_len: int) -> None:
-        if device_type == "cpu" and config.cpu_threads:
-            torch.set_num_threads(config.cpu_threads)
+        if device_type == "cpu":
+            torch.set_num_threads(devices.cpu_threads_per_rank(1, config.cpu_threads))
         self.runner = ModelRunner(config, device_type, max_model_len)
         self.info: ModelInfo = self.runner.info()
         self._inbox: queue.SimpleQueue[StepInput | None] = queue.SimpleQueue()

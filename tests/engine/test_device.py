@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,3 +72,55 @@ def test_cpu_threads_split_across_ranks() -> None:
     assert devices.cpu_threads_per_rank(2) == max(1, cores // 2)
     assert devices.cpu_threads_per_rank(64) == 1
     assert devices.cpu_threads_per_rank(2, requested=3) == 3
+
+
+@pytest.mark.parametrize(("text", "cores"), [
+    ("max 100000\n", None), ("200000 100000\n", 2.0), ("150000 100000\n", 1.5), ("50000 100000", 0.5),
+    ("400000\n", 4.0), ("", None),
+])
+def test_parse_cgroup_v2_cpu_max(text: str, cores: float | None) -> None:
+    assert devices.parse_cpu_max(text) == cores
+
+
+@pytest.mark.parametrize(("quota", "period", "cores"), [
+    ("-1\n", "100000\n", None), ("300000\n", "100000\n", 3.0), ("25000", "50000", 0.5), ("0", "100000", None),
+])
+def test_parse_cgroup_v1_cfs_quota(quota: str, period: str, cores: float | None) -> None:
+    assert devices.parse_cfs_quota(quota, period) == cores
+
+
+def test_cgroup_cpu_limit_v2_in_a_cgroup_namespace(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # a pod with limits.cpu: 2500m sees its own cgroup at root
+    assert devices.cgroup_cpu_limit("0::/\n", tmp_path) == 2.5
+
+
+def test_cgroup_cpu_limit_v2_takes_the_tightest_ancestor(tmp_path: Path) -> None:
+    pod, container = tmp_path / "kubepods" / "pod1", tmp_path / "kubepods" / "pod1" / "ctr"
+    container.mkdir(parents=True)
+    (tmp_path / "kubepods" / "cpu.max").write_text("max 100000\n")
+    (pod / "cpu.max").write_text("150000 100000\n")
+    (container / "cpu.max").write_text("400000 100000\n")
+    assert devices.cgroup_cpu_limit("0::/kubepods/pod1/ctr\n", tmp_path) == 1.5
+
+
+def test_cgroup_cpu_limit_v1_with_the_container_cgroup_mounted_at_root(tmp_path: Path) -> None:
+    cpu = tmp_path / "cpu,cpuacct"
+    cpu.mkdir()
+    (cpu / "cpu.cfs_quota_us").write_text("300000\n")
+    (cpu / "cpu.cfs_period_us").write_text("100000\n")
+    proc = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n"
+    assert devices.cgroup_cpu_limit(proc, tmp_path) == 3.0
+
+
+def test_cgroup_cpu_limit_unlimited_or_unreadable(tmp_path: Path) -> None:
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert devices.cgroup_cpu_limit("3:cpu:/\n0::/\n", tmp_path) is None
+    assert devices.cgroup_cpu_limit("0::/x\n", tmp_path / "missing") is None
+    assert devices.cgroup_cpu_limit("", tmp_path) is None
+
+
+def test_usable_cpus_is_within_the_affinity() -> None:
+    assert 1 <= devices.usable_cpus() <= len(os.sched_getaffinity(0))
+    assert devices.cpu_threads_per_rank(1) == devices.usable_cpus()
