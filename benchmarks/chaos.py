@@ -392,9 +392,12 @@ def run_scenario(system: System, key: str, title: str, inject: Callable[[Ctx], s
         ctx.monitor.stop()
     end = max([o.start for o in ctx.outcomes] + [ctx.recovered_at]) + 1e-6
     result.fault_at, result.recovered_at = ctx.fault_at, ctx.recovered_at
-    result.windows = [summarize(ctx.outcomes, "before", load.started_at, ctx.fault_at),
-                      summarize(ctx.outcomes, "during", ctx.fault_at, ctx.recovered_at),
-                      summarize(ctx.outcomes, "after", ctx.recovered_at, end)]
+    # before: finished before the fault; during: in flight at the fault or started before recovery; after: the rest.
+    fault, recovered = ctx.fault_at, ctx.recovered_at
+    result.windows = [
+        summarize(ctx.outcomes, "before", load.started_at, fault, select=lambda o: o.end < fault),
+        summarize(ctx.outcomes, "during", fault, recovered, select=lambda o: o.end >= fault and o.start < recovered),
+        summarize(ctx.outcomes, "after", recovered, end, select=lambda o: o.start >= recovered)]
     result.checks = judge(ctx)
     result.windows += ctx.extra_windows
     result.timings, result.info = ctx.timings, ctx.info

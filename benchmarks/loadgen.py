@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,9 +76,11 @@ class Window:
         return asdict(self)
 
 
-def summarize(outcomes: Iterable[Outcome], name: str, start: float, end: float) -> Window:
-    """Counts and latency percentiles (of successful requests) of the requests started in [start, end)."""
-    chosen = [o for o in outcomes if start <= o.start < end]
+def summarize(outcomes: Iterable[Outcome], name: str, start: float, end: float,
+              select: Callable[[Outcome], bool] | None = None) -> Window:
+    """Counts and latency percentiles (of successful requests) of the requests started in [start, end), or of
+    those ``select`` picks."""
+    chosen = [o for o in outcomes if (select(o) if select is not None else start <= o.start < end)]
     latencies = [o.latency for o in chosen if o.ok]
     errors = Counter((o.error or "").split(":")[0] for o in chosen if not o.ok)
     return Window(name, start, end, len(chosen), len(latencies), len(chosen) - len(latencies),

@@ -48,9 +48,10 @@ def chaos_section(data: dict[str, Any]) -> list[str]:
         f"Load: {data['rate_per_s']:g} streamed completions per second ({data.get('max_tokens', 64)} tokens each), "
         "fixed rate, open loop, spread over both gateway pods by pod IP, no client retries "
         "(benchmarks/loadgen.py). A request succeeds with HTTP 200 and a complete stream ending in "
-        f"`data: [DONE]`. Windows: {data['phase_seconds']:g} s of steady load before the fault (*before*), from the "
-        "fault until the system has recovered (*during*), and the next "
-        f"{data['phase_seconds']:g} s (*after*). Cells: requests sent / succeeded / failed / p99 latency of the "
+        "`data: [DONE]`. Windows: *before* = requests that finished before the fault (about "
+        f"{data['phase_seconds']:g} s of steady load), *during* = requests in flight at the fault or started before "
+        f"the system had recovered, *after* = requests started in the next {data['phase_seconds']:g} s. "
+        "Cells: requests sent / succeeded / failed / p99 latency of the "
         "successful ones.", "",
         f"The operator pods the chart created ran with securityContext {data.get('operator_pod_security_context')}"
         " (recorded, not enforced, by the local node agent).", "",

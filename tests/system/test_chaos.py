@@ -22,7 +22,7 @@ def test_engine_sigkill_under_load(serving_system: System) -> None:
         "the replica was restarted and rejoined"]
     assert result.passed, report
     before, during, after = result.windows
-    assert before.sent >= 8 and before.failed == 0, before
+    assert before.sent >= 8 and before.failed == 0, before  # requests in flight at the kill count as "during"
     assert after.sent >= 8 and after.failed == 0, after
     assert during.sent > 0
     assert serving_system.converged(SYSTEM_REPLICAS)
