@@ -58,3 +58,24 @@ test-unit: install ## tests that need no cluster
 .PHONY: crds
 crds: install ## regenerate crds/ from the operator's pydantic models (operator/types.py)
 	$(PY) -m pypto_serving.operator.crd > crds/pyptoservings.serving.pypto.io.yaml
+
+# ------------------------------------------------------------------------------------------- system proof
+$(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
+	$(PIP) install --progress-bar off -c $(CONSTRAINTS) -e '.[engine,test,bench]'
+	@touch $@
+
+CHAOS_ARGS ?=
+.PHONY: chaos
+chaos: install tools ## fault matrix under load on a fresh local cluster + bad input at full size -> docs/reliability.md
+	@status=0; \
+	$(PY) benchmarks/chaos.py --no-report $(CHAOS_ARGS) || status=1; \
+	rm -f docs/benchmarks/badinput.json; \
+	PYPTO_FUZZ_EXAMPLES=150 PYPTO_ABORTED_STREAMS=3000 PYPTO_BADINPUT_JSON=docs/benchmarks/badinput.json \
+		$(PY) -m pytest -q -p no:cacheprovider tests/system/test_bad_input.py || status=1; \
+	$(PY) benchmarks/reliability_report.py || status=1; \
+	exit $$status
+
+BENCH_ARGS ?=
+.PHONY: bench
+bench: $(VENV)/.installed-bench tools ## every benchmark side by side, then docs/benchmarks.md with plots
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)

@@ -1,6 +1,6 @@
 """Benchmark 2, routing quality: 4 engine replicas, a heavy-tailed workload (most outputs short, some very long) at
-a fixed Poisson arrival rate, through nginx round-robin vs the gateway (least-pending-tokens, and round-robin for
-reference). Same requests, same arrival times, same engines.
+a fixed Poisson arrival rate, through nginx round-robin vs the gateway (least-pending-tokens, least-requests, and
+round-robin for reference). Same requests, same arrival times, same engines.
 
 Target: p99 TTFT at least 2x lower with least-pending-tokens than with nginx round-robin, with equal or higher
 throughput. Run: `.venv/bin/python benchmarks/gateway_routing.py`; writes docs/benchmarks/gateway_routing.json.
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         requests = heavy_tailed(args.requests, args.long_share, seed=1)
         targets = {"nginx round-robin": (nginx.url, {}),
                    "gateway least-pending-tokens": (gw.url, {"x-pypto-routing": "least-pending-tokens"}),
+                   "gateway least-requests": (gw.url, {"x-pypto-routing": "least-requests"}),
                    "gateway round-robin": (gw.url, {"x-pypto-routing": "round-robin"})}
         results = {}
         for name, (url, headers) in targets.items():

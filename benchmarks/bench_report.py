@@ -1,0 +1,322 @@
+"""Write docs/benchmarks.md and its PNG plots (docs/benchmarks/*.png) from the JSON the benchmarks wrote.
+
+Every number in the page comes from docs/benchmarks/*.json (written by the scripts `make bench` runs); nothing is
+typed by hand. Run: `.venv/bin/python benchmarks/bench_report.py` (or `make bench`, which runs the benchmarks
+first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "docs" / "benchmarks"
+OUT = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig: Any, name: str) -> str:
+    path = RESULTS / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return f"![{name}](benchmarks/{name}.png)"
+
+
+def run_note(runs: dict[str, Any], name: str) -> str:
+    run = runs.get(name)
+    if not run:
+        return ""
+    return (f"Measured {run['date']} by `{run['command']}` ({run['seconds']:.0f} s; load average "
+            f"{run['load_average_before']} before, {run['load_average_after']} after).")
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+def engine_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Engine vs transformers", ""]
+    if not data:
+        return [*lines, "Not measured yet.", ""], []
+    res, w = data["results"], data["workload"]
+    lines += [run_note(runs, "engine_vs_transformers"), "",
+              f"{w['requests']} requests (prompts {w['prompt_len']} tokens, outputs {w['output_len']}; "
+              f"{w['prompt_tokens']:,} prompt and {w['output_tokens']:,} output tokens, EOS ignored) on the ~50M "
+              f"Qwen3 of the engine microbenchmark ({data['model']['weight_bytes'] / 1e6:.0f} MB of float32 weights), "
+              f"{data['threads']} CPU thread each, one after the other in one run "
+              "(benchmarks/engine_vs_transformers.py). CPU seconds are those of the process doing the work (the "
+              "engine server includes its HTTP and tokenization work); they are robust to other work on the "
+              "machine, wall seconds are not.", "",
+              "| contender | wall s | CPU s | output tok/s (wall) | output tok / CPU s | engine faster (wall) | "
+              "engine faster (CPU) |", "|---|---|---|---|---|---|---|"]
+    labels = {"engine": "pypto-serving engine (OpenAI API, all requests at once)",
+              "transformers_generate": "transformers `generate`, static padded batches",
+              "transformers_continuous": "transformers continuous batching (`generate_batch`'s manager)"}
+    headline = []
+    for key, label in labels.items():
+        r = res.get(key)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {label} | could not run: {r['error']} | | | | | |")
+            continue
+        if key == "transformers_generate":
+            label += f" of {r['batch']}"
+        lines.append(f"| {label} | {fmt(r['wall_s'])} | {fmt(r['cpu_s'])} | {fmt(r['tok_per_s'])} | "
+                     f"{fmt(r['tok_per_cpu_s'])} | {fmt(r['engine_speedup_wall'], 2)}x | "
+                     f"{fmt(r['engine_speedup_cpu'], 2)}x |")
+        if key != "engine":
+            headline.append(f"| engine vs {label}: output throughput | {fmt(r['engine_speedup_wall'], 2)}x "
+                            f"(wall), {fmt(r['engine_speedup_cpu'], 2)}x (per CPU second) | > 1x |")
+    steps = data["decode_step_ms"]
+    lines += ["", f"Decode step of the engine's model runner (thread CPU time, context 256): batch 1 "
+              f"{steps['1']} ms, batch 64 {steps['64']} ms ({64 / float(steps['64']) * 1000:,.0f} tok/s). "
+              f"Memory-bandwidth floor: {data['model']['weight_bytes'] / 1e6:.0f} MB of weights / "
+              f"{data['copy_bandwidth_gbs']} GB/s measured copy bandwidth (one thread) = "
+              f"{data['decode_floor_ms']} ms per step; batch 1 runs at "
+              f"{float(steps['1']) / data['decode_floor_ms']:.1f}x the floor (on CPU, with one thread, the matmuls "
+              "are compute-bound, not bandwidth-bound).", ""]
+    headline.append(f"| decode step, batch 1 / bandwidth floor | {steps['1']} ms / {data['decode_floor_ms']} ms "
+                    f"({float(steps['1']) / data['decode_floor_ms']:.1f}x) | - |")
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    names = [k for k in labels if k in res and "error" not in res[k]]
+    short = {"engine": "engine", "transformers_generate": "HF generate", "transformers_continuous": "HF continuous"}
+    for ax, metric, title in ((axes[0], "tok_per_s", "output tokens / wall s"),
+                              (axes[1], "tok_per_cpu_s", "output tokens / CPU s")):
+        values = [res[k][metric] for k in names]
+        bars = ax.bar([short[k] for k in names], values, color=["#2a7", "#999", "#bbb"][:len(names)])
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_title(title)
+    lines += [save(fig, "engine_vs_transformers"), ""]
+    return lines, headline
+
+
+def gateway_overhead_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Gateway overhead vs nginx", ""]
+    if not data:
+        return [*lines, "Not measured yet.", ""], []
+    e2e, added = data["e2e_ms"], data["added_ms"]
+    lines += [run_note(runs, "gateway_overhead"), "",
+              f"One real engine, `max_tokens` {data['max_tokens']}, {data['requests_per_path']} requests per path "
+              "and concurrency, the three paths interleaved by every worker (benchmarks/gateway_overhead.py): "
+              "direct to the engine, through the gateway, through nginx (round-robin reverse proxy).", "",
+              "| path | c1 p50 | c1 p99 | c32 p50 | c32 p99 | added vs direct c1 p50 / p99 | CPU per request |",
+              "|---|---|---|---|---|---|---|"]
+    for path in ("direct", "gateway", "nginx"):
+        a = added.get(path, {}).get("c1")
+        cpu = data["cpu_us_per_request"].get(path)
+        lines.append(f"| {path} | {fmt(e2e[path]['c1']['p50'], 2)} ms | {fmt(e2e[path]['c1']['p99'], 2)} ms | "
+                     f"{fmt(e2e[path]['c32']['p50'], 1)} ms | {fmt(e2e[path]['c32']['p99'], 1)} ms | "
+                     + (f"{fmt(a['p50'], 2)} / {fmt(a['p99'], 2)} ms" if a else "-") + " | "
+                     + (f"{cpu:,.0f} us" if cpu else "-") + " |")
+    target = data["target"]
+    gw = added["gateway"]["c1"]
+    lines += ["", f"Target: the gateway adds <= {target['p50_ms']} ms p50 and <= {target['p99_ms']} ms p99 at "
+              f"concurrency 1: **{'met' if data['met'] else 'missed'}** ({fmt(gw['p50'], 2)} / {fmt(gw['p99'], 2)} "
+              f"ms). Mean routing decision {fmt(data['gateway_mean_decision_us'], 1)} us.", ""]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    paths = ["direct", "gateway", "nginx"]
+    xs = range(len(paths))
+    for offset, (conc, q) in enumerate((("c1", "p50"), ("c1", "p99"))):
+        ax.bar([x + offset * 0.38 for x in xs], [e2e[p][conc][q] for p in paths], width=0.38, label=f"{conc} {q}")
+    ax.set_xticks([x + 0.19 for x in xs], paths)
+    ax.set_ylabel("end-to-end ms (max_tokens 1)")
+    ax.legend()
+    lines += [save(fig, "gateway_overhead"), ""]
+    headline = [f"| gateway added latency, concurrency 1 (p50 / p99) | {fmt(gw['p50'], 2)} / {fmt(gw['p99'], 2)} ms "
+                f"(nginx {fmt(added['nginx']['c1']['p50'], 2)} / {fmt(added['nginx']['c1']['p99'], 2)} ms) | "
+                f"<= {target['p50_ms']} / {target['p99_ms']} ms: {'met' if data['met'] else '**missed**'} |"]
+    return lines, headline
+
+
+def routing_section(routing: dict[str, Any] | None, prefix: dict[str, Any] | None, streams: dict[str, Any] | None,
+                    decision: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Routing quality", ""]
+    headline = []
+    plt = _plt()
+    panels = [(n, d) for n, d in (("heavy-tailed outputs", routing), ("shared prefixes", prefix)) if d]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for (title, data), ax in zip(panels, axes[0] if panels else [], strict=False):
+        note = run_note(runs, "gateway_routing" if data is routing else "gateway_prefix")
+        if data is routing:
+            lines += [f"**Heavy-tailed outputs** (benchmarks/gateway_routing.py). {note} {data['replicas']} engines "
+                      f"with {data['max_num_seqs']} batch slots each, {data['requests']} requests at "
+                      f"{data['rate']:g}/s (Poisson), {data['long_share']:.0%} of them 400-600 output tokens, the "
+                      "rest 4-32; the same requests and arrival times through each router.", ""]
+        else:
+            lines += [f"**Shared prefixes** (benchmarks/gateway_prefix.py). {note} {data['replicas']} engines, "
+                      f"{data['requests']} requests in {data['groups']} groups sharing a {data['prefix_len']}-token "
+                      f"prefix, {data['rate']:g}/s, KV pool of {data['num_kv_blocks']} blocks per engine.", ""]
+        lines += ["| router | TTFT p50 | TTFT p90 | TTFT p99 | output tok/s | prefix cache hit rate |",
+                  "|---|---|---|---|---|---|"]
+        names = list(data["results"])
+        for name in names:
+            r = data["results"][name]
+            hit = r.get("prefix_cache_hit_rate")
+            lines.append(f"| {name} | {fmt(r['ttft_ms']['p50'], 0)} ms | {fmt(r['ttft_ms']['p90'], 0)} ms | "
+                         f"{fmt(r['ttft_ms']['p99'], 0)} ms | {fmt(r.get('output_throughput'))} | "
+                         f"{'-' if hit is None else f'{hit:.0%}'} |")
+        lines.append("")
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            values = [data["results"][name]["ttft_ms"][q] for q in ("p50", "p90", "p99")]
+            ax.bar([x + i * width for x in range(3)], values, width=width, label=name)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(3)], ["p50", "p90", "p99"])
+        ax.set_yscale("log")
+        ax.set_ylabel("TTFT ms (log)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    if routing:
+        base = routing["results"]["nginx round-robin"]["ttft_ms"]["p99"]
+        best = routing["results"]["gateway least-pending-tokens"]["ttft_ms"]["p99"]
+        headline.append(f"| p99 TTFT, heavy-tailed: nginx round-robin / least-pending-tokens | "
+                        f"{base / best:.1f}x lower | >= 2x: {'met' if routing['met'] else '**missed**'} |")
+    if prefix:
+        ratios = prefix["p90_ttft_ratios"]
+        hit = prefix["results"]["gateway prefix-aware"].get("prefix_cache_hit_rate")
+        headline.append(f"| p90 TTFT, shared prefixes: prefix-aware vs gateway / nginx round-robin | "
+                        f"{ratios['gateway round-robin']:.1f}x / {ratios['nginx round-robin']:.1f}x lower, cache hit "
+                        f"rate {hit:.0%} | {'met' if prefix['met'] else '**missed**'} |")
+    if panels:
+        lines += [save(fig, "routing_ttft"), ""]
+    if streams:
+        lines += [f"**Concurrent streams** (benchmarks/gateway_streams.py). {run_note(runs, 'gateway_streams')} "
+                  f"{streams['streams']:,} streams of {streams['output_len']} tokens at once through the gateway to "
+                  f"{streams['replicas']} engines: {streams['completed']:,} completed, {streams['errors']} errors in "
+                  f"{streams['duration_s']:.1f} s, spread {sorted(streams['per_replica'].values())} over the "
+                  "replicas.", ""]
+        headline.append(f"| {streams['streams']:,} concurrent streams through the gateway | {streams['completed']:,} "
+                        f"completed, {streams['errors']} errors | no errors: "
+                        f"{'met' if streams['met'] else '**missed**'} |")
+    if decision:
+        worst = decision["worst_p99_us"]
+        lines += [f"**Routing decision time** (benchmarks/gateway_decision.py). {run_note(runs, 'gateway_decision')} "
+                  f"{decision['replicas']} replicas, {decision['calls_per_policy']:,} decisions per policy: "
+                  + ", ".join(f"{k} p99 {v['p99_us']:.0f} us" for k, v in decision["policies"].items()) + ".", ""]
+        headline.append(f"| routing decision with {decision['replicas']} replicas, worst policy p99 | {worst:.0f} us | "
+                        f"<= {decision['target_p99_us']} us: {'met' if decision['met'] else '**missed**'} |")
+    return lines, headline
+
+
+def operator_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Operator", ""]
+    if not data:
+        return [*lines, "Not measured yet.", ""], []
+    ph, targets = data["phases"], data["targets"]
+    fleet, apply8, scale = ph["fleet"], ph["apply8"], ph["scale"]
+    lines += [run_note(runs, "operator"), "",
+              "`.venv/bin/python benchmarks/operator_bench.py [--cluster-dir DIR]` on the local cluster (2 nodes x 8 "
+              "`huawei.com/Ascend910`), the operator as a subprocess. Raw numbers: "
+              "[benchmarks/operator.json](benchmarks/operator.json).", "",
+              "| measure | result | target |", "|---|---|---|",
+              f"| `kubectl apply` -> all {apply8['replicas']} engine pods created ({apply8['replicas']} replicas) | "
+              f"{apply8['all_pods_created_seconds']:.2f} s | < {targets['apply8_all_pods_created_seconds']:g} s |",
+              f"| `kubectl apply` -> all {apply8['replicas']} engines Ready (real engines, tiny model) | "
+              f"{apply8['all_pods_ready_seconds']:.1f} s | - |",
+              f"| `kubectl scale` {apply8['replicas']} -> {apply8['replicas'] + 1} -> new pod created / Ready / first "
+              f"request served through the gateway | {scale['new_pod_created_seconds']:.2f} s / "
+              f"{scale['new_pod_ready_seconds']:.1f} s / {scale['first_request_served_seconds']:.1f} s | - |",
+              f"| {fleet['resources']} resources x {fleet['replicas_each']} replicas applied at once -> all "
+              f"{fleet['resources'] * fleet['replicas_each']} pods created / every status converged | "
+              f"{fleet['all_pods_created_seconds']:.1f} s / {fleet['converged_seconds']:.1f} s | < "
+              f"{targets['fleet_converged_seconds']:g} s |",
+              f"| operator peak RSS (whole run) | {data['operator_peak_rss_mb']:.0f} MB | < "
+              f"{targets['operator_peak_rss_mb']:g} MB |",
+              f"| operator CPU: fleet phase / {apply8['replicas']}-replica apply / scale / idle with "
+              f"{fleet['resources']} resources | {fleet['operator_cpu_seconds']:.2f} s "
+              f"({fleet['operator_cpu_percent']:g} %) / {apply8['operator_cpu_seconds']:.2f} s "
+              f"({apply8['operator_cpu_percent']:g} %) / "
+              f"{scale['operator_cpu_seconds']:.2f} s ({scale['operator_cpu_percent']:g} %) / "
+              f"{fleet['operator_idle_cpu_percent_after']:g} % | - |", "",
+              f"The {fleet['resources']}-resource fleet pins its pods to a virtual Node (a Node object no agent "
+              f"runs) so that {fleet['resources'] * fleet['replicas_each']} engine start-ups do not drown the "
+              "measurement: it "
+              "measures the operator and the control plane (pods created and scheduled, status written). Engine "
+              "start-up (model load on shared cores) dominates the time to Ready; the gateway starts routing to a "
+              f"new replica {scale['ready_to_traffic_seconds']:.1f} s after it turns Ready.", ""]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3))
+    items = [(f"apply {apply8['replicas']}: pods created", apply8["all_pods_created_seconds"]),
+             ("scale +1: pod created", scale["new_pod_created_seconds"]),
+             ("scale +1: Ready -> traffic", scale["ready_to_traffic_seconds"]),
+             (f"fleet {fleet['resources']}x{fleet['replicas_each']}: pods created", fleet["all_pods_created_seconds"]),
+             (f"fleet {fleet['resources']}x{fleet['replicas_each']}: converged", fleet["converged_seconds"])]
+    bars = ax.barh([k for k, _ in items], [v for _, v in items], color="#37a")
+    ax.bar_label(bars, fmt="%.2f s")
+    ax.set_xlabel("seconds")
+    ax.invert_yaxis()
+    lines += [save(fig, "operator_convergence"), ""]
+    def met(value: float, limit: float) -> str:
+        return "met" if value < limit else "**missed**"
+
+    created, converged = apply8["all_pods_created_seconds"], fleet["converged_seconds"]
+    rss = data["operator_peak_rss_mb"]
+    headline = [f"| operator: apply -> {apply8['replicas']} pods created | {created:.2f} s | "
+                f"< {targets['apply8_all_pods_created_seconds']:g} s: "
+                f"{met(created, targets['apply8_all_pods_created_seconds'])} |",
+                f"| operator: {fleet['resources']} resources x {fleet['replicas_each']} converged | "
+                f"{converged:.1f} s | < {targets['fleet_converged_seconds']:g} s: "
+                f"{met(converged, targets['fleet_converged_seconds'])} |",
+                f"| operator peak RSS | {rss:.0f} MB | < {targets['operator_peak_rss_mb']:g} MB: "
+                f"{met(rss, targets['operator_peak_rss_mb'])} |"]
+    return lines, headline
+
+
+def machine_line() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024 // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    return (f"{cpu}, {os.cpu_count()} cores, {mem} GiB, Linux {platform.release()}, Python "
+            f"{platform.python_version()}; no accelerator (every engine runs on CPU)")
+
+
+def write_report(out: Path = OUT) -> Path:
+    """Render docs/benchmarks.md and the PNGs."""
+    runs = json.loads((RESULTS / "runs.json").read_text()) if (RESULTS / "runs.json").exists() else {}
+    engine, engine_head = engine_section(load("engine_vs_transformers"), runs)
+    overhead, overhead_head = gateway_overhead_section(load("gateway_overhead"), runs)
+    routing, routing_head = routing_section(load("gateway_routing"), load("gateway_prefix"), load("gateway_streams"),
+                                            load("gateway_decision"), runs)
+    operator, operator_head = operator_section(load("operator"), runs)
+    lines = ["# Benchmarks", "",
+             "Measured results of the benchmark scripts in benchmarks/. `make bench` runs them all "
+             "(benchmarks/run_all.py, one after the other; `BENCH_ARGS=--only NAME,...` for a subset) and regenerates "
+             "this page and its plots (benchmarks/bench_report.py) from docs/benchmarks/*.json: nothing here is "
+             "typed by hand. Ratios are measured side by side within one run of one script.", "",
+             f"Machine: {machine_line()}. Its 2 cores are shared with other work, so wall-clock numbers are noisy; "
+             "each section gives the load average around its run.", "",
+             "## Headlines", "", "| measure | result | target |", "|---|---|---|",
+             *engine_head, *overhead_head, *routing_head, *operator_head, "",
+             *engine, *overhead, *routing, *operator]
+    out.write_text("\n".join(line for line in lines).rstrip() + "\n")
+    print(f"wrote {out}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    write_report()
