@@ -1,0 +1,252 @@
+"""The helm chart: lint, values schema, what each mode renders, drift against the operator, server-side dry run.
+
+The chart's CRD and ClusterRole are copies of crds/ and operator/rbac.yaml (`make chart-sync`), and its webhook
+objects and operator flags must match what `pypto-serving operator` expects: these tests compare the rendered
+output with the operator's own code so the two cannot drift apart. The real install/upgrade/uninstall runs in
+tests/e2e/test_demo.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+
+from pypto_serving.operator import cli as operator_cli
+from pypto_serving.operator import desired
+from pypto_serving.operator import types as t
+from pypto_serving.operator import webhook as wh
+from tests.helm.chartkit import (
+    CHART,
+    find,
+    helm,
+    kinds,
+    operator_container,
+    render,
+    secret_data,
+    template_text,
+)
+from tests.support.common import REPO_ROOT
+
+LIST_MODE = {"operator.watch.allNamespaces": False, "operator.watch.namespaces": ["team-a", "team-b"]}
+
+
+def operator_args(docs: list[dict[str, Any]], pod_ip: str = "10.1.2.3") -> Any:
+    """The rendered operator flags parsed by the operator's own command line (unknown flags fail here)."""
+    container = operator_container(docs)
+    assert container["command"] == ["pypto-serving", "operator"]
+    args = [a.replace("$(POD_IP)", pod_ip) for a in container["args"]]
+    return operator_cli.parser().parse_args(args)
+
+
+def test_helm_lint_strict() -> None:
+    out = helm("lint", "--strict", CHART).stdout
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+
+
+def test_chart_crd_is_the_generated_crd() -> None:
+    source = (REPO_ROOT / "crds" / "pyptoservings.serving.pypto.io.yaml").read_text()
+    copy = (CHART / "crds" / "pyptoservings.serving.pypto.io.yaml").read_text()
+    assert copy == source, "helm/pypto-serving/crds/ differs from crds/: run `make chart-sync`"
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["pyptoservings.serving.pypto.io.yaml"]
+
+
+def test_chart_cluster_role_is_operator_rbac() -> None:
+    source = (REPO_ROOT / "operator" / "rbac.yaml").read_text()
+    assert (CHART / "files" / "operator-rbac.yaml").read_text() == source, \
+        "helm/pypto-serving/files/operator-rbac.yaml differs from operator/rbac.yaml: run `make chart-sync`"
+    rules = yaml.safe_load(source)["rules"]
+    for values in ({}, LIST_MODE):
+        role = find(render(values), "ClusterRole", "pps-pypto-serving-operator")
+        assert role["rules"] == rules
+
+
+def test_default_render_is_service_mode_watching_all_namespaces() -> None:
+    docs = render()
+    assert kinds(docs) == [  # the cluster-wide binding covers the webhook configuration rule too
+        ("ClusterRole", "pps-pypto-serving-operator", None),
+        ("ClusterRoleBinding", "pps-pypto-serving-operator", None),
+        ("Deployment", "pps-pypto-serving-operator", "pypto-system"),
+        ("PodDisruptionBudget", "pps-pypto-serving-operator", "pypto-system"),
+        ("Secret", "pps-pypto-serving-webhook-tls", "pypto-system"),
+        ("Service", "pps-pypto-serving-operator-metrics", "pypto-system"),
+        ("Service", "pps-pypto-serving-webhook", "pypto-system"),
+        ("ServiceAccount", "pps-pypto-serving-operator", "pypto-system"),
+        ("ValidatingWebhookConfiguration", "pps-pypto-serving-operator", None),
+    ]
+    deployment = find(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert find(docs, "PodDisruptionBudget")["apiVersion"] == "policy/v1beta1"  # 1.20 has no policy/v1
+    args = operator_args(docs)
+    assert args.all_namespaces and args.leader_elect
+    assert args.leader_election_id == "pps-pypto-serving-operator"
+    assert (args.webhook_mode, args.webhook_listen, args.health_host) == ("service", "10.1.2.3", "10.1.2.3")
+    binding = find(docs, "ClusterRoleBinding", "pps-pypto-serving-operator")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pps-pypto-serving-operator",
+                                    "namespace": "pypto-system"}]
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "pps-pypto-serving-operator"
+
+
+def test_operator_pods_are_locked_down_and_match_the_engines_network_policy() -> None:
+    docs = render()
+    pod = find(docs, "Deployment")["spec"]["template"]
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = operator_container(docs)
+    sc = container["securityContext"]
+    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    # the only writable path is the scratch emptyDir, which TMPDIR and the webhook certificates use
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TMPDIR"] == mounts["scratch"]
+    assert operator_args(docs).webhook_cert_dir.startswith(mounts["scratch"] + "/")
+    assert {v["name"] for v in pod["spec"]["volumes"]} == {"scratch"}
+    # the engines' NetworkPolicy admits the operator's pods by these labels (operator/desired.py)
+    assert desired.OPERATOR_POD_LABELS.items() <= pod["metadata"]["labels"].items()
+    assert {p["name"] for p in container["ports"]} == {"health", "webhook"}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] == "health"
+    assert container["resources"]["limits"]["memory"]
+
+
+def test_service_mode_webhook_is_what_the_operator_registers() -> None:
+    docs = render()
+    args = operator_args(docs)
+    secret = find(docs, "Secret", args.webhook_secret)
+    service = find(docs, "Service", args.webhook_service_name)
+    config = find(docs, "ValidatingWebhookConfiguration", args.webhook_config_name)
+    ca = secret_data(secret, "ca.crt")
+    expected = wh.configuration(args.webhook_config_name, wh.client_config(
+        "service", ca, port=args.webhook_port, service_name=args.webhook_service_name,
+        service_namespace=args.webhook_service_namespace), args.webhook_failure_policy)
+    assert config["webhooks"] == expected["webhooks"]
+    # the Service reaches the operator pods' webhook port
+    pod = find(docs, "Deployment")["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["port"] == args.webhook_port
+    assert service["spec"]["ports"][0]["targetPort"] == "webhook"
+    # the operator keeps the chart's certificate (wh.covers) instead of replacing it: same CA as the caBundle
+    bundle = wh.TLSBundle(ca, secret_data(secret, "tls.crt"), secret_data(secret, "tls.key"))
+    hosts = operator_cli.webhook_hosts(args, "pypto-system")
+    assert wh.covers(bundle, hosts)
+    cert = x509.load_pem_x509_certificate(bundle.cert)
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
+
+
+def test_url_mode_leaves_the_webhooks_to_the_operator() -> None:
+    docs = render({"webhook.mode": "url"})
+    args = operator_args(docs)
+    assert args.webhook_mode == "url" and args.webhook_secret is None and args.webhook_host is None
+    config = find(docs, "ValidatingWebhookConfiguration", args.webhook_config_name)
+    assert "webhooks" not in config  # helm owns the object (uninstall deletes it); each operator pod fills it in
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == ["pps-pypto-serving-operator-metrics"]
+
+
+def test_webhook_off() -> None:
+    docs = render({"webhook.enabled": False, "metrics.service.enabled": False})
+    assert operator_args(docs).webhook_mode == "none"
+    assert not [d for d in docs if d["kind"] in ("ValidatingWebhookConfiguration", "Secret", "Service")]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == ["pps-pypto-serving-operator"]
+    assert "webhook" not in {p["name"] for p in operator_container(docs)["ports"]}
+
+
+def test_namespace_list_binds_the_rules_per_namespace() -> None:
+    docs = render(LIST_MODE)
+    args = operator_args(docs)
+    assert args.namespace == ["team-a", "team-b"] and not args.all_namespaces
+    rules = yaml.safe_load((REPO_ROOT / "operator" / "rbac.yaml").read_text())["rules"]
+    for ns in ("team-a", "team-b"):
+        binding = find(docs, "RoleBinding", namespace=ns)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                      "name": "pps-pypto-serving-operator"}
+    # own namespace: only the Lease and the webhook Secret; cluster-wide: only the webhook configuration
+    own = find(docs, "Role", namespace="pypto-system")
+    assert own["rules"] == [r for r in rules if {"leases", "secrets"} & set(r["resources"])]
+    assert find(docs, "RoleBinding", namespace="pypto-system")["roleRef"]["kind"] == "Role"
+    hook = find(docs, "ClusterRole", "pps-pypto-serving-operator-webhook")
+    assert hook["rules"] == [r for r in rules if "validatingwebhookconfigurations" in r["resources"]]
+    bindings = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert [b["roleRef"]["name"] for b in bindings] == ["pps-pypto-serving-operator-webhook"]
+    # watching its own namespace: that RoleBinding covers the Lease, no extra Role
+    docs = render({**LIST_MODE, "operator.watch.namespaces": ["pypto-system"]})
+    assert not [d for d in docs if d["kind"] == "Role"]
+
+
+def test_single_replica_without_leader_election() -> None:
+    docs = render({"operator.replicas": 1, "operator.leaderElection.enabled": False,
+                   "operator.logLevel": "DEBUG", "operator.extraArgs": ["--workers=2"]})
+    args = operator_args(docs)
+    assert not args.leader_elect and args.log_level == "DEBUG" and args.workers == 2
+    assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+
+
+@pytest.mark.parametrize(("values", "complaint"), [
+    ({"operator.replicas": 0}, "replicas"),
+    ({"operator.logLevel": "LOUD"}, "logLevel"),
+    ({"webhook.mode": "magic"}, "mode"),
+    ({"webhook.failurePolicy": "Maybe"}, "failurePolicy"),
+    ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
+    ({"operator.watch.allNamespaces": False}, "namespaces"),
+    ({"operator.watch.namespaces": ["Not_A_Namespace"]}, "namespaces"),
+    ({"serving.deviceResourceName": "Ascend910"}, "deviceResourceName"),
+    ({"serving.gateway.routing": "random"}, "routing"),
+    ({"operater": {"replicas": 1}}, "operater"),
+    ({"operator.workers": "four"}, "workers"),
+])
+def test_values_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
+    result = template_text(values, check=False)
+    assert result.returncode != 0, f"{values} was accepted"
+    assert "values don't meet the specifications of the schema" in result.stderr and complaint in result.stderr, \
+        result.stderr
+
+
+def test_values_schema_enums_follow_the_operator() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    serving = schema["properties"]["serving"]["properties"]
+    assert tuple(serving["gateway"]["properties"]["routing"]["enum"]) == t.ROUTING_POLICIES
+    service_types = t.GatewaySpec.model_fields["service_type"].annotation.__args__  # type: ignore[union-attr]
+    assert tuple(serving["gateway"]["properties"]["serviceType"]["enum"]) == service_types
+    levels = next(a for a in operator_cli.parser()._actions if a.dest == "log_level").choices
+    assert schema["properties"]["operator"]["properties"]["logLevel"]["enum"] == list(levels)
+    pattern = re.compile(serving["deviceResourceName"]["pattern"])
+    assert pattern.match(t.DevicesSpec().resource_name) and pattern.match("huawei.com/ascend-1980")
+
+
+def test_notes_tell_what_to_do_next() -> None:
+    out = helm("install", "pps", CHART, "--namespace", "pypto-system", "--dry-run=client",
+               *[a for kv in LIST_MODE.items() for a in ("--set-json", f"{kv[0]}={json.dumps(kv[1])}")]).stdout
+    notes = out.split("NOTES:", 1)[1]
+    for text in ("watching namespaces: team-a, team-b", "Lease pypto-system/pps-pypto-serving-operator",
+                 "kubectl apply -n team-a", "kubectl scale pps my-model --replicas=3", "/replicas",
+                 "logs deploy/pps-pypto-serving-operator"):
+        assert text in notes, notes
+    # the manifest NOTES prints is a valid PyptoServing
+    manifest = notes.split("<<'YAML'\n", 1)[1].split("   YAML", 1)[0]
+    from pypto_serving.operator.validation import validate
+
+    _, problems = validate(yaml.safe_load(textwrap.dedent(manifest)))
+    assert not problems
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("values", [
+    {},
+    {"webhook.mode": "url", "operator.replicas": 1},
+    {"webhook.enabled": False, "rbac.create": True, "serviceAccount.name": "custom"},
+], ids=["service-mode-all-namespaces", "url-mode-one-namespace", "no-webhook"])
+def test_rendered_chart_passes_a_server_side_dry_run(cluster: Any, namespace: str, values: dict[str, Any]) -> None:
+    if values.get("webhook.mode") == "url":
+        values = {**values, "operator.watch.allNamespaces": False, "operator.watch.namespaces": [namespace]}
+    text = template_text(values, namespace, "dry", "--include-crds").stdout
+    result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=text)
+    applied = [line for line in result.stdout.splitlines() if "(server dry run)" in line]
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    assert len(applied) == len(docs), result.stdout
+    assert any(line.startswith("deployment.apps/dry-pypto-serving-operator") for line in applied)
