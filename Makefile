@@ -58,6 +58,41 @@ test-unit: install ## tests that need no cluster
 .PHONY: crds
 crds: install ## regenerate crds/ from the operator's pydantic models (operator/types.py)
 	$(PY) -m pypto_serving.operator.crd > crds/pyptoservings.serving.pypto.io.yaml
+	cp crds/pyptoservings.serving.pypto.io.yaml helm/pypto-serving/crds/
+
+DEMO_DIR ?= .work/demo
+.PHONY: demo
+demo: install tools ## the main job: local cluster, helm chart, tiny model served, queried and scaled end to end
+	$(PY) -m hack.demo up --dir $(DEMO_DIR)
+
+.PHONY: demo-down
+demo-down: ## stop the demo cluster (operator, engines, gateway, control plane) and delete its state
+	@if [ -x $(PY) ]; then $(PY) -m hack.demo down --dir $(DEMO_DIR); else rm -rf $(DEMO_DIR); fi
+
+.PHONY: chart-sync
+chart-sync: ## copy crds/ and operator/rbac.yaml into the helm chart (tests fail while they differ)
+	cp crds/pyptoservings.serving.pypto.io.yaml helm/pypto-serving/crds/
+	cp operator/rbac.yaml helm/pypto-serving/files/operator-rbac.yaml
+
+.PHONY: chart-lint
+chart-lint: tools ## helm lint the chart
+	$(CACHE_DIR)/bin/helm lint --strict helm/pypto-serving
+
+.PHONY: chart-test
+chart-test: install tools ## the chart's tests: lint, schema, template + server dry-run, install/upgrade/uninstall
+	$(PY) -m pytest tests/helm tests/e2e $(PYTEST_ARGS)
+
+.PHONY: docs
+docs: install ## regenerate docs/crd-reference.md from the pydantic models (a test fails when stale)
+	$(PY) -m hack.crd_reference
+
+.PHONY: image-constraints
+image-constraints: install ## pin the images' Python packages (constraints/image.txt) to the tested .venv
+	$(PY) -m hack.image_constraints
+
+.PHONY: kind-e2e
+kind-e2e: ## for users with Docker: kind cluster, images, helm install, smoke test (hack/kind-e2e.sh)
+	bash hack/kind-e2e.sh
 
 # ------------------------------------------------------------------------------------------- system proof
 $(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
