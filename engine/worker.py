@@ -177,8 +177,11 @@ class MultiprocExecutor:
             if not ready:
                 raise StepTimeout
             for obj in ready:
-                if obj not in self.conns:
-                    raise WorkerDied(f"tensor-parallel worker died: {self._dead_ranks()}")
+                if obj not in self.conns:  # a sentinel: that rank exited (it may not be reaped yet)
+                    rank = self._sentinels().index(obj)
+                    dead = self.procs[rank]
+                    dead.join(timeout=1.0)
+                    raise WorkerDied(f"tensor-parallel worker died: rank {rank} (exit code {dead.exitcode})")
                 rank = self.conns.index(obj)
                 try:
                     kind, step_id, payload = obj.recv()
