@@ -75,8 +75,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(exc.status_code, str(exc.detail), code=exc.status_code, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error")
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s: internal error", getattr(request.state, "request_id", "-"))
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").response()
 
 

@@ -300,8 +300,10 @@ class Choice:
 class Generation:
     """The core requests of one API call (n choices per prompt) and their merged outputs."""
 
-    def __init__(self, engine: AsyncEngine, choices: list[Choice], on_close: Callable[[], None] = lambda: None):
+    def __init__(self, engine: AsyncEngine, request_id: str, choices: list[Choice],
+                 on_close: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
+        self.request_id = request_id  # the API call's id (x-request-id), the prefix of its choices' core ids
         self.choices = choices
         self.by_id = {c.request_id: c for c in choices}
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -372,17 +374,18 @@ class Generation:
         async for _ in self.events():
             pass
 
-    def close(self) -> None:
-        """Abort unfinished choices and run `on_close` (idempotent)."""
+    def close(self) -> int:
+        """Abort unfinished choices and run `on_close` (idempotent); returns how many choices it aborted."""
         if self.closed:
-            return
+            return 0
         self.closed = True
-        for choice in self.choices:
-            if not choice.finished:
-                self.engine.abort(choice.request_id)
-                choice.finish_reason = "abort"
-                choice.timer.on_finish("abort", len(choice.prompt_ids))
+        unfinished = [c for c in self.choices if not c.finished]
+        for choice in unfinished:
+            self.engine.abort(choice.request_id)
+            choice.finish_reason = "abort"
+            choice.timer.on_finish("abort", len(choice.prompt_ids))
         self.on_close()
+        return len(unfinished)
 
     def usage(self) -> dict[str, Any]:
         """OpenAI usage: prompt tokens once per prompt, completion tokens over all choices."""

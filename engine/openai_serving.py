@@ -9,7 +9,7 @@ requests aborted at once.
 from __future__ import annotations
 
 import json
-import uuid
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,16 +46,13 @@ from pypto_serving.engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from pypto_serving.engine.server import ServerState
 
+log = logging.getLogger("pypto_serving.engine")
 CLIENT_CLOSED = 499  # nginx's "client closed request"
 MAX_CHOICES = 1024  # prompts x n of one completions call
 TEMPLATE_RESERVED = {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
                      "return_dict", "return_tensors", "tools", "chat_template"}
 
 Chunk = Callable[[Choice, str, list[LogprobEntry]], str]  # one streamed event for a choice's new text and logprobs
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 # ------------------------------------------------------------------------------------- admission and answers
@@ -90,6 +87,8 @@ def raise_for_failure(state: ServerState, generation: Generation) -> None:
     """A non-streamed response fails as a whole if a choice failed or was aborted in the engine."""
     for choice in generation.choices:
         if choice.finish_reason == "error":
+            log.warning("request %s: choice %d failed in the engine: %s", generation.request_id, choice.index,
+                        choice.error)
             raise APIError(500, f"the engine failed: {choice.error}", "internal_error", code="engine_error")
         if choice.finish_reason == "abort":
             raise unavailable("the request was aborted (the engine is shutting down)", "aborted",
@@ -107,7 +106,9 @@ class SSEResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.generation.close()
+            if aborted := self.generation.close():
+                log.info("request %s: the stream ended early (client gone or server stopping): aborted %d choice(s)",
+                         self.generation.request_id, aborted)
 
 
 def sse(data: Any) -> str:
@@ -115,10 +116,11 @@ def sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def stream_error(choice: Choice) -> str | None:
+def stream_error(generation: Generation, choice: Choice) -> str | None:
     """The error event of a choice that failed in the engine, if it did."""
     if choice.finish_reason != "error":
         return None
+    log.warning("request %s: choice %d failed in the engine: %s", generation.request_id, choice.index, choice.error)
     error = ErrorInfo(message=f"the engine failed: {choice.error}", type="internal_error", code="engine_error")
     return sse({"error": error.model_dump()})
 
@@ -137,7 +139,7 @@ async def respond(state: ServerState, request: Request, body: SamplingRequest, g
                 entries = c.take_logprobs()
                 if text or entries or c.finished:
                     yield chunk(c, text, entries)
-                if error := stream_error(c):
+                if error := stream_error(generation, c):
                     yield error
             if body.include_usage:
                 yield sse(usage_chunk(UsageInfo(**generation.usage())).model_dump_json())
@@ -146,6 +148,7 @@ async def respond(state: ServerState, request: Request, body: SamplingRequest, g
         return SSEResponse(events(), generation)
 
     if not await generation.collect(lambda: until_disconnected(request)):
+        log.info("request %s: the client went away; its choices were aborted", generation.request_id)
         return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the core requests are aborted already
     raise_for_failure(state, generation)
     return Response(whole(UsageInfo(**generation.usage())).model_dump_json(), media_type="application/json")
@@ -187,15 +190,17 @@ def max_tokens_for(state: ServerState, prompt_len: int, requested: int | None, p
     return requested
 
 
-def make_choices(state: ServerState, body: SamplingRequest, prompts: list[list[int]], max_tokens: list[int],
-                 logprobs: int | None, response_id: str) -> list[Choice]:
-    """n core requests per prompt; with a seed, child i samples with seed + i."""
+def make_generation(state: ServerState, request: Request, body: SamplingRequest, prompts: list[list[int]],
+                    max_tokens: list[int], logprobs: int | None) -> Generation:
+    """n core requests per prompt, with ids `<request id>-<serial>-<choice index>`; with a seed, child i samples with
+    seed + i."""
     vocab = state.vocab_size
     bad = next((t for t in body.stop_token_ids or [] if t >= vocab), None)
     if bad is not None:
         raise APIError(400, f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab})",
                        param="stop_token_ids")
     eos = set(getattr(state.core, "eos_token_ids", set()) or set())
+    prefix = state.core_id_prefix(request.state.request_id)
     choices = []
     for p, (ids, limit) in enumerate(zip(prompts, max_tokens, strict=True)):
         for i in range(body.n):
@@ -208,9 +213,9 @@ def make_choices(state: ServerState, body: SamplingRequest, prompts: list[list[i
             index = p * body.n + i
             text = TextStream(state.core.tokenizer, ids, body.stop_strings, body.include_stop_str_in_output,
                               body.skip_special_tokens)
-            choices.append(Choice(index, p, f"{response_id}-{index}", ids, params, text, state.metrics.timer(),
+            choices.append(Choice(index, p, f"{prefix}-{index}", ids, params, text, state.metrics.timer(),
                                   eos | set(params.stop_token_ids)))
-    return choices
+    return Generation(state.engine, request.state.request_id, choices, state.end)
 
 
 # ------------------------------------------------------------------------------------------------- completions
@@ -220,7 +225,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     """POST /v1/completions."""
     raw = body.prompt
     prompts = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
-    response_id = new_id("cmpl")
+    response_id = f"cmpl-{request.state.request_id}"
 
     async def prepare() -> Generation:
         state.check_model(body.model)
@@ -231,7 +236,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
                            param="n" if body.n > 1 else "prompt")
         ids = [await encode_prompt(state, p, "prompt") for p in prompts]
         limits = [max_tokens_for(state, len(p), body.max_tokens, "prompt") for p in ids]
-        return Generation(state.engine, make_choices(state, body, ids, limits, body.logprobs, response_id), state.end)
+        return make_generation(state, request, body, ids, limits, body.logprobs)
 
     generation = await admit_and_start(state, prepare)
     echo = [(p if isinstance(p, str) else state.core.tokenizer.decode(p)) if body.echo else "" for p in prompts]
@@ -296,14 +301,13 @@ def chat_chunk(response_id: str, model: str, index: int, delta: dict[str, Any], 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     """POST /v1/chat/completions."""
-    response_id = new_id("chatcmpl")
+    response_id = f"chatcmpl-{request.state.request_id}"
 
     async def prepare() -> Generation:
         state.check_model(body.model)
         ids = await render_chat(state, body)
         limit = max_tokens_for(state, len(ids), body.requested_max_tokens, "messages")
-        return Generation(state.engine, make_choices(state, body, [ids], [limit], body.num_logprobs, response_id),
-                          state.end)
+        return make_generation(state, request, body, [ids], [limit], body.num_logprobs)
 
     generation = await admit_and_start(state, prepare)
     model = state.settings.served_model_name

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Message, Receive, Scope, Send
 
 from pypto_serving.engine.api_errors import APIError, BodyLimit, install_error_handlers, unavailable
 from pypto_serving.engine.async_engine import AsyncEngine, State
@@ -32,6 +35,8 @@ from pypto_serving.engine.protocol import (
 )
 
 log = logging.getLogger("pypto_serving.engine")
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_LEN = 128
 
 
 @dataclass
@@ -58,6 +63,7 @@ class ServerState:
         self.idle.set()
         self.request_exit: Callable[[], None] = lambda: None  # set by the CLI: makes uvicorn exit
         self._token_text: dict[int, str] = {}
+        self._serial = itertools.count()
         self._exit_task: asyncio.Task[None] | None = None
         # Tokenizing (and chat templates) run on one worker thread, on a private copy of the tokenizer, so a huge
         # prompt never stalls the event loop (HF tokenizers release the GIL) and no tokenizer is shared by threads.
@@ -115,6 +121,10 @@ class ServerState:
         """How logprobs name tokens: their text, or "token_id:N" (vLLM's return_tokens_as_token_ids)."""
         return (lambda token_id: f"token_id:{token_id}") if body.return_tokens_as_token_ids else self.token_text
 
+    def core_id_prefix(self, request_id: str) -> str:
+        """The prefix of a call's core request ids: its request id, made unique (clients may reuse theirs)."""
+        return f"{request_id}-{next(self._serial)}"
+
     def begin(self) -> None:
         self.inflight += 1
         self.idle.clear()
@@ -147,6 +157,37 @@ class ServerState:
         self.request_exit()
 
 
+def request_id_of(value: bytes | None) -> str:
+    """The client's x-request-id if it is 1-128 printable ASCII characters without spaces, else a new id."""
+    text = (value or b"").decode("latin-1")
+    if 0 < len(text) <= MAX_REQUEST_ID_LEN and all("!" <= ch <= "~" for ch in text):
+        return text
+    return uuid.uuid4().hex
+
+
+class RequestId:
+    """ASGI middleware: every request gets an id (the client's x-request-id, else a new one) in
+    `request.state.request_id`, echoed as x-request-id on its response: streamed or not, errors and 413s included."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(dict(scope["headers"]).get(REQUEST_ID_HEADER.encode()))
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER.encode(), request_id.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The FastAPI app around an AsyncEngine; the engine starts loading when the app starts."""
 
@@ -162,6 +203,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     state = ServerState(engine, settings)
     app.state.server = state
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)  # added last: the outermost, so a 413 carries the id too
     install_error_handlers(app)
 
     @app.get("/health")

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
+from tests.support.common import wait_for
 from tests.support.engines import EngineProcess
 
 GREEDY = {"temperature": 0.0}
@@ -248,3 +249,55 @@ def test_sampling_fields_reach_the_sampler(client, model):
     for penalty in ({"presence_penalty": -2.0}, {"frequency_penalty": -2.0}, {"repetition_penalty": 0.1}):
         rewarded = complete(client, model, prompt, max_tokens=12, ignore_eos=True, **penalty, **GREEDY)
         assert rewarded.choices[0].text != greedy, penalty  # rewarding repeats changes the greedy output
+
+
+def test_x_request_id_is_echoed_and_names_the_response(client, model):
+    raw = client.completions.with_raw_response.create(model=model, prompt="Hi", max_tokens=3,
+                                                      extra_headers={"x-request-id": "client-req-42"})
+    assert raw.headers["x-request-id"] == "client-req-42"
+    assert raw.parse().id == "cmpl-client-req-42"
+    with client.chat.completions.with_streaming_response.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True,
+            extra_headers={"x-request-id": "chat/7:{abc}"}) as response:
+        assert response.headers["x-request-id"] == "chat/7:{abc}"
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert chunks and {c["id"] for c in chunks} == {"chatcmpl-chat/7:{abc}"}
+
+
+def test_a_request_without_a_usable_x_request_id_gets_one(tiny_engine, model):
+    url = f"{tiny_engine.url}/v1/completions"
+    body = {"model": model, "prompt": "Hi", "max_tokens": 2}
+    ids = []
+    for headers in ({}, {"x-request-id": "has spaces"}, {"x-request-id": "x" * 129}):
+        response = httpx.post(url, json=body, headers=headers, timeout=60)
+        generated = response.headers["x-request-id"]
+        assert len(generated) == 32 and int(generated, 16) >= 0
+        assert response.json()["id"] == f"cmpl-{generated}"
+        ids.append(generated)
+    assert len(set(ids)) == 3
+    rejected = httpx.post(url, json={**body, "max_tokens": 0}, headers={"x-request-id": "bad-input-1"}, timeout=60)
+    assert rejected.status_code == 400 and rejected.headers["x-request-id"] == "bad-input-1"
+    too_big = httpx.post(url, content=b"x" * (9 << 20), headers={"x-request-id": "too-big-1"}, timeout=60)
+    assert too_big.status_code == 413 and too_big.headers["x-request-id"] == "too-big-1"
+
+
+def test_a_reused_x_request_id_does_not_mix_requests(client, model):
+    def run(prompt: str) -> str:
+        return complete(client, model, prompt, max_tokens=16, ignore_eos=True, extra_headers={"x-request-id": "same"},
+                        **GREEDY).choices[0].text
+
+    prompts = ["The quick brown fox", "Water boils at", "Once upon a time", "Hello, world!"]
+    alone = [run(p) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(run, prompts)) == alone
+
+
+def test_aborts_are_logged_under_the_x_request_id(tiny_engine, model):
+    body = {"model": model, "prompt": "A long story", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{tiny_engine.url}/v1/completions", json=body, timeout=60,
+                      headers={"x-request-id": "gone-early-9"}) as response:
+        assert response.headers["x-request-id"] == "gone-early-9"
+        next(response.iter_lines())
+    wait_for(lambda: "request gone-early-9: the stream ended early" in tiny_engine.log_tail(200), 30,
+             "the abort to be logged under the client's request id")
+    wait_for(lambda: httpx.get(f"{tiny_engine.url}/load", timeout=10).json()["running"] == 0, 30, "the abort")
