@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -23,6 +24,7 @@ from pypto_serving.engine.server import ServerSettings, ServerState, build_app
 from pypto_serving.engine.serving_config import OPTIONS, ConfigError, load_serving_config, resolve, split
 
 log = logging.getLogger("pypto_serving.engine")
+FORCED_SHUTDOWN_S = 5.0  # after a second signal: how long stopping the engine may take before the process just exits
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +61,9 @@ class EngineServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
+        if self.force_exit:  # uvicorn then skips the app's shutdown: still stop the engine, but do not wait long
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.lifespan.shutdown(), FORCED_SHUTDOWN_S)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signals += 1

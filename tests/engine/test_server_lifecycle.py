@@ -232,6 +232,28 @@ def test_sigterm_drains_in_flight_streams_before_exiting(engine_factory, tiny_qw
     assert "draining" in engine.log_tail(200)
 
 
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_during_a_drain_exits_at_once(engine_factory, tiny_qwen3_dir, second):
+    engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=list(TINY_ENGINE_ARGS))  # drain timeout 120 s
+    stream = StreamReader(engine.url, tiny_qwen3_dir.name, max_tokens=1000, hold=True)
+    stream.start()
+    wait_for(lambda: stream.events, 60, "the first streamed chunk")
+    engine.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(f"{engine.url}/ready", timeout=5).status_code == 503, 10, "/ready 503 on SIGTERM")
+    assert engine.alive()  # draining: the held stream keeps it up
+    started = time.monotonic()
+    engine.proc.send_signal(second)
+    code = engine.proc.wait(30)
+    elapsed = time.monotonic() - started
+    stream.resume.set()
+    stream.join(30)
+    assert not stream.is_alive()
+    assert code == 0 and elapsed < 10, (code, elapsed, engine.log_tail(30))  # not the 120 s drain timeout
+    log = engine.log_tail(200)
+    assert f"{signal.Signals(second).name}: exiting now" in log
+    assert "Traceback" not in log  # the engine is stopped, not torn down by the interpreter's exit
+
+
 def test_drain_deadline_aborts_what_is_left(engine_factory, tiny_qwen3_dir):
     engine: EngineProcess = engine_factory(tiny_qwen3_dir, extra_args=[*TINY_ENGINE_ARGS, "--drain-timeout", "0"])
     stream = StreamReader(engine.url, tiny_qwen3_dir.name, max_tokens=1000)
