@@ -10,6 +10,7 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from pypto_serving.gateway.config import GatewayConfig
@@ -23,6 +24,9 @@ from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.request import RequestInfo, request_info
 
 ROUTING_HEADER = "x-pypto-routing"
+# The gateway's own endpoints in its OpenAPI document (the /v1 routes come from the engines').
+GATEWAY_PATHS = {"/health": "The gateway process is alive.", "/ready": "200 while a replica can take traffic.",
+                 "/replicas": "Each replica's address, state and last load.", "/metrics": "Prometheus metrics."}
 SESSION_HEADER = "x-session-id"
 
 
@@ -91,6 +95,35 @@ class Gateway:
         if not self.authorized(request):
             return self._reject(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
         return await self.proxy.handle(request, "/v1/models", None, RequestInfo(), self.policies["least-requests"])
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """GET /openapi.json: what this gateway serves. The OpenAI routes are the engines' own (their document is
+        fetched from a ready replica, so it always matches the engine version behind the gateway) without the
+        engine-only endpoints, plus the gateway's endpoints."""
+        document = None
+        for replica in self.registry.eligible():
+            try:
+                assert self.proxy.session is not None
+                async with self.proxy.session.get(replica.url + "/openapi.json") as upstream:
+                    if upstream.status == 200:
+                        document = json.loads(await upstream.read())
+                        break
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue
+        if not isinstance(document, dict) or not isinstance(document.get("paths"), dict):
+            return self._reject(503, "no ready replica to describe the API", "no_replicas")
+        paths = {p: ops for p, ops in document["paths"].items() if p.startswith("/v1/")}
+        for path, summary in GATEWAY_PATHS.items():
+            paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+        document["paths"] = paths
+        document["info"] = {**(document.get("info") or {}), "title": "pypto-serving gateway"}
+        if self.config.api_key is not None:
+            document.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in paths.items():
+                if path.startswith("/v1/"):
+                    for op in ops.values():
+                        op["security"] = [{"bearer": []}]
+        return web.json_response(document)
 
     async def health(self, request: web.Request) -> web.Response:
         """GET /health: the gateway process is alive."""
@@ -165,6 +198,7 @@ def create_app(config: GatewayConfig, discovery: Discovery) -> web.Application:
     app.router.add_get("/ready", gateway.ready)
     app.router.add_get("/replicas", gateway.replicas)
     app.router.add_get("/metrics", gateway.metrics_text)
+    app.router.add_get("/openapi.json", gateway.openapi)
 
     async def lifecycle(app: web.Application):
         await gateway.start()
