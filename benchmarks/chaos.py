@@ -401,6 +401,10 @@ def run_scenario(system: System, key: str, title: str, inject: Callable[[Ctx], s
     result.checks = judge(ctx)
     result.windows += ctx.extra_windows
     result.timings, result.info = ctx.timings, ctx.info
+    for w in result.windows:
+        p99 = "-" if w.p99_s is None else f"{w.p99_s * 1000:.0f} ms"
+        log(f"{key}: {w.name:>32}: sent {w.sent:4d}  succeeded {w.succeeded:4d}  failed {w.failed:3d}  p99 {p99}"
+            + (f"  {w.errors}" if w.errors else ""))
     for check in result.checks:
         log(f"{key}: [{'ok' if check.passed else 'FAILED'}] {check.name} {check.detail}")
     return result
