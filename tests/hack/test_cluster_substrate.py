@@ -263,6 +263,45 @@ def test_env_and_volumes_appear_like_in_a_container(cluster: Cluster, namespace:
     assert not Path("/scratch/f").exists()  # the emptyDir was mounted only inside the pod's mount namespace
 
 
+def test_an_empty_dir_at_tmp_does_not_hide_the_other_volumes(cluster: Cluster, namespace: str) -> None:
+    """The cluster dir (so every volume's host directory) is under /tmp; an emptyDir at /tmp is mounted first."""
+    assert str(cluster.dir).startswith("/tmp/")
+    core = cluster.core_v1()
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "tmp-cfg"}, "data": {"mode": "fast"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "tmp-sec"},
+                                              "data": {"key": base64.b64encode(b"s3cret").decode()}})
+    script = ("echo mode=$(cat /tmp/cfg/mode) key=$(cat /etc/sec/key) "
+              "ns=$(cat /var/run/secrets/kubernetes.io/serviceaccount/namespace); "
+              "python -c 'from kubernetes import client, config; config.load_incluster_config(); "
+              "client.CoreV1Api().list_namespaced_config_map(open(\"/var/run/secrets/kubernetes.io/serviceaccount/"
+              "namespace\").read()); print(\"token accepted\")'; "
+              "echo scratch > /tmp/f && echo tmp=$(cat /tmp/f) && ls /tmp | tr '\\n' ' '")
+    container = {"volumeMounts": [{"name": "scratch", "mountPath": "/tmp"},
+                                  {"name": "cfg", "mountPath": "/tmp/cfg", "readOnly": True},
+                                  {"name": "sec", "mountPath": "/etc/sec", "readOnly": True}]}
+    volumes = [{"name": "scratch", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "tmp-cfg"}},
+               {"name": "sec", "secret": {"secretName": "tmp-sec"}}]
+    rbac = [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "cm-reader"},
+         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "cm-reader"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}]},
+    ]
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                          "items": rbac}))
+    core.create_namespaced_pod(namespace, pod_manifest("tmpvol", ["sh", "-c", script], container=container,
+                                                       volumes=volumes, restartPolicy="Never"))
+    pod = wait_pod(cluster, namespace, "tmpvol", lambda p: p["status"].get("phase") in ("Succeeded", "Failed"),
+                   "the pod to finish")
+    log = cluster.pod_logs(namespace, "tmpvol")
+    assert pod["status"]["phase"] == "Succeeded", log
+    assert f"mode=fast key=s3cret ns={namespace}" in log and "token accepted" in log, log
+    assert "tmp=scratch" in log and "cfg f" in log, log  # /tmp is the emptyDir (the host's /tmp is not visible)
+    mounted = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounted  # the token volume came from admission
+
+
 def test_init_containers_run_first_and_failures_fail_a_never_restart_pod(cluster: Cluster, namespace: str) -> None:
     shared = [{"name": "work", "mountPath": "/work-dir"}]
     pod = pod_manifest("with-init", ["sh", "-c", "cat /work-dir/prepared"], restartPolicy="Never",

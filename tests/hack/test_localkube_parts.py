@@ -15,7 +15,7 @@ from hack.localkube.node.allocation import AddressPool, AllocationError, DeviceP
 from hack.localkube.node.env import expand, expand_command, field_value, parse_quantity
 from hack.localkube.node.probes import Prober, ProbeTarget
 from hack.localkube.node.status import compute_phase
-from hack.localkube.node.volumes import Mount, mount_script
+from hack.localkube.node.volumes import Mount, container_command, write_mount_plan
 from tests.support.common import free_port
 
 
@@ -132,19 +132,58 @@ def test_http_probe_thresholds(http_server: tuple[int, dict]) -> None:
     assert tcp.run(target, now=0.0) is False
 
 
-def test_mount_script_binds_volumes_in_a_private_namespace(tmp_path: Path) -> None:
+def test_mount_plan_binds_volumes_in_a_private_namespace(tmp_path: Path) -> None:
     volume = tmp_path / "volume"
     volume.mkdir()
     (volume / "greeting").write_text("hello from the volume\n")
     target = f"/tmp/localkube-mount-test-{os.getpid()}"
-    script = tmp_path / "mounts.sh"
-    script.write_text(mount_script([Mount(volume, target, read_only=True)], working_dir=target))
-    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", str(script),
-                             "sh", "-c", "cat greeting; touch x 2>/dev/null || echo read-only"],
-                            capture_output=True, text=True, timeout=30, check=False)
+    plan = write_mount_plan(tmp_path / "mounts.json", [Mount(volume, target, read_only=True)], working_dir=target)
+    command = ["sh", "-c", "cat greeting; touch x 2>/dev/null || echo read-only"]
+    result = subprocess.run(container_command(plan, command), capture_output=True, text=True, timeout=30, check=False)
     try:
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines() == ["hello from the volume", "read-only"]
         assert not any(Path(target).iterdir())  # the mount never showed on the host
     finally:
         Path(target).rmdir()
+
+
+def test_a_mount_over_an_ancestor_of_later_sources_does_not_hide_them(tmp_path: Path) -> None:
+    """Volumes live under the cluster dir (here under /tmp); an emptyDir mounted at /tmp comes first (parents
+    before children) and would shadow them. A configMap-like dir, a token file (subPath-style file source) and a
+    read-only dir below the new /tmp must all still show their own contents."""
+    assert str(tmp_path).startswith("/tmp/")
+    scratch, config, token_dir = tmp_path / "scratch", tmp_path / "config", tmp_path / "token"
+    for directory in (scratch, config, token_dir):
+        directory.mkdir()
+    (config / "mode").write_text("fast\n")
+    (token_dir / "token").write_text("t0ken\n")
+    name = f"localkube-shadow-{os.getpid()}"
+    mounts = [Mount(scratch, "/tmp", read_only=False),
+              Mount(token_dir / "token", f"/var/tmp/{name}/token", read_only=True),
+              Mount(config, "/tmp/config", read_only=True)]
+    plan = write_mount_plan(tmp_path / "mounts.json", mounts, working_dir="/tmp/work")
+    script = ("cat /tmp/config/mode /var/tmp/$N/token; pwd; ls /tmp | sort | tr '\\n' ' '; echo; "
+              "touch /tmp/config/x 2>/dev/null || echo config read-only")
+    result = subprocess.run(container_command(plan, ["sh", "-c", script]), env={**os.environ, "N": name},
+                            capture_output=True, text=True, timeout=30, check=False)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["fast", "t0ken", "/tmp/work", "config work ",
+                                              "config read-only"]
+        assert sorted(p.name for p in scratch.iterdir()) == ["config", "work"]  # mount points made in the emptyDir
+        assert Path(f"/var/tmp/{name}/token").read_text() == ""  # the host keeps the empty mount point only
+    finally:
+        Path(f"/var/tmp/{name}/token").unlink(missing_ok=True)
+        Path(f"/var/tmp/{name}").rmdir()
+
+
+def test_mount_helper_reports_a_missing_source_and_a_missing_command(tmp_path: Path) -> None:
+    plan = write_mount_plan(tmp_path / "mounts.json", [Mount(tmp_path / "absent", "/tmp/nowhere", False)])
+    result = subprocess.run(container_command(plan, ["true"]), capture_output=True, text=True, timeout=30,
+                            check=False)
+    assert result.returncode == 1 and "volume source" in result.stderr and "absent" in result.stderr
+    plan = write_mount_plan(tmp_path / "mounts.json", [])
+    result = subprocess.run(container_command(plan, ["/nonexistent/binary"]), capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 127 and "exec /nonexistent/binary" in result.stderr

@@ -26,7 +26,7 @@ from hack.localkube.kubeclient import ApiError
 from hack.localkube.node.env import ConfigError, EnvResolver, expand_command
 from hack.localkube.node.events import EventRecorder
 from hack.localkube.node.probes import Prober, ProbeTarget, run_action
-from hack.localkube.node.volumes import Volume, VolumeError, container_mounts, mount_script
+from hack.localkube.node.volumes import Volume, VolumeError, container_command, container_mounts, write_mount_plan
 
 TICK = 0.2
 BACKOFF_RESET_AFTER = 600.0  # a container that ran this long starts its back-off over
@@ -194,10 +194,10 @@ class ContainerRunner:
                 if not command:
                     raise ConfigError("container has no command or args: the localkube node agent ignores "
                                       "images and runs `command`+`args` as a host process")
-                script = self.ctx.pod_dir / f"{self.name}.mounts.sh"
                 mounts = container_mounts(self.spec, self.ctx.volumes, env)
-                script.write_text(mount_script(mounts, self.spec.get("workingDir") or "/"))
-                return command, env, script
+                plan = write_mount_plan(self.ctx.pod_dir / f"{self.name}.mounts.json", mounts,
+                                        self.spec.get("workingDir") or "/")
+                return command, env, plan
             except (ConfigError, VolumeError, ApiError, httpx.HTTPError, OSError) as exc:
                 if self.status()["state"].get("waiting", {}).get("message") != str(exc):
                     self._event("Failed", f"Error: {exc}", "Warning")
@@ -208,7 +208,7 @@ class ContainerRunner:
     def _log_path(self) -> Path:
         return self.ctx.pod_dir / "logs" / self.name / f"{self.restart_count}.log"
 
-    def _spawn(self, command: list[str], env: dict[str, str], script: Path) -> subprocess.Popen[bytes] | None:
+    def _spawn(self, command: list[str], env: dict[str, str], plan: Path) -> subprocess.Popen[bytes] | None:
         executable = command[0]
         found = executable if "/" in executable else shutil.which(executable, path=env.get("PATH"))
         if not found or not os.access(found, os.X_OK):
@@ -218,8 +218,7 @@ class ContainerRunner:
             self._event("Failed", f"Error: {message}", "Warning")
             return None
         env = {**env, processes.MARKER: str(self.ctx.cluster_dir)}
-        args = processes.with_parent_death_signal(
-            ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", str(script), *command])
+        args = processes.with_parent_death_signal(container_command(plan, command))
         log_path = self._log_path()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab", buffering=0) as log:
@@ -240,8 +239,8 @@ class ContainerRunner:
         prepared = self._prepare()
         if prepared is None:
             return None
-        command, env, script = prepared
-        proc = self._spawn(command, env, script)
+        command, env, plan = prepared
+        proc = self._spawn(command, env, plan)
         if proc is None:
             return 128
         started_wall = time.time()
