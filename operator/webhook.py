@@ -14,6 +14,7 @@ are kept in a Secret, so every operator replica serves the same certificate and 
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
 import ipaddress
 import logging
@@ -36,6 +37,7 @@ WEBHOOK_NAME = f"validate.{PLURAL}.{GROUP}"
 CERT_DAYS = 3650
 RENEW_BEFORE_DAYS = 30
 VWC_PATH = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
+MANAGED_BY, MANAGER = "app.kubernetes.io/managed-by", "pypto-serving-operator"  # on configurations it creates
 
 
 @dataclass(frozen=True)
@@ -169,17 +171,51 @@ def configuration(name: str, config: dict[str, Any], failure_policy: str = "Fail
     }
 
 
+def merged(current: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """Pure: ``current`` (the stored configuration) with the operator's part of ``body`` written into it.
+
+    The operator owns its webhooks (by name: their clientConfig with the caBundle, rules, policies) and the
+    labels it sets; everything else is kept: metadata it does not own (helm's ``app.kubernetes.io/managed-by``
+    and ``meta.helm.sh/*``, other labels and annotations, owner references), webhooks with other names, and fields
+    of its own webhooks that it does not set (e.g. an admin's ``namespaceSelector``).
+    """
+    out = copy.deepcopy(current)
+    meta = out.setdefault("metadata", {})
+    meta["labels"] = {**(meta.get("labels") or {}), **(body["metadata"].get("labels") or {})}
+    ours = {hook["name"]: hook for hook in body.get("webhooks") or []}
+    hooks = []
+    for hook in out.get("webhooks") or []:
+        mine = ours.pop(hook.get("name"), None)
+        hooks.append(hook if mine is None else {**hook, **copy.deepcopy(mine)})
+    out["webhooks"] = hooks + [copy.deepcopy(hook) for hook in ours.values()]
+    return out
+
+
+def without(current: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """Pure: ``current`` without the webhooks named in ``names``."""
+    out = copy.deepcopy(current)
+    out["webhooks"] = [hook for hook in out.get("webhooks") or [] if hook.get("name") not in names]
+    return out
+
+
 def register(kube: Kube, body: dict[str, Any]) -> None:
-    """Create or replace the ValidatingWebhookConfiguration."""
+    """Create the ValidatingWebhookConfiguration, or merge ``body``'s webhooks and labels into the existing one
+    (`merged`: helm's ownership labels and annotations and anything else the operator does not own survive).
+
+    A configuration the operator creates carries ``app.kubernetes.io/managed-by: pypto-serving-operator``, so
+    `unregister` knows it may delete it."""
     path = f"{VWC_PATH}/{body['metadata']['name']}"
     for _ in range(5):
         current = kube.get(path, ok_missing=True)
         try:
             if current is None:
-                kube.create(VWC_PATH, body)
+                created = copy.deepcopy(body)
+                created["metadata"].setdefault("labels", {})[MANAGED_BY] = MANAGER
+                kube.create(VWC_PATH, created)
             else:
-                kube.replace(path, {**body, "metadata": {**body["metadata"],
-                                                        "resourceVersion": current["metadata"]["resourceVersion"]}})
+                update = merged(current, body)
+                if update != current:
+                    kube.replace(path, update)  # carries current's resourceVersion: a concurrent write is a 409
             return
         except ApiError as exc:
             if exc.status != 409:
@@ -188,13 +224,20 @@ def register(kube: Kube, body: dict[str, Any]) -> None:
 
 
 def unregister(kube: Kube, name: str, config: dict[str, Any]) -> None:
-    """Delete the configuration if it still points at ``config`` (another replica may have taken it over)."""
+    """Remove this operator's webhook if it still points at ``config`` (another replica may have taken it over):
+    the whole configuration when the operator created it, else (e.g. helm owns it) only its webhook entry."""
     path = f"{VWC_PATH}/{name}"
     try:
         current = kube.get(path, ok_missing=True)
-        hooks = (current or {}).get("webhooks") or []
-        if hooks and hooks[0].get("clientConfig", {}).get("url") == config.get("url"):
+        hooks = [hook for hook in (current or {}).get("webhooks") or [] if hook.get("name") == WEBHOOK_NAME]
+        if current is None or not hooks or hooks[0].get("clientConfig", {}).get("url") != config.get("url"):
+            return
+        if ((current.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY) == MANAGER:
             kube.delete(path)
             log.info("removed the webhook configuration %s", name)
+        else:
+            kube.replace(path, without(current, {WEBHOOK_NAME}))
+            log.info("removed webhook %s from the configuration %s (not the operator's to delete)", WEBHOOK_NAME,
+                     name)
     except Exception as exc:
         log.warning("could not remove the webhook configuration %s: %r", name, exc)

@@ -155,3 +155,45 @@ def test_operator_runs_with_only_the_rbac_file_permissions(
         assert "403" not in log and "forbidden" not in log.lower(), log
     finally:
         cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], "--ignore-not-found")
+
+
+def test_webhook_registration_keeps_helms_metadata_and_other_webhooks(
+        cluster: Any, namespace: str, kube: Any, start_operator: Callable[..., OperatorProcess]) -> None:
+    """helm owns the configuration in the chart's url mode (so `helm uninstall` removes it): the operator only merges
+    its webhook in, and on a clean shutdown takes only that webhook out again."""
+    from pypto_serving.operator import webhook as wh
+
+    config, port = f"pps-helm-{namespace}", free_port()
+    labels = {"app.kubernetes.io/managed-by": "Helm", "app.kubernetes.io/name": "pypto-serving",
+              "app.kubernetes.io/instance": "rel", "helm.sh/chart": "pypto-serving-0.1.0"}
+    annotations = {"meta.helm.sh/release-name": "rel", "meta.helm.sh/release-namespace": namespace}
+    foreign = {"name": "other.example.com", "clientConfig": {"url": "https://127.0.0.1:1/never"},
+               "rules": [{"apiGroups": ["example.com"], "apiVersions": ["v1"], "operations": ["CREATE"],
+                          "resources": ["widgets"], "scope": "*"}],
+               "failurePolicy": "Ignore", "sideEffects": "None", "admissionReviewVersions": ["v1"]}
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": config, "labels": labels, "annotations": annotations}, "webhooks": [foreign]}))
+    path = f"{wh.VWC_PATH}/{config}"
+    op = start_operator("--webhook-mode", "url", "--webhook-listen", "127.0.0.1", "--webhook-port", str(port),
+                        "--webhook-config-name", config)
+    try:
+        probe = next(c for c in CORPUS if c.stage == "webhook")
+        wait_for(lambda: "denied the request" in kubectl_apply(cluster, namespace, probe.body, check=False).stderr,
+                 30, "the operator's webhook to be merged into the configuration and serving")
+        stored = kube.get(path)
+        assert labels.items() <= stored["metadata"]["labels"].items()
+        assert annotations.items() <= stored["metadata"]["annotations"].items()
+        assert [h["name"] for h in stored["webhooks"]] == ["other.example.com", wh.WEBHOOK_NAME]
+        assert stored["webhooks"][0]["clientConfig"] == foreign["clientConfig"]
+        mine = stored["webhooks"][1]["clientConfig"]
+        assert mine["url"] == f"https://127.0.0.1:{port}/validate-pyptoserving" and mine["caBundle"]
+        assert op.stop() == 0
+        after = kube.get(path, ok_missing=True)
+        assert after is not None, "the operator deleted a configuration helm owns"
+        assert labels.items() <= after["metadata"]["labels"].items()
+        assert annotations.items() <= after["metadata"]["annotations"].items()
+        assert [h["name"] for h in after["webhooks"]] == ["other.example.com"]
+    finally:
+        op.stop()
+        cluster.kubectl("delete", "validatingwebhookconfiguration", config, "--ignore-not-found")

@@ -4,6 +4,7 @@ admission decisions, status diffing."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import ssl
 import threading
@@ -144,6 +145,32 @@ def test_webhook_configuration_modes() -> None:
     assert hook["rules"][0]["resources"] == ["pyptoservings"] and hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
     assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "None"
     assert hook["name"] == "validate.pyptoservings.serving.pypto.io"
+
+
+def test_webhook_registration_merges_into_a_configuration_it_does_not_own() -> None:
+    ours = wh.configuration("op", wh.client_config("url", b"NEW-CA", url_host="127.0.5.6"), "Fail")
+    helm = {"app.kubernetes.io/managed-by": "Helm", "app.kubernetes.io/name": "pypto-serving", "helm.sh/chart": "c-1"}
+    annotations = {"meta.helm.sh/release-name": "rel", "meta.helm.sh/release-namespace": "sys"}
+    foreign = {"name": "other.example.com", "clientConfig": {"url": "https://127.0.0.9/x"}, "sideEffects": "None"}
+    stale = {**ours["webhooks"][0], "failurePolicy": "Ignore",
+             "clientConfig": {"service": {"name": "old", "namespace": "sys"}, "caBundle": "T0xE"},
+             "namespaceSelector": {"matchLabels": {"team": "a"}}}
+    current = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+               "metadata": {"name": "op", "resourceVersion": "42", "labels": helm, "annotations": annotations},
+               "webhooks": [foreign, stale]}
+    out = wh.merged(current, ours)
+    assert out["metadata"] == {**current["metadata"], "labels": {**helm, "app.kubernetes.io/name": "pypto-serving"}}
+    assert out["webhooks"][0] == foreign  # other webhooks are kept, in place
+    mine = out["webhooks"][1]
+    assert mine["clientConfig"] == {"url": "https://127.0.5.6:9443/validate-pyptoserving",
+                                    "caBundle": base64.b64encode(b"NEW-CA").decode()}  # replaced whole: no service
+    assert mine["failurePolicy"] == "Fail" and mine["namespaceSelector"] == {"matchLabels": {"team": "a"}}
+    assert current["webhooks"][1] is stale and stale["failurePolicy"] == "Ignore"  # the input is not modified
+    assert wh.merged(out, ours) == out  # registering again changes nothing (no write)
+    # helm's url-mode configuration has no webhooks: ours is added
+    empty = {"metadata": {"name": "op", "labels": helm, "annotations": annotations}}
+    assert wh.merged(empty, ours)["webhooks"] == ours["webhooks"]
+    assert wh.without(out, {wh.WEBHOOK_NAME})["webhooks"] == [foreign]
 
 
 def test_admission_decision() -> None:
