@@ -6,10 +6,8 @@ import argparse
 import asyncio
 import logging
 import os
-import socket
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import kopf
@@ -19,7 +17,7 @@ from pypto_serving.operator.actuator import Actuator
 from pypto_serving.operator.controller import Controller, ControllerConfig
 from pypto_serving.operator.handlers import build_registry
 from pypto_serving.operator.kube import Kube, load_configuration
-from pypto_serving.operator.leader import LeaderElector
+from pypto_serving.operator.leader import LeaderElector, identity
 from pypto_serving.operator.metrics import HealthServer, Metrics
 from pypto_serving.operator.reconciler import Reconciler
 
@@ -98,12 +96,11 @@ async def run(args: argparse.Namespace) -> int:
     kube = Kube(load_configuration(args.kubeconfig, args.context))
     metrics = Metrics()
     actuator = Actuator(kube)
-    identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     elector = None
     controller: Controller
     if args.leader_elect:
-        elector = LeaderElector(kube, args.leader_election_namespace or namespace, args.leader_election_id, identity,
-                                lease_duration=args.lease_duration, retry_period=args.lease_retry,
+        elector = LeaderElector(kube, args.leader_election_namespace or namespace, args.leader_election_id,
+                                identity(), lease_duration=args.lease_duration, retry_period=args.lease_retry,
                                 on_change=lambda leading: controller.on_leadership(leading))
     controller = Controller(Reconciler(actuator, metrics), metrics,
                             ControllerConfig(workers=args.workers, resync_seconds=args.resync_seconds), elector)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -35,6 +38,22 @@ def parse_micro_time(value: str | None) -> float | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def identity(environ: Mapping[str, str] | None = None, hostname: str | None = None, pid: int | None = None,
+             suffix: str | None = None) -> str:
+    """This process's Lease holder identity: ``<pod>_<suffix>`` from ``$POD_NAME`` (the downward API) in a pod,
+    else ``<hostname>_<pid>_<suffix>``; ``suffix`` is a fresh short uuid4, so two processes never share one.
+
+    The hostname alone would not do: on the local cluster every pod runs on the same host (same hostname), and
+    a restarted operator must not look like the one that held the Lease before it.
+    """
+    env = os.environ if environ is None else environ
+    suffix = suffix or uuid.uuid4().hex[:8]
+    pod = env.get("POD_NAME", "").strip()
+    if pod:
+        return f"{pod}_{suffix}"
+    return f"{hostname or socket.gethostname()}_{pid if pid is not None else os.getpid()}_{suffix}"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import os
+import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -18,7 +20,7 @@ from cryptography import x509
 from pypto_serving.operator import webhook as wh
 from pypto_serving.operator.controller import Controller, ControllerConfig
 from pypto_serving.operator.handlers import admission_decision
-from pypto_serving.operator.leader import decide, micro_time
+from pypto_serving.operator.leader import decide, identity, micro_time
 from pypto_serving.operator.metrics import Metrics
 from pypto_serving.operator.reconciler import Outcome, observed_pods, status_changed
 from pypto_serving.operator.workqueue import WorkQueue
@@ -95,6 +97,19 @@ def test_lease_decisions() -> None:
     assert takeover.lease["spec"]["holderIdentity"] == "me" and takeover.lease["spec"]["leaseTransitions"] == 3
     released = decide(lease("", 999.0, duration=1), "me", 1000.0, 15, "ns", "op")
     assert released.leading
+
+
+def test_lease_identity_names_the_pod_and_is_unique_per_process() -> None:
+    pod_env = {"POD_NAME": "pypto-serving-operator-7d9f-x2k4q"}
+    assert identity(pod_env, hostname="node-1", pid=1, suffix="ab12") == "pypto-serving-operator-7d9f-x2k4q_ab12"
+    # two processes of one pod (or one host) never share an identity; the pod's name still leads it
+    first, second = identity(pod_env), identity(pod_env)
+    assert first != second and first.startswith("pypto-serving-operator-7d9f-x2k4q_")
+    assert first.split("_")[0] == second.split("_")[0] == pod_env["POD_NAME"]
+    # outside a pod (or without the downward API): hostname and pid, plus the unique suffix
+    assert identity({}, hostname="dev-box", pid=4242, suffix="ff00ff00") == "dev-box_4242_ff00ff00"
+    assert identity({"POD_NAME": "  "}, hostname="dev-box", pid=7, suffix="s") == "dev-box_7_s"
+    assert identity({}).startswith(f"{socket.gethostname()}_{os.getpid()}_")
 
 
 def test_generated_tls_is_a_ca_chain_for_the_hosts(tmp_path: Path) -> None:
