@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -177,11 +178,12 @@ def test_a_slow_step_times_out_then_the_engine_recovers(engine: LLMEngine, model
     runner = engine.executor.runner
     real = runner.execute
     calls = {"n": 0}
+    release = threading.Event()
 
     def slow_once(step):
         calls["n"] += 1
         if calls["n"] == 1:
-            time.sleep(1.2)  # past step_timeout_s, well within the grace of another step_timeout_s
+            release.wait(30)  # held past step_timeout_s; let go as soon as the step timed out
         return real(step)
 
     runner.execute = slow_once
@@ -189,7 +191,10 @@ def test_a_slow_step_times_out_then_the_engine_recovers(engine: LLMEngine, model
     prompt = random_prompts(1, (9, 9), seed=52)[0]
     engine.add_request("slow", prompt, GREEDY)
     engine.add_request("slow2", prompt[:5], GREEDY)
-    outs = engine.step()
+    try:
+        outs = engine.step()
+    finally:
+        release.set()  # the late reply now comes well within the grace of another step_timeout_s
     assert sorted((o.request_id, o.finish_reason) for o in outs) == [("slow", "error"), ("slow2", "error")]
     assert all("timed out" in o.error for o in outs)
     assert engine.is_healthy()
@@ -202,22 +207,26 @@ def test_a_slow_step_times_out_then_the_engine_recovers(engine: LLMEngine, model
 def test_a_step_that_never_returns_makes_the_engine_unhealthy(engine: LLMEngine) -> None:
     runner = engine.executor.runner
     real = runner.execute
+    release = threading.Event()
 
     def hang(step):
-        time.sleep(4.0)  # past step_timeout_s and the grace of one more step_timeout_s
+        release.wait(60)  # past step_timeout_s and the grace of one more step_timeout_s, until the test is done
         return real(step)
 
     runner.execute = hang
     engine.config.step_timeout_s = 1.0  # read at every step
-    engine.add_request("stuck", [5, 6, 7], GREEDY)
-    assert engine.step()[0].finish_reason == "error"
-    engine.add_request("queued", [5, 6, 7], GREEDY)
-    outs: list = []
-    deadline = time.monotonic() + 10
-    while not outs and time.monotonic() < deadline:
-        outs = engine.step()
-    assert [(o.request_id, o.finish_reason) for o in outs] == [("queued", "error")]
-    assert not engine.is_healthy()
+    try:
+        engine.add_request("stuck", [5, 6, 7], GREEDY)
+        assert engine.step()[0].finish_reason == "error"
+        engine.add_request("queued", [5, 6, 7], GREEDY)
+        outs: list = []
+        deadline = time.monotonic() + 10
+        while not outs and time.monotonic() < deadline:
+            outs = engine.step()
+        assert [(o.request_id, o.finish_reason) for o in outs] == [("queued", "error")]
+        assert not engine.is_healthy()
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize(("field", "value"), [

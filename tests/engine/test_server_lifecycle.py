@@ -222,8 +222,9 @@ def test_sigterm_drains_in_flight_streams_before_exiting(engine_factory, tiny_qw
     engine.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: httpx.get(f"{engine.url}/ready", timeout=5).status_code == 503, 10, "/ready 503 on SIGTERM")
     assert_rejected_while_draining(engine.url, model)
-    time.sleep(2.0)  # longer than the whole generation takes: the held stream must still keep the engine up
-    assert engine.alive()
+    # the engine finishes generating while the held stream still has most of it to send: that keeps the engine up
+    wait_for(lambda: httpx.get(f"{engine.url}/load", timeout=5).json()["pending_tokens"] == 0, 60, "generation done")
+    assert engine.alive() and stream.is_alive()
     stream.resume.set()
     stream.join(120)
     assert stream.error is None and stream.events[-1] == "[DONE]"
