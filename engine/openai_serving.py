@@ -87,9 +87,8 @@ def raise_for_failure(state: ServerState, generation: Generation) -> None:
     """A non-streamed response fails as a whole if a choice failed or was aborted in the engine."""
     for choice in generation.choices:
         if choice.finish_reason == "error":
-            log.warning("request %s: choice %d failed in the engine: %s", generation.request_id, choice.index,
-                        choice.error)
-            raise APIError(500, f"the engine failed: {choice.error}", "internal_error", code="engine_error")
+            error = engine_failure(generation, choice)
+            raise APIError(500, error.message, error.type, code=error.code)
         if choice.finish_reason == "abort":
             raise unavailable("the request was aborted (the engine is shutting down)", "aborted",
                               state.settings.retry_after_s)
@@ -116,13 +115,17 @@ def sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def engine_failure(generation: Generation, choice: Choice) -> ErrorInfo:
+    """A choice that failed in the engine: logged under the request id, and the error its client gets."""
+    log.warning("request %s: choice %d failed in the engine: %s", generation.request_id, choice.index, choice.error)
+    return ErrorInfo(message=f"the engine failed: {choice.error}", type="internal_error", code="engine_error")
+
+
 def stream_error(generation: Generation, choice: Choice) -> str | None:
     """The error event of a choice that failed in the engine, if it did."""
     if choice.finish_reason != "error":
         return None
-    log.warning("request %s: choice %d failed in the engine: %s", generation.request_id, choice.index, choice.error)
-    error = ErrorInfo(message=f"the engine failed: {choice.error}", type="internal_error", code="engine_error")
-    return sse({"error": error.model_dump()})
+    return sse({"error": engine_failure(generation, choice).model_dump()})
 
 
 async def respond(state: ServerState, request: Request, body: SamplingRequest, generation: Generation, chunk: Chunk,
