@@ -12,14 +12,17 @@ from pathlib import Path
 
 import kopf
 
+from pypto_serving.operator import types as t
 from pypto_serving.operator import webhook as wh
 from pypto_serving.operator.actuator import Actuator
 from pypto_serving.operator.controller import Controller, ControllerConfig
+from pypto_serving.operator.defaults import OperatorDefaults
 from pypto_serving.operator.handlers import build_registry
 from pypto_serving.operator.kube import Kube, load_configuration
 from pypto_serving.operator.leader import LeaderElector, identity
 from pypto_serving.operator.metrics import HealthServer, Metrics
 from pypto_serving.operator.reconciler import Reconciler
+from pypto_serving.operator.validation import check_defaults
 
 log = logging.getLogger("pypto_serving.operator")
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -68,8 +71,30 @@ def parser() -> argparse.ArgumentParser:
     le.add_argument("--leader-election-id", default="pypto-serving-operator", help="Lease name")
     le.add_argument("--lease-duration", type=int, default=15, help="seconds before a dead leader is replaced")
     le.add_argument("--lease-retry", type=float, default=2.0, help="seconds between renewals / attempts")
+    dg = p.add_argument_group("defaults for PyptoServing resources",
+                              "used for the fields a resource's spec leaves unset (the CRD does not default them)")
+    dg.add_argument("--default-engine-image", default=t.DEFAULT_ENGINE_IMAGE, metavar="IMAGE",
+                    help="spec.engine.image (default: %(default)s)")
+    dg.add_argument("--default-gateway-image", default=None, metavar="IMAGE",
+                    help="spec.gateway.image (default: the resource's engine image)")
+    dg.add_argument("--default-device-resource", default=t.DEFAULT_DEVICE_RESOURCE, metavar="NAME",
+                    help="spec.devices.resourceName, the device-plugin resource (default: %(default)s)")
+    dg.add_argument("--default-devices-per-node", type=int, default=None, metavar="N",
+                    help="spec.devices.perNode, rejects TP x PP above it (default: no check)")
+    dg.add_argument("--default-routing", choices=t.ROUTING_POLICIES, default=t.DEFAULT_ROUTING,
+                    help="spec.gateway.routing (default: %(default)s)")
+    dg.add_argument("--default-gateway-service-type", choices=t.SERVICE_TYPES, default=t.DEFAULT_SERVICE_TYPE,
+                    help="spec.gateway.serviceType (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def operator_defaults(args: argparse.Namespace) -> OperatorDefaults:
+    """The ``--default-*`` flags as the defaults `defaults.resolve` applies."""
+    return OperatorDefaults(engine_image=args.default_engine_image, gateway_image=args.default_gateway_image,
+                            device_resource_name=args.default_device_resource,
+                            devices_per_node=args.default_devices_per_node, routing=args.default_routing,
+                            gateway_service_type=args.default_gateway_service_type)
 
 
 def own_namespace(args: argparse.Namespace) -> str:
@@ -93,6 +118,7 @@ def webhook_hosts(args: argparse.Namespace, namespace: str) -> list[str]:
 async def run(args: argparse.Namespace) -> int:
     """Build everything and run kopf until a signal stops it."""
     namespace = own_namespace(args)
+    defaults = operator_defaults(args)
     kube = Kube(load_configuration(args.kubeconfig, args.context))
     metrics = Metrics()
     actuator = Actuator(kube)
@@ -102,7 +128,7 @@ async def run(args: argparse.Namespace) -> int:
         elector = LeaderElector(kube, args.leader_election_namespace or namespace, args.leader_election_id,
                                 identity(), lease_duration=args.lease_duration, retry_period=args.lease_retry,
                                 on_change=lambda leading: controller.on_leadership(leading))
-    controller = Controller(Reconciler(actuator, metrics), metrics,
+    controller = Controller(Reconciler(actuator, metrics, defaults=defaults), metrics,
                             ControllerConfig(workers=args.workers, resync_seconds=args.resync_seconds), elector)
     health = HealthServer(metrics, controller.alive, args.health_host, args.health_port)
 
@@ -151,9 +177,10 @@ async def run(args: argparse.Namespace) -> int:
                                     ["clientConfig"])  # type: ignore[index]
         await health.stop()
 
-    registry = build_registry(controller, kube, on_startup, on_cleanup, webhook=webhook_config is not None)
-    log.info("starting: %s, leader election %s, webhook %s", "all namespaces" if args.all_namespaces
-             else f"namespaces {args.namespace}", "on" if elector else "off", args.webhook_mode)
+    registry = build_registry(controller, kube, on_startup, on_cleanup, webhook=webhook_config is not None,
+                              defaults=defaults)
+    log.info("starting: %s, leader election %s, webhook %s, defaults %s", "all namespaces" if args.all_namespaces
+             else f"namespaces {args.namespace}", "on" if elector else "off", args.webhook_mode, defaults)
     try:
         await kopf.operator(registry=registry, settings=settings, standalone=True,
                             clusterwide=args.all_namespaces, namespaces=args.namespace)
@@ -182,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.namespace and not args.all_namespaces:
         parser().error("one of --namespace NS or --all-namespaces is required")
+    problems = check_defaults(operator_defaults(args))
+    if problems:
+        parser().error("; ".join(str(p) for p in problems))
     kopf.configure(verbose=args.log_level == "DEBUG", log_format=kopf.LogFormat.FULL)
     logging.getLogger().setLevel(args.log_level)
     logging.getLogger("kopf").setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING)

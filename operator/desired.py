@@ -1,7 +1,9 @@
 """Pure functions: a PyptoServing spec -> the manifests it should have (engine pods, Services, gateway).
 
 Nothing here talks to Kubernetes. The reconciler compares these manifests with what it observes and applies
-the difference. Names and labels follow CONTRACT.md ("Engine pods").
+the difference. Names and labels follow CONTRACT.md ("Engine pods"). Every function takes the spec as
+`validation.validate` returns it: resolved with the operator's defaults (`defaults.resolve`), so the image,
+device resource, routing and Service type are always set.
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ def _common_labels(name: str, component: str) -> dict[str, str]:
 
 
 def pod_shaping(spec: PyptoServingSpec) -> dict[str, Any]:
-    """The part of the spec that shapes an engine pod (replicas, gateway, rollout and drain excluded)."""
-    return {"model": spec.model.to_kube(), "parallel": spec.parallel.to_kube(), "devices": spec.devices.to_kube(),
+    """The part of the spec that shapes an engine pod (replicas, gateway, rollout and drain excluded; so is
+    devices.perNode, which only feeds validation: changing it, or the operator's default for it, restarts nothing)."""
+    devices = spec.devices.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"per_node"})
+    return {"model": spec.model.to_kube(), "parallel": spec.parallel.to_kube(), "devices": devices,
             "engine": spec.engine.to_kube()}
 
 

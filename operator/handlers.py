@@ -15,6 +15,7 @@ import kopf
 
 from pypto_serving.operator import desired as d
 from pypto_serving.operator.controller import Controller
+from pypto_serving.operator.defaults import BUILTIN, OperatorDefaults
 from pypto_serving.operator.kube import Kube
 from pypto_serving.operator.types import GROUP, PLURAL, VERSION
 from pypto_serving.operator.validation import summary, validate
@@ -23,7 +24,8 @@ from pypto_serving.operator.webhook import HANDLER_ID
 log = logging.getLogger("pypto_serving.operator.handlers")
 
 
-def admission_decision(body: dict[str, Any], old: dict[str, Any] | None, operation: str | None) -> str | None:
+def admission_decision(body: dict[str, Any], old: dict[str, Any] | None, operation: str | None,
+                       defaults: OperatorDefaults = BUILTIN) -> str | None:
     """Pure: the rejection message for an admission request, or None to allow it.
 
     Updates that leave the spec unchanged (labels, finalizers, deletion) are always allowed, so an object
@@ -33,13 +35,15 @@ def admission_decision(body: dict[str, Any], old: dict[str, Any] | None, operati
         return None
     if (body.get("metadata") or {}).get("deletionTimestamp"):
         return None
-    _, problems = validate(body)
+    _, problems = validate(body, defaults)
     return summary(problems) if problems else None
 
 
 def build_registry(controller: Controller, kube: Kube, on_startup: Callable[[], Awaitable[None]],
-                   on_cleanup: Callable[[], Awaitable[None]], webhook: bool) -> kopf.OperatorRegistry:
-    """A kopf registry with this operator's handlers bound to ``controller`` (the validating one if ``webhook``)."""
+                   on_cleanup: Callable[[], Awaitable[None]], webhook: bool,
+                   defaults: OperatorDefaults = BUILTIN) -> kopf.OperatorRegistry:
+    """A kopf registry with this operator's handlers bound to ``controller`` (the validating one if ``webhook``,
+    checking resources resolved with ``defaults`` like the reconciler)."""
     registry = kopf.OperatorRegistry()
     cfg = kube._cfg  # credentials kopf uses for its watches
 
@@ -88,7 +92,7 @@ def build_registry(controller: Controller, kube: Kube, on_startup: Callable[[], 
 
         @kopf.on.validate(GROUP, VERSION, PLURAL, id=HANDLER_ID, registry=registry)
         async def validate_resource(body: kopf.Body, old: Any, operation: str | None, **_: Any) -> None:
-            message = admission_decision(dict(body), dict(old) if old else None, operation)
+            message = admission_decision(dict(body), dict(old) if old else None, operation, defaults)
             if message is not None:
                 raise kopf.AdmissionError(message, code=422)
 

@@ -305,6 +305,7 @@ def plan(obs: Observed) -> Plan:
         "readyReplicas": ready,
         "updatedReplicas": updated,
         "devicesPerReplica": spec.devices_per_replica,
+        "deviceResourceName": spec.devices.resource_name,
         "selector": d.selector_string(d.engine_selector(obs.name)),
         "specHash": h,
         "phase": phase,

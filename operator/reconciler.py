@@ -15,6 +15,7 @@ from typing import Any
 from pypto_serving.operator import desired as d
 from pypto_serving.operator import plan as planner
 from pypto_serving.operator.actuator import NETWORK_POLICY_KINDS, Actuator
+from pypto_serving.operator.defaults import BUILTIN, OperatorDefaults
 from pypto_serving.operator.metrics import Metrics
 from pypto_serving.operator.state import PodView, pod_view
 from pypto_serving.operator.validation import validate
@@ -52,8 +53,9 @@ def status_changed(previous: dict[str, Any], new: dict[str, Any]) -> bool:
 class Reconciler:
     """observe -> plan -> act -> status."""
 
-    def __init__(self, actuator: Actuator, metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
-        self.act, self.metrics, self.clock = actuator, metrics, clock
+    def __init__(self, actuator: Actuator, metrics: Metrics, clock: Callable[[], float] = time.time,
+                 defaults: OperatorDefaults = BUILTIN) -> None:
+        self.act, self.metrics, self.clock, self.defaults = actuator, metrics, clock, defaults
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         """Bring one resource one step closer to its spec."""
@@ -65,7 +67,7 @@ class Reconciler:
         if meta.get("deletionTimestamp"):
             return Outcome(exists=True)  # owner references garbage-collect the children
         owner = d.Owner(name, namespace, meta["uid"])
-        spec, problems = validate(body)
+        spec, problems = validate(body, self.defaults)  # the spec resolved with the operator's defaults
         pods = observed_pods(self.act.list_pods(namespace, name), owner.uid)
         loads = self.act.fetch_loads(planner.loads_needed(spec, pods))
         now = self.clock()

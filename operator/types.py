@@ -23,9 +23,18 @@ SHORT_NAMES = ["pps"]
 
 RoutingPolicy = Literal["least-pending-tokens", "round-robin", "least-requests", "prefix-aware", "session"]
 ROUTING_POLICIES: tuple[str, ...] = RoutingPolicy.__args__  # type: ignore[attr-defined]
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+SERVICE_TYPES: tuple[str, ...] = ServiceType.__args__  # type: ignore[attr-defined]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]
 ConditionType = Literal["Ready", "Available", "Progressing", "Degraded", "SpecValid"]
+
+# The operator's built-in defaults for the fields the CRD leaves unset; `pypto-serving operator --default-*` (the
+# chart's `serving.*` values) overrides them per cluster, and `defaults.resolve` applies them (docs/architecture.md).
+DEFAULT_ENGINE_IMAGE = "pypto-serving:latest"
+DEFAULT_DEVICE_RESOURCE = "huawei.com/Ascend910"
+DEFAULT_ROUTING: RoutingPolicy = "least-pending-tokens"
+DEFAULT_SERVICE_TYPE: ServiceType = "ClusterIP"
 
 # Free-form Kubernetes objects (kept verbatim; the apiserver preserves unknown fields below them).
 KubeObject = dict[str, Any]
@@ -72,11 +81,12 @@ class ParallelSpec(_Model):
 class DevicesSpec(_Model):
     """The accelerator resource each replica requests."""
 
-    resource_name: str = Field(
-        default="huawei.com/Ascend910",
-        description="Device-plugin extended resource, e.g. huawei.com/Ascend910 or huawei.com/ascend-1980.")
+    resource_name: str | None = Field(
+        default=None, description="Device-plugin extended resource, e.g. huawei.com/Ascend910 or "
+        f"huawei.com/ascend-1980. Defaults to the operator's --default-device-resource ({DEFAULT_DEVICE_RESOURCE}).")
     per_node: int | None = Field(
-        default=None, ge=1, le=1024, description="Devices per node; lets validation reject groups that cannot fit.")
+        default=None, ge=1, le=1024, description="Devices per node; lets validation reject groups that cannot fit. "
+        "Defaults to the operator's --default-devices-per-node (unset: no check).")
     hccn_conf_path: str | None = Field(
         default=None, description="Host path of hccn.conf, mounted read-only at /etc/hccn.conf when set.")
 
@@ -84,7 +94,9 @@ class DevicesSpec(_Model):
 class EngineSpec(_Model):
     """Engine container settings; the numeric knobs map to `pypto-serving engine` flags (vLLM names)."""
 
-    image: str = Field(default="pypto-serving:latest", min_length=1, description="Engine container image.")
+    image: str | None = Field(
+        default=None, min_length=1, description="Engine container image. Defaults to the operator's "
+        f"--default-engine-image ({DEFAULT_ENGINE_IMAGE}).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="Image pull policy.")
     dtype: Dtype = Field(default="auto", description="Weights and activation dtype.")
@@ -125,11 +137,16 @@ class GatewaySpec(_Model):
 
     enabled: bool = Field(default=True, description="Run a gateway Deployment and Service.")
     replicas: int = Field(default=1, ge=0, le=64, description="Gateway pods.")
-    routing: RoutingPolicy = Field(default="least-pending-tokens", description="Routing policy.")
-    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
-        default="ClusterIP", description="Gateway Service type.")
+    routing: RoutingPolicy | None = Field(
+        default=None, description=f"Routing policy. Defaults to the operator's --default-routing ({DEFAULT_ROUTING}).")
+    service_type: ServiceType | None = Field(
+        default=None,
+        description=f"Gateway Service type. Defaults to the operator's --default-gateway-service-type "
+        f"({DEFAULT_SERVICE_TYPE}).")
     api_key_secret: ApiKeySecret | None = Field(default=None, description="Optional bearer-token auth.")
-    image: str | None = Field(default=None, description="Gateway image (default: the engine image).")
+    image: str | None = Field(
+        default=None, description="Gateway image. Defaults to the operator's --default-gateway-image "
+        "(unset: the engine image).")
     resources: KubeObject | None = Field(default=None, description="corev1 ResourceRequirements of the gateway.")
 
 
@@ -223,6 +240,8 @@ class PyptoServingStatus(_Status):
     ready_replicas: int | None = Field(default=None, description="Engine pods Ready.")
     updated_replicas: int | None = Field(default=None, description="Engine pods on the current spec hash.")
     devices_per_replica: int | None = Field(default=None, description="TP x PP.")
+    device_resource_name: str | None = Field(
+        default=None, description="The device resource each replica requests (spec, else the operator's default).")
     selector: str | None = Field(default=None, description="Label selector of the engine pods (scale subresource).")
     spec_hash: str | None = Field(default=None, description="Hash of the current pod-shaping spec.")
     phase: Phase | None = Field(default=None, description="Pending, Progressing, Ready, Degraded or Invalid.")

@@ -2,7 +2,9 @@
 
 The same `validate` runs in the admission webhook (rejecting at `kubectl apply` time) and in the reconciler
 (phase `Invalid`, condition `SpecValid=False`, no pods), so a cluster without the webhook is still safe.
-Every message starts with the field it is about, e.g. ``spec.parallel.pipelineParallelSize: ...``.
+Every message starts with the field it is about, e.g. ``spec.parallel.pipelineParallelSize: ...``. The semantic
+checks see the spec resolved with the operator's defaults (`defaults.resolve`); the defaults themselves are
+checked when the operator starts (`check_defaults`), so a bad value in a resolved spec is always the spec's own.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pypto_serving.operator.types import PyptoServingSpec
+from pypto_serving.operator.defaults import BUILTIN, FLAGS, OperatorDefaults, defaulted_fields, resolve
+from pypto_serving.operator.types import ROUTING_POLICIES, SERVICE_TYPES, PyptoServingSpec
 
 # Names the operator derives from metadata.name: "<name>-gateway" must stay a 63-character DNS label.
 MAX_NAME_LENGTH = 63 - len("-gateway")
@@ -126,7 +129,12 @@ def _check_model(spec: PyptoServingSpec) -> list[Problem]:
     return out
 
 
-def _check_parallel(spec: PyptoServingSpec) -> list[Problem]:
+def _source(field: str, value: object, defaulted: frozenset[str] | set[str]) -> str:
+    """Where a resolved value came from, for messages: ``spec.x.y = 8`` or ``the operator's --default-... = 8``."""
+    return f"the operator's {FLAGS[field]} = {value}" if field in defaulted else f"{field} = {value}"
+
+
+def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]) -> list[Problem]:
     par, out = spec.parallel, []
     if par.pipeline_parallel_size > 1:
         out.append(Problem("spec.parallel.pipelineParallelSize",
@@ -138,19 +146,26 @@ def _check_parallel(spec: PyptoServingSpec) -> list[Problem]:
     if per_node is not None and spec.devices_per_replica > per_node:
         out.append(Problem("spec.parallel.tensorParallelSize",
                            f"tensorParallelSize x pipelineParallelSize = {spec.devices_per_replica} devices does "
-                           f"not fit on one node (spec.devices.perNode = {per_node})"))
+                           f"not fit on one node ({_source('spec.devices.perNode', per_node, defaulted)})"))
     return out
+
+
+def resource_name_problem(name: str) -> str | None:
+    """What is wrong with a device resource name, or None."""
+    prefix = name.split("/", 1)[0]
+    if not EXTENDED_RESOURCE.match(name) or len(name) > 253:
+        return (f"{name!r} is not a valid extended resource name (want <vendor-domain>/<name>, e.g. "
+                "huawei.com/Ascend910)")
+    if prefix == "kubernetes.io" or prefix.endswith(".kubernetes.io") or prefix == "requests":
+        return f"{name!r} is not a device-plugin resource"
+    return None
 
 
 def _check_devices(spec: PyptoServingSpec) -> list[Problem]:
     dev, out = spec.devices, []
-    name = dev.resource_name
-    prefix = name.split("/", 1)[0]
-    if not EXTENDED_RESOURCE.match(name) or len(name) > 253:
-        out.append(Problem("spec.devices.resourceName", f"{name!r} is not a valid extended resource name "
-                           "(want <vendor-domain>/<name>, e.g. huawei.com/Ascend910)"))
-    elif prefix == "kubernetes.io" or prefix.endswith(".kubernetes.io") or prefix == "requests":
-        out.append(Problem("spec.devices.resourceName", f"{name!r} is not a device-plugin resource"))
+    problem = resource_name_problem(dev.resource_name or "")
+    if problem is not None:
+        out.append(Problem("spec.devices.resourceName", problem))
     if dev.hccn_conf_path is not None and not dev.hccn_conf_path.startswith("/"):
         out.append(Problem("spec.devices.hccnConfPath", f"must be an absolute host path (got {dev.hccn_conf_path!r})"))
     return out
@@ -174,7 +189,7 @@ def _check_engine(spec: PyptoServingSpec) -> list[Problem]:
                            f"{eng.max_num_batched_tokens}"))
     if eng.shm_size is not None and not QUANTITY.match(eng.shm_size):
         out.append(Problem("spec.engine.shmSize", f"{eng.shm_size!r} is not a valid quantity (e.g. 16Gi)"))
-    out += _check_resources("spec.engine.resources", eng.resources, spec.devices.resource_name)
+    out += _check_resources("spec.engine.resources", eng.resources, spec.devices.resource_name or "")
     if eng.priority_class_name is not None and not DNS1123_SUBDOMAIN.match(eng.priority_class_name):
         out.append(Problem("spec.engine.priorityClassName", f"{eng.priority_class_name!r} is not a valid name"))
     return out
@@ -202,7 +217,7 @@ def _check_gateway(spec: PyptoServingSpec) -> list[Problem]:
     gw, out = spec.gateway, []
     if gw.api_key_secret is not None and not DNS1123_SUBDOMAIN.match(gw.api_key_secret.name):
         out.append(Problem("spec.gateway.apiKeySecret.name", f"{gw.api_key_secret.name!r} is not a valid Secret name"))
-    out += _check_resources("spec.gateway.resources", gw.resources, spec.devices.resource_name)
+    out += _check_resources("spec.gateway.resources", gw.resources, spec.devices.resource_name or "")
     return out
 
 
@@ -213,20 +228,44 @@ def _check_rollout(spec: PyptoServingSpec) -> list[Problem]:
     return []
 
 
-def check_spec(spec: PyptoServingSpec) -> list[Problem]:
-    """Semantic checks on a spec that passed the schema."""
-    return (_check_model(spec) + _check_parallel(spec) + _check_devices(spec) + _check_engine(spec)
+def check_spec(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str] = frozenset()) -> list[Problem]:
+    """Semantic checks on a resolved spec that passed the schema; ``defaulted`` names the fields that came from
+    the operator's defaults (messages then name the flag instead of the field)."""
+    return (_check_model(spec) + _check_parallel(spec, defaulted) + _check_devices(spec) + _check_engine(spec)
             + _check_gateway(spec) + _check_rollout(spec))
 
 
-def validate(body: Mapping[str, Any]) -> tuple[PyptoServingSpec | None, list[Problem]]:
-    """Validate a whole PyptoServing object; return the parsed spec (when it parses) and all problems."""
+def check_defaults(defaults: OperatorDefaults) -> list[Problem]:
+    """The operator's own defaults (checked at start-up); each problem names the ``--default-*`` flag."""
+    out: list[Problem] = []
+    for field, image in (("spec.engine.image", defaults.engine_image), ("spec.gateway.image", defaults.gateway_image)):
+        if image is not None and (not image.strip() or any(ch.isspace() for ch in image)):
+            out.append(Problem(FLAGS[field], f"{image!r} is not an image reference"))
+    problem = resource_name_problem(defaults.device_resource_name)
+    if problem is not None:
+        out.append(Problem(FLAGS["spec.devices.resourceName"], problem))
+    if defaults.devices_per_node is not None and not 1 <= defaults.devices_per_node <= 1024:
+        out.append(Problem(FLAGS["spec.devices.perNode"],
+                           f"must be between 1 and 1024 (got {defaults.devices_per_node})"))
+    if defaults.routing not in ROUTING_POLICIES:
+        out.append(Problem(FLAGS["spec.gateway.routing"], f"must be one of {', '.join(ROUTING_POLICIES)}"))
+    if defaults.gateway_service_type not in SERVICE_TYPES:
+        out.append(Problem(FLAGS["spec.gateway.serviceType"], f"must be one of {', '.join(SERVICE_TYPES)}"))
+    return out
+
+
+def validate(body: Mapping[str, Any], defaults: OperatorDefaults = BUILTIN
+             ) -> tuple[PyptoServingSpec | None, list[Problem]]:
+    """Validate a whole PyptoServing object; return its spec resolved with the operator's ``defaults`` (when it
+    parses and is valid) and all problems."""
     problems = check_name((body.get("metadata") or {}).get("name"))
     spec, schema_problems = parse_spec(body.get("spec"))
     problems += schema_problems
+    resolved = None
     if spec is not None:
-        problems += check_spec(spec)
-    return (spec if not problems else None), problems
+        resolved = resolve(spec, defaults)
+        problems += check_spec(resolved, defaulted_fields(spec))
+    return (resolved if not problems else None), problems
 
 
 def summary(problems: list[Problem]) -> str:

@@ -21,6 +21,8 @@ from pypto_serving.operator import cli as operator_cli
 from pypto_serving.operator import desired
 from pypto_serving.operator import types as t
 from pypto_serving.operator import webhook as wh
+from pypto_serving.operator.defaults import OperatorDefaults
+from pypto_serving.operator.validation import check_defaults
 from tests.helm.chartkit import (
     CHART,
     find,
@@ -211,12 +213,29 @@ def test_values_schema_enums_follow_the_operator() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     serving = schema["properties"]["serving"]["properties"]
     assert tuple(serving["gateway"]["properties"]["routing"]["enum"]) == t.ROUTING_POLICIES
-    service_types = t.GatewaySpec.model_fields["service_type"].annotation.__args__  # type: ignore[union-attr]
-    assert tuple(serving["gateway"]["properties"]["serviceType"]["enum"]) == service_types
+    assert tuple(serving["gateway"]["properties"]["serviceType"]["enum"]) == t.SERVICE_TYPES
     levels = next(a for a in operator_cli.parser()._actions if a.dest == "log_level").choices
     assert schema["properties"]["operator"]["properties"]["logLevel"]["enum"] == list(levels)
     pattern = re.compile(serving["deviceResourceName"]["pattern"])
-    assert pattern.match(t.DevicesSpec().resource_name) and pattern.match("huawei.com/ascend-1980")
+    assert pattern.match(t.DEFAULT_DEVICE_RESOURCE) and pattern.match("huawei.com/ascend-1980")
+
+
+def test_serving_values_become_the_operators_defaults() -> None:
+    """values.yaml serving.* reach the operator as --default-* flags (parsed by its own CLI) and are valid there."""
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())["serving"]
+    defaults = operator_cli.operator_defaults(operator_args(render()))
+    assert defaults == OperatorDefaults(
+        engine_image=chart_values["engineImage"], gateway_image=chart_values["gatewayImage"],
+        device_resource_name=chart_values["deviceResourceName"], devices_per_node=chart_values["devicesPerNode"],
+        routing=chart_values["gateway"]["routing"], gateway_service_type=chart_values["gateway"]["serviceType"])
+    assert check_defaults(defaults) == []
+    custom = {"serving.engineImage": "registry.local:5000/pypto-serving:0.1.0-cann", "serving.gatewayImage": None,
+              "serving.deviceResourceName": "huawei.com/ascend-1980", "serving.devicesPerNode": None,
+              "serving.gateway.routing": "prefix-aware", "serving.gateway.serviceType": "NodePort"}
+    assert operator_cli.operator_defaults(operator_args(render(custom))) == OperatorDefaults(
+        engine_image="registry.local:5000/pypto-serving:0.1.0-cann", gateway_image=None,
+        device_resource_name="huawei.com/ascend-1980", devices_per_node=None, routing="prefix-aware",
+        gateway_service_type="NodePort")
 
 
 def test_notes_tell_what_to_do_next() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pypto_serving.operator import desired as d
+from pypto_serving.operator.defaults import resolve
 from pypto_serving.operator.types import PyptoServingSpec
 from tests.operator.corpus import minimal
 
@@ -12,7 +13,8 @@ OWNER = d.Owner("demo", "ns1", "uid-1")
 
 
 def spec_of(**overrides: Any) -> PyptoServingSpec:
-    return PyptoServingSpec.model_validate(minimal(**overrides)["spec"])
+    """The spec of ``minimal(**overrides)`` resolved with the operator's built-in defaults, as validate() gives it."""
+    return resolve(PyptoServingSpec.model_validate(minimal(**overrides)["spec"]))
 
 
 def env_map(container: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import pytest
 
 from pypto_serving.operator import desired as d
 from pypto_serving.operator import plan as p
+from pypto_serving.operator.defaults import resolve
 from pypto_serving.operator.state import Load, PodView, pod_view
 from pypto_serving.operator.types import PyptoServingSpec
 from pypto_serving.operator.validation import validate
@@ -18,7 +19,8 @@ NOW = 1_700_000_000.0
 
 
 def spec_of(**overrides: Any) -> PyptoServingSpec:
-    return PyptoServingSpec.model_validate(minimal(**overrides)["spec"])
+    """The spec of ``minimal(**overrides)`` resolved with the operator's built-in defaults, as validate() gives it."""
+    return resolve(PyptoServingSpec.model_validate(minimal(**overrides)["spec"]))
 
 
 def pod(rank: int, spec: PyptoServingSpec | None = None, *, ready: bool = True, **kw: Any) -> PodView:
