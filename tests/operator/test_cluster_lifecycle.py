@@ -3,6 +3,7 @@ garbage collection, status, events and metrics."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -78,6 +79,9 @@ def test_create_scale_heal_and_garbage_collect(cluster: Any, namespace: str, kub
     wait_ready(kube, namespace, "demo", 3)
     assert [p["metadata"]["name"] for p in engine_pods(kube, namespace, "demo")] == [
         "demo-dp-0", "demo-dp-1", "demo-dp-2"]
+    # `kubectl get pps` follows: REPLICAS and READY 3, TP and DEVICES/REPLICA still 2, AGE the resource's age
+    row = cluster.kubectl("get", "pps", "demo", "-n", namespace, "--no-headers").stdout.split()
+    assert row[:6] == ["demo", "3", "3", "2", "2", "Ready"] and re.fullmatch(r"\d+(s|m\d*s?)", row[6]), row
 
     # -- editing spec.replicas down: two-phase drain of idle replicas (ties -> highest ranks), then deletion
     cluster.kubectl("patch", "pps", "demo", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":1}}')
