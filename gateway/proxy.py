@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import aiohttp
 from aiohttp import web
@@ -27,14 +28,22 @@ from pypto_serving.gateway.replicas import Registry, Replica
 from pypto_serving.gateway.request import RequestInfo
 
 REPLICA_HEADER = "x-pypto-replica"
+REQUEST_ID_HEADER = "x-request-id"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 def forward_headers(headers) -> dict[str, str]:
-    """Request headers worth sending upstream (no hop-by-hop, no Host/Content-Length)."""
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    """Request headers worth sending upstream (no hop-by-hop, no Host/Content-Length).
+
+    A request without ``x-request-id`` gets one here, so every attempt (retries included) carries the same id
+    to the engines, which echo it on their responses.
+    """
+    out = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    if not any(k.lower() == REQUEST_ID_HEADER for k in out):
+        out[REQUEST_ID_HEADER] = uuid.uuid4().hex
+    return out
 
 
 def response_headers(upstream: aiohttp.ClientResponse, replica: Replica) -> CIMultiDict:
@@ -94,6 +103,7 @@ class Proxy:
         """Serve one request with retries; always returns (or raises for a vanished client)."""
         tried: list[str] = []
         headers = forward_headers(request.headers)
+        request_id = next(v for k, v in headers.items() if k.lower() == REQUEST_ID_HEADER)
         last_error: tuple[int, bytes, str] | None = None
         reason = ""
         for attempt in range(self.config.max_retries + 1):
@@ -104,6 +114,7 @@ class Proxy:
                     chosen = web.Response(status=status, body=payload, content_type="application/json",
                                           headers={REPLICA_HEADER: name})
                 self.metrics.requests.labels(last_error[2] if last_error else "none", str(chosen.status)).inc()
+                chosen.headers[REQUEST_ID_HEADER] = request_id
                 return chosen
             replica = chosen
             tried.append(replica.name)
@@ -146,7 +157,7 @@ class Proxy:
         status, payload, name = last_error  # type: ignore[misc]  # the loop ran at least once
         self.metrics.requests.labels(name, str(status)).inc()
         return web.Response(status=status, body=payload, content_type="application/json",
-                            headers={REPLICA_HEADER: name})
+                            headers={REPLICA_HEADER: name, REQUEST_ID_HEADER: request_id})
 
     async def relay(self, request: web.Request, upstream: aiohttp.ClientResponse, replica: Replica,
                     dispatched: float) -> web.StreamResponse:

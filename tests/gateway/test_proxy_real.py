@@ -243,3 +243,30 @@ def test_upstream_idle_timeout_is_a_504_and_never_re_run(shared_engines: list[En
     body = {"prompt": "chatty", "stream": True, **LONG, "max_tokens": 1500}
     with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=60) as stream:
         assert stream.status_code == 200 and b"data: [DONE]" in stream.read()
+
+
+def test_request_id_is_made_once_and_kept_across_a_retry(
+        shared_engines: list[EngineProcess], tiny_qwen3_dir: Path, engine_factory,
+        gateway_factory: Callable[..., GatewayProcess]) -> None:
+    keep = shared_engines[0]
+    victim = engine_factory(tiny_qwen3_dir, extra_args=ENGINE_ARGS)
+    host, port = victim.url.removeprefix("http://").split(":")
+    with Tap(host, int(port)) as tap:
+        gw = gateway_factory("--endpoints", endpoints(keep, tap.url), "--policy", "round-robin",
+                             "--poll-interval", "600")  # learns of the drain only from the victim's 503
+        wait_for(lambda: gw.replicas()[tap.url]["state"] == "ready", 10, "the tapped replica polled once")
+        httpx.post(victim.url + "/drain", timeout=10).raise_for_status()
+        answers = [complete(gw) for _ in range(2)]  # round-robin: one of them is sent to the victim first
+        assert [r.status_code for r in answers] == [200, 200]
+        assert gw.metric("pypto_gateway_retries_total", reason="unavailable") == 1
+        ids = [r.headers["x-request-id"] for r in answers]
+        assert len(set(ids)) == 2 and all(ids)
+        refused = [bytes(raw) for raw in tap.responses if b" 503 " in bytes(raw)]
+    # the victim's 503 echoed the id of the request that was then served by the other replica
+    assert len(refused) == 1
+    assert any(f"x-request-id: {rid}".encode() in refused[0].lower() for rid in ids)
+    # a client's own id is kept as it is, also on answers the gateway makes itself
+    assert complete(gw, headers={"x-request-id": "client-id-7"}).headers["x-request-id"] == "client-id-7"
+    empty = gateway_factory("--endpoints", "http://127.0.0.1:9", "--breaker-failures", "1", ready=False)
+    resp = complete(empty, headers={"x-request-id": "client-id-8"})
+    assert resp.status_code >= 500 and resp.headers["x-request-id"] == "client-id-8"
