@@ -133,9 +133,12 @@ def gateway_overhead_section(data: dict[str, Any] | None, runs: dict[str, Any]) 
                      + (f"{cpu:,.0f} us" if cpu else "-") + " |")
     target = data["target"]
     gw = added["gateway"]["c1"]
+    c32 = added["gateway"]["c32"]
     lines += ["", f"Target: the gateway adds <= {target['p50_ms']} ms p50 and <= {target['p99_ms']} ms p99 at "
-              f"concurrency 1: **{'met' if data['met'] else 'missed'}** ({fmt(gw['p50'], 2)} / {fmt(gw['p99'], 2)} "
-              f"ms). Mean routing decision {fmt(data['gateway_mean_decision_us'], 1)} us.", ""]
+              f"concurrency 1 and 32: **{'met' if data['met'] else 'missed'}** (c1 {fmt(gw['p50'], 2)} / "
+              f"{fmt(gw['p99'], 2)} ms, c32 {fmt(c32['p50'], 2)} / {fmt(c32['p99'], 2)} ms). Mean routing decision "
+              f"{fmt(data['gateway_mean_decision_us'], 1)} us. With 2 cores shared by the client, the engine and the "
+              "proxy, a proxy's CPU per request shows up as queueing at concurrency 32.", ""]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.2))
     paths = ["direct", "gateway", "nginx"]
@@ -146,9 +149,11 @@ def gateway_overhead_section(data: dict[str, Any] | None, runs: dict[str, Any]) 
     ax.set_ylabel("end-to-end ms (max_tokens 1)")
     ax.legend()
     lines += [save(fig, "gateway_overhead"), ""]
-    headline = [f"| gateway added latency, concurrency 1 (p50 / p99) | {fmt(gw['p50'], 2)} / {fmt(gw['p99'], 2)} ms "
-                f"(nginx {fmt(added['nginx']['c1']['p50'], 2)} / {fmt(added['nginx']['c1']['p99'], 2)} ms) | "
-                f"<= {target['p50_ms']} / {target['p99_ms']} ms: {'met' if data['met'] else '**missed**'} |"]
+    c32 = added["gateway"]["c32"]
+    headline = [f"| gateway added latency vs direct, p50 / p99, concurrency 1 and 32 | c1 {fmt(gw['p50'], 2)} / "
+                f"{fmt(gw['p99'], 2)} ms, c32 {fmt(c32['p50'], 2)} / {fmt(c32['p99'], 2)} ms (nginx c1 "
+                f"{fmt(added['nginx']['c1']['p50'], 2)} / {fmt(added['nginx']['c1']['p99'], 2)} ms) | "
+                f"<= {target['p50_ms']} / {target['p99_ms']} ms at both: {'met' if data['met'] else '**missed**'} |"]
     return lines, headline
 
 

@@ -45,7 +45,11 @@ def idle(urls: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=240)
-    p.add_argument("--rate", type=float, default=8.0, help="requests/s (Poisson)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="requests/s (Poisson); 0: calibrated to --load-factor of the output throughput measured "
+                        "with every batch slot busy, on this machine now (so the pressure does not depend on how "
+                        "busy the machine is)")
+    p.add_argument("--load-factor", type=float, default=0.8)
     p.add_argument("--long-share", type=float, default=0.15)
     p.add_argument("--max-num-seqs", type=int, default=2, help="engine batch slots (a long request holds one)")
     args = p.parse_args(argv)
@@ -58,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = model_name(urls[0])
         requests = heavy_tailed(args.requests, args.long_share, seed=1)
+        calibration = None
+        if args.rate <= 0:  # the same pressure on a fast idle machine and on a slow busy one
+            slots = len(urls) * args.max_num_seqs
+            burst = [BenchRequest("calibrate " * 32, 32, 200) for _ in range(slots)]  # every batch slot busy
+            capacity = run_benchmark(burst, base_url=nginx.url, model=model, progress=False)["output_throughput"]
+            mean_output = sum(r.output_len for r in requests) / len(requests)
+            args.rate = round(args.load_factor * capacity / mean_output, 2)
+            calibration = {"capacity_tok_s": round(capacity, 1), "mean_output_tokens": round(mean_output, 1),
+                           "load_factor": args.load_factor}
+            print(f"calibrated: {capacity:.0f} output tok/s with every slot busy, mean output {mean_output:.0f} "
+                  f"tokens -> rate {args.rate}/s (load factor {args.load_factor})", flush=True)
         targets = {"nginx round-robin": (nginx.url, {}),
                    "gateway least-pending-tokens": (gw.url, {"x-pypto-routing": "least-pending-tokens"}),
                    "gateway least-requests": (gw.url, {"x-pypto-routing": "least-requests"}),
@@ -81,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{lpt['output_throughput']:.1f} vs {base['output_throughput']:.1f} tok/s -> "
               f"{'MET' if met else 'MISSED'}")
         write_result("gateway_routing", {"replicas": 4, "requests": args.requests, "rate": args.rate,
+                                         "calibration": calibration,
                                          "long_share": args.long_share, "max_num_seqs": args.max_num_seqs,
                                          "results": results, "p99_ttft_ratio": ratio, "met": met})
     finally:
