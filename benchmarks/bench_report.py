@@ -171,7 +171,10 @@ def routing_section(routing: dict[str, Any] | None, prefix: dict[str, Any] | Non
             lines += [f"**Heavy-tailed outputs** (benchmarks/gateway_routing.py). {note} {data['replicas']} engines "
                       f"with {data['max_num_seqs']} batch slots each, {data['requests']} requests at "
                       f"{data['rate']:g}/s (Poisson), {data['long_share']:.0%} of them 400-600 output tokens, the "
-                      "rest 4-32; the same requests and arrival times through each router.", ""]
+                      "rest 4-32; the same requests and arrival times through each router."
+                      + (f" The rate was calibrated to {cal['load_factor']:g} x the {cal['capacity_tok_s']:,.0f} "
+                         f"output tok/s measured with every batch slot busy (mean output {cal['mean_output_tokens']:g}"
+                         " tokens)." if (cal := data.get("calibration")) else ""), ""]
         else:
             lines += [f"**Shared prefixes** (benchmarks/gateway_prefix.py). {note} {data['replicas']} engines, "
                       f"{data['requests']} requests in {data['groups']} groups sharing a {data['prefix_len']}-token "
