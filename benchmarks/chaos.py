@@ -218,13 +218,11 @@ class System:
                    interval=0.5)
         return time.monotonic() - started
 
-    def lease_holder_pid(self, lease: str) -> int | None:
-        """Pid in the holderIdentity (``host-pid-suffix``) of the operator's Lease, if it is still renewed."""
+    def lease_holder(self, lease: str) -> str | None:
+        """holderIdentity of the operator's Lease: ``<pod>_<uuid8>`` for an operator pod (operator/leader.py)."""
         body = self.kube.get(f"/apis/coordination.k8s.io/v1/namespaces/{self.operator_namespace}/leases/{lease}",
                              ok_missing=True)
-        holder = ((body or {}).get("spec") or {}).get("holderIdentity") or ""
-        parts = holder.rsplit("-", 2)
-        return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        return ((body or {}).get("spec") or {}).get("holderIdentity") or None
 
 
 # ------------------------------------------------------------------------------------------- deployment
@@ -535,17 +533,19 @@ def judge_pod_delete(ctx: Ctx) -> list[Check]:
 
 def inject_operator_kill(ctx: Ctx) -> str:
     lease = ctx.info["lease"]
-    pid = wait_until(lambda: ctx.system.lease_holder_pid(lease), 60, "the operator Lease holder")
-    pod = next((p for p in ctx.system.operator_pods() if container_pid(p) == pid), None)
+    holder = wait_until(lambda: ctx.system.lease_holder(lease), 60, "the operator Lease holder")
+    pod = next((p for p in ctx.system.operator_pods() if holder.startswith(p["metadata"]["name"] + "_")), None)
     if pod is None:
-        raise ChaosError(f"no operator pod runs the Lease holder pid {pid}")
-    ctx.info.update(victim=pod["metadata"]["name"], restarts=restart_count(pod), pid=pid)
+        raise ChaosError(f"no operator pod holds the Lease (holder {holder!r})")
+    pid = container_pid(pod)
+    ctx.info.update(victim=pod["metadata"]["name"], restarts=restart_count(pod), holder=holder)
+    ctx.fault_at = time.time()
     os.kill(pid, signal.SIGKILL)
     return f"SIGKILL pid {pid} (the leading operator, pod {pod['metadata']['name']})"
 
 
 def recover_operator_kill(ctx: Ctx) -> None:
-    victim, before, old_pid = ctx.info["victim"], ctx.info["restarts"], ctx.info["pid"]
+    victim, before, old_holder = ctx.info["victim"], ctx.info["restarts"], ctx.info["holder"]
 
     def restarted() -> bool:
         pod = next((p for p in ctx.system.operator_pods() if p["metadata"]["name"] == victim), None)
@@ -554,10 +554,10 @@ def recover_operator_kill(ctx: Ctx) -> None:
     wait_until(restarted, 180, f"operator pod {victim} restarted and Ready")
     ctx.timings["operator_restarted_ready_s"] = ctx.since_fault()
 
-    def new_leader() -> bool:
-        pid = ctx.system.lease_holder_pid(ctx.info["lease"])
-        return pid is not None and pid != old_pid
-    wait_until(new_leader, 120, "a live operator to hold the Lease")
+    def new_leader() -> str | None:
+        holder = ctx.system.lease_holder(ctx.info["lease"])
+        return holder if holder and holder != old_holder else None
+    ctx.info["new_holder"] = wait_until(new_leader, 120, "a live operator to hold the Lease")
     ctx.timings["new_leader_s"] = ctx.since_fault()
     # The new leader reconciles: prove it by a spec change (not pod-shaping) it must observe.
     generation = ctx.system.patch_spec({"drain": {"timeoutSeconds": 31}})
@@ -575,6 +575,7 @@ def judge_operator_kill(ctx: Ctx) -> list[Check]:
                   f"at most {ctx.monitor.max_active} engine pods (want {n}), {len(extra)} pods created"),
             Check("the operator was restarted and a leader reconciles", "new_leader_reconciled_s" in ctx.timings,
                   f"restarted+Ready {ctx.timings.get('operator_restarted_ready_s')}s, new Lease holder "
+                  f"{ctx.info.get('new_holder')} after "
                   f"{ctx.timings.get('new_leader_s')}s, spec change observed "
                   f"{ctx.timings.get('new_leader_reconciled_s')}s after the kill")]
 
