@@ -53,8 +53,9 @@ def chaos_section(data: dict[str, Any]) -> list[str]:
         f"the system had recovered, *after* = requests started in the next {data['phase_seconds']:g} s. "
         "Cells: requests sent / succeeded / failed / p99 latency of the "
         "successful ones.", "",
-        f"The operator pods the chart created ran with securityContext {data.get('operator_pod_security_context')}"
-        " (recorded, not enforced, by the local node agent).", "",
+        "The operator pods the chart created carried the securityContext "
+        f"`{json.dumps(data.get('operator_pod_security_context'), sort_keys=True)}` (recorded, not enforced, by the "
+        "local node agent).", "",
         "| # | scenario | before | during | after | bound | result |",
         "|---|---|---|---|---|---|---|",
     ]
