@@ -115,9 +115,11 @@ def resource(name: str, model: dict[str, Any], **spec: Any) -> dict[str, Any]:
     return body
 
 
-def kubectl_apply(cluster: Any, namespace: str, body: dict[str, Any], check: bool = True) -> Any:
-    """`kubectl apply` a manifest into ``namespace``."""
-    return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body), check=check)
+def kubectl_apply(cluster: Any, namespace: str, body: dict[str, Any], check: bool = True,
+                  dry_run: bool = False) -> Any:
+    """`kubectl apply` a manifest into ``namespace`` (``dry_run``: server-side, through admission, nothing stored)."""
+    extra = ["--dry-run=server"] if dry_run else []
+    return cluster.kubectl("apply", *extra, "-n", namespace, "-f", "-", input=yaml.safe_dump(body), check=check)
 
 
 def get_resource(kube: Kube, namespace: str, name: str) -> dict[str, Any]:

@@ -51,8 +51,11 @@ def test_webhook_rejects_every_invalid_resource_at_apply_time(
     op = start_operator("--webhook-mode", "url", "--webhook-listen", "127.0.0.1", "--webhook-port", str(free_port()),
                         "--webhook-config-name", config, "--webhook-failure-policy", "Fail")
     try:
+        # Server-side dry run: a probe stored before the webhook is registered would make every later apply an
+        # unchanged-spec update, which the webhook always allows (the wait could then never see a denial).
         probe = next(c for c in CORPUS if c.stage == "webhook")
-        wait_for(lambda: "denied the request" in kubectl_apply(cluster, namespace, probe.body, check=False).stderr,
+        wait_for(lambda: "denied the request" in kubectl_apply(cluster, namespace, probe.body, check=False,
+                                                               dry_run=True).stderr,
                  30, "the webhook to be registered and serving")
         for case in CORPUS:
             result = kubectl_apply(cluster, namespace, case.body, check=False)
@@ -179,8 +182,11 @@ def test_webhook_registration_keeps_helms_metadata_and_other_webhooks(
     op = start_operator("--webhook-mode", "url", "--webhook-listen", "127.0.0.1", "--webhook-port", str(port),
                         "--webhook-config-name", config)
     try:
+        # Server-side dry run: a probe stored before the webhook is registered would make every later apply an
+        # unchanged-spec update, which the webhook always allows (the wait could then never see a denial).
         probe = next(c for c in CORPUS if c.stage == "webhook")
-        wait_for(lambda: "denied the request" in kubectl_apply(cluster, namespace, probe.body, check=False).stderr,
+        wait_for(lambda: "denied the request" in kubectl_apply(cluster, namespace, probe.body, check=False,
+                                                               dry_run=True).stderr,
                  30, "the operator's webhook to be merged into the configuration and serving")
         stored = kube.get(path)
         assert labels.items() <= stored["metadata"]["labels"].items()
