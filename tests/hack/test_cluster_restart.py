@@ -1,8 +1,7 @@
 """LocalCluster.restart_component: a control-plane component is stopped and started again with its state, and
 the rest of the cluster (node agent watches, controllers) carries on.
 
-It uses its own one-node cluster: restarting the session cluster's apiserver made later admission-webhook tests
-of that session flaky (a webhook registered soon after was sometimes not called for more than 30 s)."""
+It uses its own one-node cluster so that the restart cannot disturb the session cluster's other tests."""
 
 from __future__ import annotations
 
