@@ -85,9 +85,10 @@ class Reconciler:
             status["gateway"] = None
         elif not status.get("gateway"):
             status.pop("gateway", None)
+        # The gauge first: whoever sees the new status must also see the metrics that go with it.
+        self.metrics.set_replicas(namespace, name, status.get("replicas") or 0, status.get("readyReplicas") or 0)
         if status_changed(previous, status):
             self.act.patch_status(namespace, name, status)
-        self.metrics.set_replicas(namespace, name, status.get("replicas") or 0, status.get("readyReplicas") or 0)
         return Outcome(exists=True, requeue_after=decision.requeue_after)
 
     def _act(self, body: dict[str, Any], owner: d.Owner, spec: Any, decision: planner.Plan, now: float) -> None:
