@@ -358,6 +358,7 @@ class LocalCluster:
             "node_pods": c.node_pods, "node_name_prefix": c.node_name_prefix,
             "restart_backoff_base": c.restart_backoff_base, "restart_backoff_max": c.restart_backoff_max,
             "path_prefix": str(Path(sys.executable).parent), "env_prefixes": c.extra_pod_env_prefixes,
+            "image_paths": sorted({sys.prefix, sys.base_prefix, str(tools.REPO_ROOT)}),
             "boot_id": boot_id,
         }
         config_file = self.dir / "node-agent.json"

@@ -178,6 +178,28 @@ def test_a_mount_over_an_ancestor_of_later_sources_does_not_hide_them(tmp_path: 
         Path(f"/var/tmp/{name}").rmdir()
 
 
+def test_an_image_directory_hidden_by_a_volume_is_bound_back(tmp_path: Path) -> None:
+    """The pods' "image" is the project environment; with the checkout under /tmp (as a CI clone may be) an
+    emptyDir at /tmp would hide the interpreter the container runs. The image dir is bound back inside the volume;
+    the rest of the host's /tmp stays hidden."""
+    assert str(tmp_path).startswith("/tmp/")
+    scratch, image = tmp_path / "scratch", tmp_path / "env" / "venv"
+    scratch.mkdir()
+    (image / "bin").mkdir(parents=True)
+    tool = image / "bin" / "tool"
+    tool.write_text("#!/bin/sh\necho tool ran\n")
+    tool.chmod(0o755)
+    (tmp_path / "host-only").write_text("x")
+    plan = write_mount_plan(tmp_path / "mounts.json", [Mount(scratch, "/tmp", read_only=False)],
+                            image=[str(image), str(tmp_path / "absent")])
+    script = f"{tool}; ls {tmp_path} | sort | tr '\\n' ' '"
+    result = subprocess.run(container_command(plan, ["sh", "-c", script]), capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["tool ran", "env "]  # host-only, scratch and mounts.json stay hidden
+    assert not (tool.parent / "x").exists()
+
+
 def test_mount_helper_reports_a_missing_source_and_a_missing_command(tmp_path: Path) -> None:
     plan = write_mount_plan(tmp_path / "mounts.json", [Mount(tmp_path / "absent", "/tmp/nowhere", False)])
     result = subprocess.run(container_command(plan, ["true"]), capture_output=True, text=True, timeout=30,

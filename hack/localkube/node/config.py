@@ -31,6 +31,7 @@ class AgentConfig:
     restart_backoff_base: float = 10.0
     restart_backoff_max: float = 300.0
     path_prefix: str = ""
+    image_paths: list[str] = field(default_factory=list)  # the pods' "image": kept visible under any volume
     env_prefixes: list[str] = field(default_factory=list)
     boot_id: str = ""  # reported as the nodes' nodeInfo.bootID, so `up` can tell this start's nodes from stale ones
 

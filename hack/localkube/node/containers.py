@@ -53,6 +53,7 @@ class PodContext:
     events: EventRecorder
     notify: Callable[[], None]
     cluster_dir: Path
+    image_paths: list[str]
 
     def grace_seconds(self) -> float:
         """The pod's termination grace period (deletion's if set)."""
@@ -196,7 +197,7 @@ class ContainerRunner:
                                       "images and runs `command`+`args` as a host process")
                 mounts = container_mounts(self.spec, self.ctx.volumes, env)
                 plan = write_mount_plan(self.ctx.pod_dir / f"{self.name}.mounts.json", mounts,
-                                        self.spec.get("workingDir") or "/")
+                                        self.spec.get("workingDir") or "/", self.ctx.image_paths)
                 return command, env, plan
             except (ConfigError, VolumeError, ApiError, httpx.HTTPError, OSError) as exc:
                 if self.status()["state"].get("waiting", {}).get("message") != str(exc):

@@ -12,8 +12,14 @@ mounted at /tmp would otherwise shadow every later volume's host directory (the 
 ``O_PATH`` also opens sockets, FIFOs and device nodes without side effects. Mount points missing on the host are
 created as empty directories or files (as root), like a container runtime does inside an image.
 
-The plan (JSON): ``{"mounts": [{"source": ..., "target": ..., "readOnly": bool}, ...], "workingDir": "/"}``,
-mounts in order (parents before children).
+The pod's "image" is the host's project environment (virtualenv, repository, base interpreter), listed in the
+plan's ``image``. A volume mounted over an ancestor of one of those (an emptyDir at /tmp while the checkout lives
+under /tmp, as in CI) would hide the interpreter and packages the container runs from; such a hidden image
+directory is bound back, from the fd opened before the first mount, at its own path inside the volume (where a
+real container would keep seeing its image's files too).
+
+The plan (JSON): ``{"mounts": [{"source": ..., "target": ..., "readOnly": bool}, ...], "image": [dir, ...],
+"workingDir": "/"}``, mounts in order (parents before children).
 """
 
 from __future__ import annotations
@@ -52,16 +58,43 @@ def _mount_point(target: str, directory: bool) -> None:
             pass
 
 
+def _shows(path: str, fd: int) -> bool:
+    """Whether ``path`` still names the file opened as ``fd`` (no mount hides it)."""
+    try:
+        seen, opened = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (seen.st_dev, seen.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _restore_image(libc: Any, image: list[tuple[str, int]]) -> None:
+    """Bind every image directory a volume now hides back at its path (parents first)."""
+    for path, fd in sorted(image, key=lambda entry: len(entry[0])):
+        if _shows(path, fd):
+            continue
+        try:
+            _mount_point(path, True)
+        except OSError as exc:  # e.g. a read-only volume over it: the container runs without it, as it would
+            print(f"localkube: a volume hides {path} and it cannot be restored: {exc.strerror}", file=sys.stderr)
+            continue
+        _libc_mount(libc, f"/proc/self/fd/{fd}", path, MS_BIND)
+
+
 def apply_plan(plan: dict[str, Any]) -> None:
-    """Perform the plan's mounts and enter its working directory (in the current mount namespace)."""
+    """Perform the plan's mounts, keep its image visible, and enter its working directory (in the current mount
+    namespace)."""
     mounts = plan.get("mounts") or []
     fds: list[int] = []
+    image: list[tuple[str, int]] = []
     try:
         for mount in mounts:  # resolve every source before anything is mounted over its path
             try:
                 fds.append(os.open(mount["source"], os.O_PATH | os.O_CLOEXEC))
             except OSError as exc:
                 raise MountError(f"volume source {mount['source']}: {exc.strerror}") from exc
+        for path in plan.get("image") or []:
+            if os.path.isdir(path):
+                image.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         for mount, fd in zip(mounts, fds, strict=True):
             target = mount["target"]
@@ -69,8 +102,9 @@ def apply_plan(plan: dict[str, Any]) -> None:
             _libc_mount(libc, f"/proc/self/fd/{fd}", target, MS_BIND)
             if mount.get("readOnly"):
                 _libc_mount(libc, None, target, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        _restore_image(libc, image)
     finally:
-        for fd in fds:
+        for fd in fds + [fd for _, fd in image]:
             os.close(fd)
     working_dir = plan.get("workingDir") or "/"
     os.makedirs(working_dir, exist_ok=True)

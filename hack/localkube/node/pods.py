@@ -182,7 +182,8 @@ class PodWorker:
         return PodContext(get_pod=self.pod, pod_ip=self.pod_ip, host_ip=self.host_ip, pod_dir=self.dir,
                           volumes=self.volume_map, env_resolver=self.agent.env_resolver, device_env=self.device_env,
                           backoff_base=config.restart_backoff_base, backoff_max=config.restart_backoff_max,
-                          events=self.agent.events, notify=self.notify, cluster_dir=config.dir)
+                          events=self.agent.events, notify=self.notify, cluster_dir=config.dir,
+                          image_paths=config.image_paths)
 
     def _previous_restarts(self, field: str) -> dict[str, int]:
         statuses = (self.pod().get("status") or {}).get(field) or []

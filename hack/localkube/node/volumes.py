@@ -230,16 +230,16 @@ def container_mounts(container: dict[str, Any], volumes: dict[str, Volume], env:
     return sorted(mounts, key=lambda m: len(Path(m.target).parts))
 
 
-def mount_plan(mounts: list[Mount], working_dir: str = "/") -> dict[str, Any]:
-    """The JSON-able plan ``mountns.py`` performs: ``mounts`` in order, then ``working_dir`` (which may lie inside
-    a mount)."""
+def mount_plan(mounts: list[Mount], working_dir: str = "/", image: list[str] | None = None) -> dict[str, Any]:
+    """The JSON-able plan ``mountns.py`` performs: ``mounts`` in order, the ``image`` directories kept visible,
+    then ``working_dir`` (which may lie inside a mount)."""
     return {"mounts": [{"source": str(m.source), "target": m.target, "readOnly": m.read_only} for m in mounts],
-            "workingDir": working_dir}
+            "image": list(image or []), "workingDir": working_dir}
 
 
-def write_mount_plan(path: Path, mounts: list[Mount], working_dir: str = "/") -> Path:
+def write_mount_plan(path: Path, mounts: list[Mount], working_dir: str = "/", image: list[str] | None = None) -> Path:
     """Write the plan for ``mounts`` to ``path`` (kept in the pod directory for debugging) and return it."""
-    path.write_text(json.dumps(mount_plan(mounts, working_dir), indent=1) + "\n")
+    path.write_text(json.dumps(mount_plan(mounts, working_dir, image), indent=1) + "\n")
     return path
 
 
