@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, discovery = build(args)
     try:
-        import uvloop  # optional: a faster event loop when installed
+        import uvloop  # a dependency on Linux; asyncio elsewhere
     except ImportError:
         runner = asyncio.run
     else:
