@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -19,7 +20,7 @@ from pypto_serving.gateway.errors import error_response
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import POLICIES, Policy, make_policy
 from pypto_serving.gateway.poller import Poller
-from pypto_serving.gateway.proxy import Proxy
+from pypto_serving.gateway.proxy import REQUEST_ID_HEADER, Proxy
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.request import RequestInfo, request_info
 
@@ -176,13 +177,17 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 @web.middleware
 async def envelope_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                           ) -> web.StreamResponse:
-    """Turn aiohttp's own HTTP errors (404, 405, 413) into OpenAI error envelopes."""
+    """Turn aiohttp's own HTTP errors (404, 405, 413) into OpenAI error envelopes, and give every answer the
+    gateway makes itself (rejections included) an ``x-request-id``: the client's, else a new one."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason or "error", code=exc.reason.lower().replace(" ", "_"))
+        response = error_response(exc.status, exc.reason or "error", code=exc.reason.lower().replace(" ", "_"))
+    if not response.prepared and REQUEST_ID_HEADER not in response.headers:
+        response.headers[REQUEST_ID_HEADER] = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    return response
 
 
 def create_app(config: GatewayConfig, discovery: Discovery) -> web.Application:

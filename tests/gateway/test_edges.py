@@ -66,6 +66,15 @@ def test_bad_input_gets_an_envelope_and_never_crashes(dead_gateway: GatewayProce
     assert httpx.get(dead_gateway.url + "/health").status_code == 200
 
 
+def test_the_gateways_own_answers_carry_a_request_id(dead_gateway: GatewayProcess) -> None:
+    url = dead_gateway.url + "/v1/completions"
+    rejected = httpx.post(url, content=b"{not json", headers={**auth(), "x-request-id": "client-7"})
+    assert rejected.status_code == 400 and rejected.headers["x-request-id"] == "client-7"
+    made = [httpx.post(url, content=b"{not json", headers=auth()).headers["x-request-id"] for _ in range(2)]
+    assert len(made[0]) == 32 and made[0] != made[1]  # a fresh id per request when the client sends none
+    assert httpx.get(dead_gateway.url + "/nowhere").headers["x-request-id"]  # aiohttp's 404, enveloped
+
+
 def test_dead_replica_is_ejected_and_then_503_names_the_cause(dead_gateway: GatewayProcess) -> None:
     (name,) = dead_gateway.replicas()
     # failed /load polls alone eject it (no traffic needed)
