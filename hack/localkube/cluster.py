@@ -19,6 +19,7 @@ import yaml
 
 from hack.localkube import pki, processes, tools
 from hack.localkube.kubeclient import Credentials, KubeClient
+from hack.localkube.node.config import NodeShape
 
 SERVICE_CIDR = "127.253.0.0/16"  # loopback on purpose: nothing serves it, so no packet ever leaves the machine
 KUBERNETES_SERVICE_IP = "127.253.0.1"
@@ -31,19 +32,10 @@ class ClusterStartError(RuntimeError):
     """The cluster did not come up; the message names the component and shows the end of its log."""
 
 
-@dataclass
-class ClusterConfig:
-    """What the cluster looks like: nodes and their device plugin resource, and node-agent timings."""
+@dataclass(kw_only=True)
+class ClusterConfig(NodeShape):
+    """What the cluster looks like: nodes and their device plugin resource, node-agent timings, pod env."""
 
-    nodes: int = 2
-    devices_per_node: int = 8
-    device_resource: str = "huawei.com/Ascend910"
-    node_cpu: str = "32"
-    node_memory: str = "128Gi"
-    node_pods: int = 110
-    node_name_prefix: str = "local-node"
-    restart_backoff_base: float = 10.0  # kubelet's CrashLoopBackOff: 10s doubling ...
-    restart_backoff_max: float = 300.0  # ... up to 5 minutes
     die_with_parent: bool = False  # test clusters: processes get SIGKILL if the process that started them dies
     extra_pod_env_prefixes: list[str] = field(default_factory=lambda: ["PYPTO_", "HF_", "TRANSFORMERS_", "TORCH"])
 
@@ -353,10 +345,7 @@ class LocalCluster:
             "cluster_dir": str(self.dir), "server": self.server, "ca_file": str(k / "ca.crt"),
             "cert_file": str(k / "admin.crt"), "key_file": str(k / "admin.key"),
             "kubelet_cert_file": str(k / "kubelet.crt"), "kubelet_key_file": str(k / "kubelet.key"),
-            "kubelet_port": self.ports.kubelet, "nodes": c.nodes, "devices_per_node": c.devices_per_node,
-            "device_resource": c.device_resource, "node_cpu": c.node_cpu, "node_memory": c.node_memory,
-            "node_pods": c.node_pods, "node_name_prefix": c.node_name_prefix,
-            "restart_backoff_base": c.restart_backoff_base, "restart_backoff_max": c.restart_backoff_max,
+            "kubelet_port": self.ports.kubelet, **c.node_shape(),
             "path_prefix": str(Path(sys.executable).parent), "env_prefixes": c.extra_pod_env_prefixes,
             "image_paths": sorted({sys.prefix, sys.base_prefix, str(tools.REPO_ROOT)}),
             "boot_id": boot_id,

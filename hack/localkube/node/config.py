@@ -9,8 +9,28 @@ from pathlib import Path
 from hack.localkube.kubeclient import Credentials
 
 
-@dataclass
-class AgentConfig:
+@dataclass(kw_only=True)
+class NodeShape:
+    """The local nodes (count, capacity, device plugin resource) and the kubelet's restart back-off: set on the
+    cluster's config, handed to the node agent through its own."""
+
+    nodes: int = 2
+    devices_per_node: int = 8
+    device_resource: str = "huawei.com/Ascend910"
+    node_cpu: str = "32"
+    node_memory: str = "128Gi"
+    node_pods: int = 110
+    node_name_prefix: str = "local-node"
+    restart_backoff_base: float = 10.0  # kubelet's CrashLoopBackOff: 10s doubling ...
+    restart_backoff_max: float = 300.0  # ... up to 5 minutes
+
+    def node_shape(self) -> dict[str, object]:
+        """These fields as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(NodeShape)}
+
+
+@dataclass(kw_only=True)
+class AgentConfig(NodeShape):
     """Everything the node agent needs to know."""
 
     cluster_dir: str
@@ -21,15 +41,6 @@ class AgentConfig:
     kubelet_cert_file: str
     kubelet_key_file: str
     kubelet_port: int
-    nodes: int = 2
-    devices_per_node: int = 8
-    device_resource: str = "huawei.com/Ascend910"
-    node_cpu: str = "32"
-    node_memory: str = "128Gi"
-    node_pods: int = 110
-    node_name_prefix: str = "local-node"
-    restart_backoff_base: float = 10.0
-    restart_backoff_max: float = 300.0
     path_prefix: str = ""
     image_paths: list[str] = field(default_factory=list)  # the pods' "image": kept visible under any volume
     env_prefixes: list[str] = field(default_factory=list)
