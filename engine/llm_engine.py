@@ -244,13 +244,15 @@ class LLMEngine:
     # ------------------------------------------------------------------ introspection and lifecycle
 
     def load(self) -> dict:
-        """Router load: running and waiting requests, pending tokens, KV usage (see CONTRACT.md)."""
+        """Router load: running and waiting requests, pending tokens, KV usage (see CONTRACT.md), and the batch
+        slots (``max_num_seqs``: a router can tell a replica with a free slot from one whose next request waits)."""
         pending = 0
         for seq in self._requests.values():
             pending += max(0, seq.num_prompt_tokens - seq.num_computed_tokens)
             pending += seq.params.max_tokens - seq.num_output_tokens
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "pending_tokens": pending, "kv_cache_usage": self.block_manager.usage()}
+                "pending_tokens": pending, "kv_cache_usage": self.block_manager.usage(),
+                "max_num_seqs": self.scheduler.max_num_seqs}
 
     def stats(self) -> dict:
         """Cumulative counters (prefix cache in tokens, preemptions, finished/aborted/failed requests, ...)."""

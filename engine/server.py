@@ -225,10 +225,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/load")
     async def load() -> JSONResponse:
         snapshot, _ = engine.snapshot()
-        return JSONResponse({"running": int(snapshot.get("running", 0)), "waiting": int(snapshot.get("waiting", 0)),
-                             "pending_tokens": int(snapshot.get("pending_tokens", 0)),
-                             "kv_cache_usage": float(snapshot.get("kv_cache_usage", 0.0)),
-                             "draining": state.draining})
+        load = {"running": int(snapshot.get("running", 0)), "waiting": int(snapshot.get("waiting", 0)),
+                "pending_tokens": int(snapshot.get("pending_tokens", 0)),
+                "kv_cache_usage": float(snapshot.get("kv_cache_usage", 0.0)), "draining": state.draining}
+        if "max_num_seqs" in snapshot:  # once the engine is loaded
+            load["max_num_seqs"] = int(snapshot["max_num_seqs"])
+        return JSONResponse(load)
 
     @app.post("/drain")
     async def drain() -> JSONResponse:

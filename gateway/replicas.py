@@ -38,6 +38,7 @@ class LoadReading:
     pending_tokens: int = 0
     kv_cache_usage: float = 0.0
     draining: bool = False
+    max_num_seqs: int | None = None  # the engine's batch slots (None: not reported)
     requested_at: float = 0.0
     received_at: float = 0.0
 
@@ -47,7 +48,12 @@ class LoadReading:
         return cls(running=int(data.get("running", 0) or 0), waiting=int(data.get("waiting", 0) or 0),
                    pending_tokens=int(data.get("pending_tokens", 0) or 0),
                    kv_cache_usage=float(data.get("kv_cache_usage", 0.0) or 0.0),
-                   draining=bool(data.get("draining", False)), requested_at=requested_at, received_at=received_at)
+                   draining=bool(data.get("draining", False)), max_num_seqs=_positive_int(data.get("max_num_seqs")),
+                   requested_at=requested_at, received_at=received_at)
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 @dataclass(eq=False)
@@ -111,6 +117,15 @@ class Replica:
         if reading is None or (self.clock() if now is None else now) - reading.received_at > stale_after:
             return self.inflight
         return reading.running + reading.waiting + self.unabsorbed
+
+    def has_free_slot(self, stale_after: float, now: float | None = None) -> bool:
+        """Whether a new request would start at once: the engine reported its batch slots, nothing waits, and
+        running + requests sent since the reading leave a slot free. True when unknown (no fresh reading, or an
+        engine that does not report ``max_num_seqs``), so that the policy falls back to pending tokens alone."""
+        reading = self.fresh_reading(stale_after, now)
+        if reading is None or reading.max_num_seqs is None:
+            return True
+        return reading.waiting == 0 and reading.running + self.unabsorbed < reading.max_num_seqs
 
     def update(self, reading: LoadReading) -> None:
         """Apply a new ``/load`` reading: absorb every accepted request it counts."""

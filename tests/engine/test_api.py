@@ -200,6 +200,12 @@ def test_metrics_exposition(tiny_engine, client, model):
     assert sample("vllm:prefix_cache_queries", "_total") >= sample("vllm:prefix_cache_hits", "_total")
 
 
+def test_load_reports_the_batch_slots(tiny_engine):
+    load = httpx.get(f"{tiny_engine.url}/load", timeout=10).json()
+    assert load["max_num_seqs"] == 8  # TINY_ENGINE_ARGS: the gateway tells a free slot from a queue with it
+    assert {"running", "waiting", "pending_tokens", "kv_cache_usage", "draining"} <= set(load)
+
+
 def test_prefix_cache_hits_are_reported(client, model, tokenizer):
     prefix = "Kubernetes schedules pods onto nodes; an operator watches custom resources. " * 3
     complete(client, model, prefix + "First", max_tokens=2, ignore_eos=True)

@@ -16,9 +16,10 @@ from pypto_serving.gateway.request import RequestInfo, request_info
 NOW = 1000.0
 
 
-def replica(name: str, pending: int = 0, running: int = 0, waiting: int = 0) -> Replica:
+def replica(name: str, pending: int = 0, running: int = 0, waiting: int = 0, slots: int | None = None) -> Replica:
     r = Replica(name, f"http://{name}", clock=lambda: NOW)
-    r.update(LoadReading(running=running, waiting=waiting, pending_tokens=pending, requested_at=NOW, received_at=NOW))
+    r.update(LoadReading(running=running, waiting=waiting, pending_tokens=pending, max_num_seqs=slots,
+                         requested_at=NOW, received_at=NOW))
     return r
 
 
@@ -34,6 +35,30 @@ def test_least_pending_tokens_includes_local_extra() -> None:
     assert policy.select([a, b], RequestInfo(), NOW) is b
     b.dispatch(50)  # 130 now
     assert policy.select([a, b], RequestInfo(), NOW) is a
+
+
+def test_least_pending_tokens_prefers_a_free_batch_slot() -> None:
+    """One long request next to a free slot beats two short ones with a queue behind them: the request would wait
+    there although its pending tokens are fewer. Without free slots anywhere, pending tokens decide again."""
+    policy = make_policy("least-pending-tokens")
+    long_one = replica("long", pending=600, running=1, slots=2)
+    queued = replica("queued", pending=300, running=2, waiting=8, slots=2)
+    assert policy.select([long_one, queued], RequestInfo(), NOW) is long_one
+    long_one.dispatch(20)  # sent since the reading: it takes the free slot
+    assert not long_one.has_free_slot(2.0, NOW)
+    assert policy.select([long_one, queued], RequestInfo(), NOW) is queued  # both full: fewer pending tokens
+    full_short = replica("full-short", pending=60, running=2, slots=2)
+    full_long = replica("full-long", pending=1200, running=2, slots=2)
+    assert policy.select([full_long, full_short], RequestInfo(), NOW) is full_short
+    unknown = replica("old-engine", pending=50, running=5)  # no max_num_seqs reported: pending tokens only
+    assert unknown.has_free_slot(2.0, NOW)
+    assert policy.select([unknown, replica("slot", pending=70, running=0, slots=4)], RequestInfo(), NOW) is unknown
+
+
+def test_load_reading_reads_slots_leniently() -> None:
+    assert LoadReading.from_json({"max_num_seqs": 8}, NOW, NOW).max_num_seqs == 8
+    for odd in (0, -1, "8", True, None, 2.5):
+        assert LoadReading.from_json({"max_num_seqs": odd}, NOW, NOW).max_num_seqs is None
 
 
 def test_least_requests_counts_running_waiting_and_local() -> None:
