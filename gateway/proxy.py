@@ -69,8 +69,10 @@ class Proxy:
         """Open the pooled keep-alive upstream session."""
         connector = aiohttp.TCPConnector(limit=self.config.upstream_connections, limit_per_host=0,
                                          keepalive_timeout=4, enable_cleanup_closed=False)
+        # No cookie jar: a cookie one client's answer set must never ride along on another client's request.
         self.session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent", "Accept-Encoding"))
+                                             skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                                             cookie_jar=aiohttp.DummyCookieJar())
 
     async def stop(self) -> None:
         """Close the upstream session."""

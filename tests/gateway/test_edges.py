@@ -6,9 +6,12 @@ the gateway is the real `pypto-serving gateway` process. Routing to real engines
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -95,3 +98,47 @@ def test_cli_requires_exactly_one_discovery_source(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pypto_serving", "gateway", "--endpoints", "http://127.0.0.1:1",
                            "--api-key-file", str(tmp_path / "empty")], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "is empty" in proc.stderr
+
+
+class CookieSettingReplica(BaseHTTPRequestHandler):
+    """An upstream that answers every completion with a Set-Cookie and records the Cookie headers it receives."""
+
+    seen_cookies: list[str | None] = []
+
+    def do_GET(self) -> None:  # /load and /health
+        self._json({"running": 0, "waiting": 0, "pending_tokens": 0, "kv_cache_usage": 0.0, "draining": False})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).seen_cookies.append(self.headers.get("Cookie"))
+        self._json({"choices": []}, {"Set-Cookie": "session=client-a-secret; Path=/"})
+
+    def _json(self, body: dict, headers: dict[str, str] | None = None) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(200)
+        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
+                           **(headers or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_upstream_cookie_never_reaches_another_clients_request() -> None:
+    """The gateway's pooled upstream session keeps no cookie jar: a Set-Cookie meant for one client is relayed to
+    that client only, and is not attached to the next client's request."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CookieSettingReplica)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # a host name: aiohttp's default jar ignores cookies from IP addresses, but static endpoints may be names
+    gw = start_gateway("--endpoints", f"http://localhost:{server.server_address[1]}")
+    try:
+        first = httpx.post(gw.url + "/v1/completions", json={"prompt": "a", "max_tokens": 1}, timeout=30)
+        assert first.status_code == 200 and "client-a-secret" in first.headers.get("set-cookie", "")
+        second = httpx.post(gw.url + "/v1/completions", json={"prompt": "b", "max_tokens": 1}, timeout=30)
+        assert second.status_code == 200
+        assert CookieSettingReplica.seen_cookies == [None, None]
+    finally:
+        gw.stop()
+        server.shutdown()
