@@ -99,7 +99,8 @@ def test_max_model_len_is_reached_exactly(engine: LLMEngine, model: str) -> None
 def test_load_counts_pending_tokens(engine: LLMEngine) -> None:
     engine.add_request("a", [5] * 10, SamplingParams(max_tokens=5))
     engine.add_request("b", [6] * 20, SamplingParams(max_tokens=7))
-    assert engine.load() == {"running": 0, "waiting": 2, "pending_tokens": 10 + 5 + 20 + 7, "kv_cache_usage": 0.0}
+    assert engine.load() == {"running": 0, "waiting": 2, "pending_tokens": 10 + 5 + 20 + 7, "kv_cache_usage": 0.0,
+                             "max_num_seqs": engine.scheduler.max_num_seqs}
     engine.step()  # both prefilled, one token each
     load = engine.load()
     assert (load["running"], load["waiting"], load["pending_tokens"]) == (2, 0, 4 + 6)
