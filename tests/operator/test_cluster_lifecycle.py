@@ -101,8 +101,11 @@ def test_create_scale_heal_and_garbage_collect(cluster: Any, namespace: str, kub
     assert len(engine_pods(kube, namespace, "demo", include_terminating=False)) == 1
     assert healed["status"]["replicaStatuses"][0]["ready"]
     assert operator.metric("pypto_operator_reconciles_total", '{result="success"}') > 0
+    # wait_ready may have seen the status from before the deletion, written before the operator noticed it (the
+    # gauge then already reads 0 until the replacement is Ready): the gauge must come back to 1
     ready_gauge = f'{{name="demo",namespace="{namespace}",state="ready"}}'
-    assert operator.metric("pypto_operator_managed_replicas", ready_gauge) == 1
+    wait_for(lambda: operator.metric("pypto_operator_managed_replicas", ready_gauge) == 1, 90,
+             "the managed-replicas gauge to count the ready replacement")
 
     # -- deleting the resource garbage-collects everything it owns
     cluster.kubectl("delete", "pps", "demo", "-n", namespace, "--wait=true", timeout=120)

@@ -69,8 +69,10 @@ def test_two_operator_replicas_one_leads_the_other_takes_over(
     kubectl_apply(cluster, namespace, resource("ha", model_volume, replicas=0))
     wait_for(lambda: (get_resource(kube, namespace, "ha").get("status") or {}).get("phase") == "Ready", 30,
              "the leader to reconcile")
+    # the reconcile writes the status before it counts itself: wait for the count, then the standby has none
+    wait_for(lambda: leader.metric("pypto_operator_reconciles_total", '{result="success"}') > 0, 30,
+             "the leader to count its reconcile")
     assert standby.metric("pypto_operator_reconciles_total", '{result="success"}') == 0
-    assert leader.metric("pypto_operator_reconciles_total", '{result="success"}') > 0
 
     leader.kill()
     cluster.kubectl("scale", "pps", "ha", "-n", namespace, "--replicas=1")
