@@ -1,8 +1,10 @@
-"""Pod -> replica mapping of the Kubernetes discovery (pure logic; the watch itself runs on the real cluster)."""
+"""Pod -> replica mapping of the Kubernetes discovery, and its list+watch protocol against a scripted pods endpoint
+(pure logic; the watch against the real apiserver runs in test_kubernetes_discovery.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from pypto_serving.gateway.discovery import KubernetesDiscovery, StaticDiscovery, pod_entry
 from pypto_serving.gateway.replicas import Registry
@@ -52,3 +54,78 @@ def test_static_discovery_names_replicas_by_url() -> None:
     registry = Registry()
     asyncio.run(StaticDiscovery(["http://127.0.0.1:1/", " http://127.0.0.1:2", ""]).start(registry))
     assert registry.names() == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+
+
+class ScriptedPodsApi:
+    """A stand-in for the pods endpoint, answering list and watch requests from a script (pure protocol logic:
+    the 410 answers are hard to provoke on demand from the real apiserver; the real list+watch is exercised in
+    test_kubernetes_discovery.py)."""
+
+    def __init__(self, lists: list[list[dict]], watches: list[str]) -> None:
+        self.lists, self.watches = lists, watches  # watches: "gone-status", "gone-event" or "hold"
+        self.requests: list[dict[str, str]] = []
+
+    async def handle(self, request):  # aiohttp handler
+        from aiohttp import web
+
+        self.requests.append(dict(request.query))
+        if request.query.get("watch") != "1":
+            items = self.lists.pop(0) if len(self.lists) > 1 else self.lists[0]
+            version = str(10 * len(self.requests))
+            return web.json_response({"kind": "PodList", "metadata": {"resourceVersion": version}, "items": items})
+        step = self.watches.pop(0) if self.watches else "hold"
+        if step == "gone-status":
+            return web.json_response({"kind": "Status", "code": 410, "reason": "Expired"}, status=410)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        if step == "gone-event":
+            error = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old resource version"}}
+            await response.write((json.dumps(error) + "\n").encode())
+            return response
+        await asyncio.sleep(3600)  # "hold": an idle watch, ended by the test's shutdown
+        return response
+
+
+def test_a_410_gone_watch_lists_again_and_replaces_the_replica_set(tmp_path, caplog) -> None:
+    """Both forms of 410 (the watch request answered 410, an ERROR event with code 410 in the stream) make the
+    discovery list again and take the new list as the whole replica set, then watch from the new version."""
+    from aiohttp import web
+
+    api = ScriptedPodsApi(lists=[[pod("a", "127.0.1.1")], [pod("b", "127.0.1.2")], [pod("c", "127.0.1.3")]],
+                          watches=["gone-status", "gone-event", "hold"])
+
+    async def scenario() -> list[str]:
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/ns/pods", api.handle)
+        runner = web.AppRunner(app, shutdown_timeout=0.5)  # the held watch is not waited for
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+            "users": [{"name": "u", "user": {"token": "t0ken"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        registry = Registry()
+        discovery = KubernetesDiscovery("ns", "app=x", kubeconfig=str(kubeconfig), max_backoff_s=0.1)
+        try:
+            await discovery.start(registry)
+            deadline = asyncio.get_running_loop().time() + 20
+            while registry.names() != ["c"] or len(api.requests) < 6:
+                assert asyncio.get_running_loop().time() < deadline, (registry.names(), api.requests)
+                await asyncio.sleep(0.02)
+            return registry.names()
+        finally:
+            await discovery.stop()
+            await runner.cleanup()
+
+    caplog.set_level("INFO", logger="pypto_serving.gateway.discovery")
+    assert asyncio.run(scenario()) == ["c"]
+    kinds = ["watch" if q.get("watch") == "1" else "list" for q in api.requests]
+    assert kinds == ["list", "watch", "list", "watch", "list", "watch"]
+    assert api.requests[-1]["resourceVersion"] == "50"  # the watch resumes from the latest list's version
+    assert all(q["labelSelector"] == "app=x" for q in api.requests)
+    gone = [r for r in caplog.records if "resourceVersion gone" in r.getMessage()]
+    assert len(gone) == 2 and not [r for r in caplog.records if r.levelname == "WARNING"]  # expected, not failures
