@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hack.generated import write_or_check
 from pypto_serving.operator import crd
 from pypto_serving.operator import types as t
 
@@ -124,15 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/crd-reference.md is stale")
     args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not OUTPUT.exists() or OUTPUT.read_text() != text:
-            print(f"{OUTPUT} is stale: run `make docs`", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
-    return 0
+    return write_or_check(OUTPUT, render(), args.check, "make docs")
 
 
 if __name__ == "__main__":

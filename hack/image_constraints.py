@@ -15,6 +15,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
+from hack.generated import write_or_check
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = REPO_ROOT / "constraints" / "image.txt"
 ROOT = "pypto-serving"
@@ -69,14 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the environment")
     args = parser.parse_args(argv)
     text = render(closure())
-    if args.check:
-        if OUTPUT.read_text() != text:
-            print(f"{OUTPUT} is stale: run `make image-constraints`", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT} ({text.count(chr(10)) - HEADER.count(chr(10))} pins)")
-    return 0
+    pins = text.count("\n") - HEADER.count("\n")
+    return write_or_check(OUTPUT, text, args.check, "make image-constraints", f" ({pins} pins)")
 
 
 if __name__ == "__main__":
