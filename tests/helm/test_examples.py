@@ -16,7 +16,6 @@ from tests.support.common import REPO_ROOT, wait_for
 
 EXAMPLES = REPO_ROOT / "examples"
 SERVINGS = [EXAMPLES / "serving.yaml", EXAMPLES / "local" / "serving.yaml"]
-CRD = REPO_ROOT / "crds" / "pyptoservings.serving.pypto.io.yaml"
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -68,9 +67,7 @@ def for_kubernetes_1_20(hpa: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.cluster
-def test_examples_pass_a_server_side_dry_run(cluster: Any, namespace: str) -> None:
-    cluster.kubectl("apply", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/pyptoservings.serving.pypto.io", "--timeout=60s")
+def test_examples_pass_a_server_side_dry_run(cluster: Any, namespace: str, crd: str) -> None:
     docs = [load(p) for p in SERVINGS] + [for_kubernetes_1_20(load(EXAMPLES / "hpa.yaml"))]
     result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
                              input=yaml.safe_dump_all(docs))
@@ -78,11 +75,9 @@ def test_examples_pass_a_server_side_dry_run(cluster: Any, namespace: str) -> No
 
 
 @pytest.mark.cluster
-def test_hpa_scales_a_pyptoserving_through_its_scale_subresource(cluster: Any, namespace: str) -> None:
+def test_hpa_scales_a_pyptoserving_through_its_scale_subresource(cluster: Any, namespace: str, crd: str) -> None:
     """The HPA controller reads and writes the scale subresource: minReplicas above the current count makes it
     scale up before any metric exists (no operator needed: this checks the CRD's scale wiring)."""
-    cluster.kubectl("apply", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/pyptoservings.serving.pypto.io", "--timeout=60s")
     serving = load(EXAMPLES / "serving.yaml")
     serving["spec"]["replicas"] = 1
     hpa = for_kubernetes_1_20(load(EXAMPLES / "hpa.yaml"))

@@ -10,15 +10,6 @@ import pytest
 
 from pypto_serving.operator.kube import Kube, load_configuration
 from tests.operator.clusterkit import OperatorProcess
-from tests.support.common import REPO_ROOT
-
-
-@pytest.fixture(scope="session")
-def crd(cluster: Any) -> str:
-    """The PyptoServing CRD applied to the session's cluster and Established."""
-    cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds" / "pyptoservings.serving.pypto.io.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/pyptoservings.serving.pypto.io", "--timeout=60s")
-    return "pyptoservings.serving.pypto.io"
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +24,7 @@ def kube(cluster: Any) -> Iterator[Kube]:
 def start_operator(cluster: Any, crd: str, namespace: str, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
     """Factory: start operators watching the test namespace; all are stopped at the end."""
     started: list[OperatorProcess] = []
-    env = {**cluster.env, "PYTHONUNBUFFERED": "1"}
-    env.pop("POD_IP", None)
-    env.pop("POD_NAMESPACE", None)
+    env = cluster.host_env
 
     def start(*extra: str, wait: bool = True) -> OperatorProcess:
         proc = OperatorProcess(namespace, env, tmp_path / f"operator-{len(started)}.log", list(extra))

@@ -23,9 +23,10 @@ import pytest
 
 from hack.localkube import ClusterConfig, ClusterStartError, LocalCluster
 from hack.localkube.tools import MissingToolError, helm_binary, kubectl_binary
-from tests.support.common import wait_for
+from tests.support.common import REPO_ROOT, wait_for
 
 REUSE_ENV = "PYPTO_TEST_CLUSTER_DIR"
+CRD_NAME = "pyptoservings.serving.pypto.io"
 
 
 @dataclass
@@ -55,6 +56,21 @@ class Cluster:
     def env(self) -> dict[str, str]:
         """os.environ plus KUBECONFIG, for subprocesses (kubectl, helm, the operator run outside the cluster)."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    @property
+    def host_env(self) -> dict[str, str]:
+        """``env`` for a part run as a host process outside any pod: unbuffered output, and no POD_IP or
+        POD_NAMESPACE inherited from a test run that itself happens to run in a pod."""
+        env = {**self.env, "PYTHONUNBUFFERED": "1"}
+        env.pop("POD_IP", None)
+        env.pop("POD_NAMESPACE", None)
+        return env
+
+    def install_crd(self) -> str:
+        """Apply the PyptoServing CRD (crds/) and wait until it is Established; returns its name."""
+        self.kubectl("apply", "-f", str(REPO_ROOT / "crds" / f"{CRD_NAME}.yaml"))
+        self.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+        return CRD_NAME
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -171,6 +187,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         handle.close()
         if handle.owned:
             handle.local.down()
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> str:
+    """The PyptoServing CRD applied to the session's cluster and Established."""
+    return cluster.install_crd()
 
 
 @pytest.fixture

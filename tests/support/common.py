@@ -19,8 +19,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
-    """Poll ``condition`` until it returns a truthy value or ``timeout`` seconds pass (then fail with ``what``)."""
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.1,
+             error: type[Exception] = AssertionError) -> object:
+    """Poll ``condition`` until it returns a truthy value or ``timeout`` seconds pass (then raise ``error`` naming
+    ``what``); exceptions of the condition count as "not yet"."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -31,4 +33,4 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
         except Exception as exc:  # the condition may fail while the thing is coming up
             last_error = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last error: {last_error!r}")
+    raise error(f"timed out after {timeout:.0f}s waiting for {what}; last error: {last_error!r}")

@@ -11,30 +11,19 @@ from typing import Any
 
 import pytest
 
-from benchmarks.chaos import System, deploy_serving
+from benchmarks.chaos_system import System, deploy_serving
 from tests.operator.clusterkit import OperatorProcess
-from tests.support.common import REPO_ROOT
 
 SYSTEM_REPLICAS = 2
 
 
 @pytest.fixture(scope="session")
-def system_crd(cluster: Any) -> str:
-    """The PyptoServing CRD applied and Established."""
-    cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds" / "pyptoservings.serving.pypto.io.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/pyptoservings.serving.pypto.io", "--timeout=60s")
-    return "pyptoservings.serving.pypto.io"
-
-
-@pytest.fixture(scope="session")
-def serving_system(cluster: Any, system_crd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+def serving_system(cluster: Any, crd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     """A served tiny model: operator + 2 engine pods + 1 gateway pod (API key), ready and routing."""
     from tests.support.models import tiny_model_dir
 
     namespace = cluster.create_namespace("system")
-    env = {**cluster.env, "PYTHONUNBUFFERED": "1"}
-    env.pop("POD_IP", None)
-    env.pop("POD_NAMESPACE", None)
+    env = cluster.host_env
     log_dir: Path = tmp_path_factory.mktemp("system")
     operator = OperatorProcess(namespace, env, log_dir / "operator.log").start()
     system = System(cluster.kubeconfig, namespace, "sys", api_key=f"key-{uuid.uuid4().hex}", cluster=cluster.local)

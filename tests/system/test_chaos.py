@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.chaos import System, run_named
+from benchmarks.chaos import run_named
+from benchmarks.chaos_system import System
 from tests.system.conftest import SYSTEM_REPLICAS
 
 pytestmark = pytest.mark.cluster

@@ -32,8 +32,7 @@ def listening(pid: int) -> list[tuple[str, int]]:
 
 
 def test_default_binds_are_loopback_only(cluster: Any, namespace: str, tiny_qwen3_dir: Path, tmp_path: Path) -> None:
-    env = {**cluster.env, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("POD_IP", None)
+    env = {**cluster.host_env, "HF_HUB_OFFLINE": "1"}
     engine_port = free_port()
     # Default address flags everywhere; only ports are given (free ones) so that parallel runs cannot collide.
     commands = {

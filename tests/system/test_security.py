@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from benchmarks.chaos import ENGINE_SELECTOR, System
+from benchmarks.chaos_system import ENGINE_SELECTOR, System
 from tests.support.cluster import Cluster
 from tests.support.common import REPO_ROOT
 
@@ -56,7 +56,7 @@ def expected_rights(rules: list[dict[str, Any]]) -> dict[str, set[str]]:
     return out
 
 
-def test_operator_service_account_can_do_only_what_it_needs(cluster: Cluster, namespace: str, system_crd: str) -> None:
+def test_operator_service_account_can_do_only_what_it_needs(cluster: Cluster, namespace: str, crd: str) -> None:
     role = yaml.safe_load((REPO_ROOT / "operator" / "rbac.yaml").read_text())
     role["metadata"]["name"] = f"pypto-operator-cani-{uuid.uuid4().hex[:6]}"
     account = f"system:serviceaccount:{namespace}:operator"
