@@ -1,17 +1,17 @@
 """The gateway's HTTP app (aiohttp): OpenAI routes proxied to the replicas, plus health, readiness and admin.
 
-aiohttp serves both sides: its C HTTP parser on the server side, one pooled keep-alive ``ClientSession`` towards
-the engines, and handler cancellation so that a client disconnect reaches the upstream request.
+aiohttp serves the clients (its C HTTP parser, handler cancellation so that a client disconnect reaches the
+upstream request); gateway/upstream.py's lean keep-alive pool talks to the engines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import uuid
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 
 from pypto_serving.gateway.config import GatewayConfig
@@ -23,12 +23,14 @@ from pypto_serving.gateway.poller import Poller
 from pypto_serving.gateway.proxy import REQUEST_ID_HEADER, Proxy
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.request import RequestInfo, request_info
+from pypto_serving.gateway.upstream import UpstreamError
 
 ROUTING_HEADER = "x-pypto-routing"
 # The gateway's own endpoints in its OpenAPI document (the /v1 routes come from the engines').
 GATEWAY_PATHS = {"/health": "The gateway process is alive.", "/ready": "200 while a replica can take traffic.",
                  "/replicas": "Each replica's address, state and last load.", "/metrics": "Prometheus metrics."}
 SESSION_HEADER = "x-session-id"
+OPENAPI_TIMEOUT_S = 10.0
 
 
 class Gateway:
@@ -47,7 +49,6 @@ class Gateway:
 
     async def start(self) -> None:
         """Open sessions, start discovery and polling (first readings are awaited briefly)."""
-        await self.proxy.start()
         await self.poller.start()
         await self.discovery.start(self.registry)
 
@@ -55,7 +56,7 @@ class Gateway:
         """Stop discovery and polling and close sessions."""
         await self.discovery.stop()
         await self.poller.stop()
-        await self.proxy.stop()
+        self.proxy.stop()
 
     # --- handlers ---------------------------------------------------------------------------------------------
     def authorized(self, request: web.Request) -> bool:
@@ -104,12 +105,11 @@ class Gateway:
         document = None
         for replica in self.registry.eligible():
             try:
-                assert self.proxy.session is not None
-                async with self.proxy.session.get(replica.url + "/openapi.json") as upstream:
-                    if upstream.status == 200:
-                        document = json.loads(await upstream.read())
-                        break
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                status, payload = await self.proxy.pool.get(replica.url, "/openapi.json", OPENAPI_TIMEOUT_S)
+                if status == 200:
+                    document = json.loads(payload)
+                    break
+            except (UpstreamError, asyncio.TimeoutError, ValueError):
                 continue
         if not isinstance(document, dict) or not isinstance(document.get("paths"), dict):
             return self._reject(503, "no ready replica to describe the API", "no_replicas")

@@ -80,7 +80,10 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
         breaker=BreakerConfig(failures=args.breaker_failures, backoff_s=args.breaker_backoff,
                               max_backoff_s=args.breaker_max_backoff))
     if args.endpoints:
-        discovery: Discovery = StaticDiscovery(args.endpoints.split(","))
+        try:
+            discovery: Discovery = StaticDiscovery(args.endpoints.split(","))
+        except ValueError as exc:
+            raise SystemExit(f"pypto-serving gateway: --endpoints: {exc} (expected http://host:port,...)") from None
     else:
         discovery = KubernetesDiscovery(args.namespace, args.selector, args.kubeconfig, args.engine_port)
     return config, discovery

@@ -24,6 +24,5 @@ class GatewayConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     default_max_tokens: int = 256  # accounting estimate when a request sets no max_tokens
     chars_per_token: float = 4.0  # prompt-length estimate (the gateway has no tokenizer)
-    upstream_connections: int = 0  # connection pool size per gateway (0: unlimited)
     policy_config: PolicyConfig = field(default_factory=PolicyConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)

@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 import aiohttp
 
 from pypto_serving.gateway.replicas import Registry
+from pypto_serving.gateway.upstream import Origin
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,10 @@ class StaticDiscovery(Discovery):
     """A fixed list of engine base URLs (each replica is named by its URL)."""
 
     def __init__(self, endpoints: list[str]) -> None:
+        """ValueError names an endpoint that is not an http(s) URL."""
         self.endpoints = [e.strip().rstrip("/") for e in endpoints if e.strip()]
+        for url in self.endpoints:
+            Origin(url)
 
     async def start(self, registry: Registry) -> None:
         registry.replace((url, url, "ready") for url in self.endpoints)

@@ -12,10 +12,9 @@ import contextlib
 import json
 import logging
 
-import aiohttp
-
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.replicas import LoadReading, Registry, Replica
+from pypto_serving.gateway.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +27,18 @@ class Poller:
         self.registry = registry
         self.metrics = metrics
         self.interval_s = interval_s
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
         self._tasks: dict[int, asyncio.Task] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = UpstreamPool(timeout_s, timeout_s)
 
     async def start(self) -> None:
-        """Open the polling session and poll every replica known now and later."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), timeout=self.timeout,
-            auto_decompress=False)
+        """Poll every replica known now and later."""
         self.registry.listeners.append(self._on_change)
         for replica in self.registry:
             self._on_change(replica, "added")
 
     async def stop(self) -> None:
-        """Cancel every polling task and close the session."""
+        """Cancel every polling task and close the connections."""
         if self._on_change in self.registry.listeners:
             self.registry.listeners.remove(self._on_change)
         tasks = list(self._tasks.values())
@@ -52,8 +48,7 @@ class Poller:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._session is not None:
-            await self._session.close()
+        self._pool.close()
 
     def _on_change(self, replica: Replica, change: str) -> None:
         key = id(replica)
@@ -66,25 +61,27 @@ class Poller:
 
     async def poll_once(self, replica: Replica) -> bool:
         """Poll one replica now; True when it answered a reading."""
-        assert self._session is not None
         requested_at = self.registry.clock()
         try:
-            async with self._session.get(replica.url + "/load") as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-            data = json.loads(raw)
-            reading = LoadReading.from_json(data, requested_at, self.registry.clock())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, TypeError, AttributeError) as exc:
-            log.debug("poll of %s failed: %r", replica.name, exc)
-            self.metrics.poll_failures.labels(replica.name).inc()
-            # A replica that answers (e.g. 503 while loading) is alive: only unreachable ones count as failures.
-            if not isinstance(exc, aiohttp.ClientResponseError):
-                self.registry.failure(replica)
+            status, raw = await self._pool.get(replica.url, "/load", self.timeout_s)
+        except UpstreamError as exc:
+            self._failed(replica, exc)
+            self.registry.failure(replica)  # unreachable or silent: counts against its breaker
+            return False
+        try:
+            if status != 200:
+                raise ValueError(f"HTTP {status}")
+            reading = LoadReading.from_json(json.loads(raw), requested_at, self.registry.clock())
+        except (ValueError, TypeError, AttributeError) as exc:
+            self._failed(replica, exc)  # it answers (e.g. 503 while loading): alive, so no breaker failure
             return False
         replica.update(reading)
         self.registry.success(replica)
         return True
+
+    def _failed(self, replica: Replica, exc: Exception) -> None:
+        log.debug("poll of %s failed: %r", replica.name, exc)
+        self.metrics.poll_failures.labels(replica.name).inc()
 
     async def _loop(self, replica: Replica) -> None:
         loop = asyncio.get_running_loop()

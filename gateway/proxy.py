@@ -12,11 +12,9 @@ Flow of a request (see docs/architecture.md, "Gateway"):
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -26,12 +24,12 @@ from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import Policy
 from pypto_serving.gateway.replicas import Registry, Replica
 from pypto_serving.gateway.request import RequestInfo
+from pypto_serving.gateway.upstream import ConnectFailed, ReadTimeout, Response, UpstreamError, UpstreamPool
 
 REPLICA_HEADER = "x-pypto-replica"
 REQUEST_ID_HEADER = "x-request-id"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
-UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 def forward_headers(headers) -> dict[str, str]:
@@ -46,9 +44,9 @@ def forward_headers(headers) -> dict[str, str]:
     return out
 
 
-def response_headers(upstream: aiohttp.ClientResponse, replica: Replica) -> CIMultiDict:
+def response_headers(upstream: Response, replica: Replica) -> CIMultiDict:
     """Upstream response headers for the client plus ``x-pypto-replica``."""
-    out = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
+    out = CIMultiDict((k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP
                       and k.lower() not in ("server", "date"))
     out[REPLICA_HEADER] = replica.name
     return out
@@ -61,23 +59,13 @@ class Proxy:
         self.config = config
         self.registry = registry
         self.metrics = metrics
-        self.session: aiohttp.ClientSession | None = None
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s,
-                                             sock_read=config.idle_timeout_s)
+        # Pooled keep-alive connections; no cookie jar, so a cookie that one client's answer set never rides
+        # along on another client's request.
+        self.pool = UpstreamPool(config.connect_timeout_s, config.idle_timeout_s)
 
-    async def start(self) -> None:
-        """Open the pooled keep-alive upstream session."""
-        connector = aiohttp.TCPConnector(limit=self.config.upstream_connections, limit_per_host=0,
-                                         keepalive_timeout=4, enable_cleanup_closed=False)
-        # No cookie jar: a cookie one client's answer set must never ride along on another client's request.
-        self.session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent", "Accept-Encoding"),
-                                             cookie_jar=aiohttp.DummyCookieJar())
-
-    async def stop(self) -> None:
-        """Close the upstream session."""
-        if self.session is not None:
-            await self.session.close()
+    def stop(self) -> None:
+        """Close the idle upstream connections."""
+        self.pool.close()
 
     # --- routing ----------------------------------------------------------------------------------------------
     def choose(self, policy: Policy, info: RequestInfo, tried: list[str]) -> Replica | web.Response:
@@ -125,15 +113,14 @@ class Proxy:
             ticket = replica.dispatch(info.tokens, info.stream)
             dispatched = time.perf_counter()
             try:
-                upstream = await self.session.request(request.method, replica.url + path, data=body,
-                                                      headers=headers, allow_redirects=False)
-            except UPSTREAM_ERRORS as exc:
+                upstream = await self.pool.request(request.method, replica.url, path, headers, body)
+            except UpstreamError as exc:
                 ticket.end()
                 self.registry.failure(replica)
-                if isinstance(exc, aiohttp.SocketTimeoutError):  # it took the request, then went silent: no re-run
+                if isinstance(exc, ReadTimeout):  # it took the request, then went silent: no re-run
                     return self._timed_out(replica)
-                reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
-                last_error = (502, error_body(502, f"replica {replica.name} unreachable: {exc!r}",
+                reason = "timeout" if isinstance(exc, ConnectFailed) and exc.timed_out else "connect"
+                last_error = (502, error_body(502, f"replica {replica.name} unreachable: {exc}",
                                               code="upstream_unreachable"), replica.name)
                 continue
             except BaseException:
@@ -142,7 +129,7 @@ class Proxy:
             if upstream.status == 503:
                 try:
                     payload = await upstream.read()
-                except UPSTREAM_ERRORS:
+                except UpstreamError:
                     payload = error_body(503, f"replica {replica.name} unavailable", code="unavailable")
                 finally:
                     upstream.release()
@@ -161,46 +148,55 @@ class Proxy:
         return web.Response(status=status, body=payload, content_type="application/json",
                             headers={REPLICA_HEADER: name, REQUEST_ID_HEADER: request_id})
 
-    async def relay(self, request: web.Request, upstream: aiohttp.ClientResponse, replica: Replica,
+    async def relay(self, request: web.Request, upstream: Response, replica: Replica,
                     dispatched: float) -> web.StreamResponse:
         """Relay an accepted upstream response to the client; never retried from here on."""
         status = upstream.status
         out: web.StreamResponse | None = None
         try:
-            if upstream.headers.get("Content-Length") is not None and not upstream.headers.get(
-                    "Content-Type", "").startswith("text/event-stream"):
+            if upstream.header("content-length") is not None and not (
+                    upstream.header("content-type") or "").startswith("text/event-stream"):
                 payload = await upstream.read()  # a sized body: one write, no chunked framing
                 self._done(replica, status)
                 return web.Response(status=status, body=payload, headers=response_headers(upstream, replica))
+            if upstream.complete:  # the whole stream came with the head: one sized answer, one write
+                payload = await upstream.read()
+                if payload:
+                    self.metrics.upstream_ttft.labels(replica.name).observe(time.perf_counter() - dispatched)
+                self._done(replica, status)
+                return web.Response(status=status, body=payload, headers=response_headers(upstream, replica))
             out = web.StreamResponse(status=status, headers=response_headers(upstream, replica))
-            await out.prepare(request)
+            await out.prepare(request)  # the head goes out at once, as the replica sent it
             first = True
-            async for chunk in upstream.content.iter_any():
+            while (chunk := await upstream.next_chunk()) is not None:
                 if first:
                     first = False
                     self.metrics.upstream_ttft.labels(replica.name).observe(time.perf_counter() - dispatched)
                 try:
-                    await out.write(chunk)
+                    if upstream.complete:  # the last piece: data and the end of the body in one write
+                        await out.write_eof(chunk)
+                    else:
+                        await out.write(chunk)
                 except ConnectionError:  # the client went away: closing upstream (finally) cancels the request
                     self.metrics.requests.labels(replica.name, "499").inc()
                     return out
-            await out.write_eof()
+            await out.write_eof()  # no-op when the last piece already ended the body
             self._done(replica, status)
             return out
-        except UPSTREAM_ERRORS as exc:
+        except UpstreamError as exc:
             self.registry.failure(replica)
+            if out is None and isinstance(exc, ReadTimeout):
+                return self._timed_out(replica)
             self.metrics.requests.labels(replica.name, "502").inc()
             if out is None:
-                if isinstance(exc, aiohttp.SocketTimeoutError):
-                    return self._timed_out(replica)
-                return error_response(502, f"replica {replica.name} failed mid-response: {exc!r}",
+                return error_response(502, f"replica {replica.name} failed mid-response: {exc}",
                                       code="upstream_failed", headers={REPLICA_HEADER: replica.name})
             # Bytes reached the client: no retry. Cut its connection so that it sees a truncated response.
             if request.transport is not None:
                 request.transport.close()
             return out
         finally:
-            upstream.close()  # after a full read the connection is already back in the pool; else it closes
+            upstream.release()  # a complete response gives its connection back to the pool; else it closes
 
     def _timed_out(self, replica: Replica) -> web.Response:
         self.metrics.requests.labels(replica.name, "504").inc()

@@ -1,0 +1,339 @@
+"""The gateway's HTTP/1.1 client towards the engines: pooled keep-alive connections, responses parsed by httptools.
+
+The proxy's hot path pays for every layer between two sockets, so this client does only what a reverse proxy
+needs: one write per request (head and body together), responses handed over as they arrive (every chunk that
+is buffered when the reader asks comes out as one piece), an idle timeout between chunks, back-pressure (reading
+pauses while the reader lags), and connections reused only after a complete keep-alive response. A response
+that is abandoned half-read closes its connection, which is how an engine learns that its client went away.
+
+Errors: `ConnectFailed` (no connection or a connect timeout: nothing reached the replica), `ReadTimeout` (the
+replica went silent for ``idle_timeout_s``), `UpstreamClosed` (the connection closed or sent garbage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from urllib.parse import urlsplit
+
+import httptools
+
+KEEPALIVE_S = 4.0  # an idle pooled connection is not reused after this long (engines close theirs after 5 s)
+HIGH_WATER = 256 * 1024  # buffered response bytes above which reading from the replica pauses
+
+
+class UpstreamError(Exception):
+    """A request to a replica failed."""
+
+
+class ConnectFailed(UpstreamError):
+    """The connection could not be made (refused, unreachable, connect timeout): the replica saw nothing."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class ReadTimeout(UpstreamError):
+    """The replica sent nothing for the idle timeout."""
+
+
+class UpstreamClosed(UpstreamError):
+    """The connection closed before the response was complete, or the response was not valid HTTP."""
+
+
+class Origin:
+    """Where one replica listens: what the pool keys connections by, and the Host header."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = parts.scheme == "https"
+        self.host_header = parts.netloc.rpartition("@")[2]
+
+
+class Response:
+    """One response being received: status and headers first, then the body as it arrives."""
+
+    def __init__(self, connection: Connection, idle_timeout_s: float) -> None:
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self._connection = connection
+        self._idle_timeout_s = idle_timeout_s
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._received = False  # any byte of the response arrived
+        self._head_done = False
+        self._complete = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (whatever is not read yet is buffered)."""
+        return self._complete and self._error is None
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = []
+        while (chunk := await self.next_chunk()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def next_chunk(self) -> bytes | None:
+        """Everything received and not read yet (waiting for something), or None at the end of the body."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return None
+            await self._wait()
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self._connection.resume()
+        return data
+
+    def release(self) -> None:
+        """Done with the response: a complete keep-alive exchange returns its connection to the pool, any other
+        closes it (the replica then aborts whatever it still runs for this request)."""
+        self._connection.finish(self.complete)
+
+    async def _wait(self) -> None:
+        loop = self._connection.loop
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(self._idle_timeout_s, self._expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _expire(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            self._error = ReadTimeout(f"no response bytes for {self._idle_timeout_s:g}s")
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # --- fed by the connection --------------------------------------------------------------------------------
+    def _head(self, status: int) -> None:
+        self.status = status
+        self._head_done = True
+        self._wake()
+
+    def _body(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER:
+            self._connection.pause()
+        self._wake()
+
+    def _end(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if not self._complete and self._error is None:
+            self._error = error
+            self._wake()
+
+    async def _wait_head(self) -> None:
+        while not self._head_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to a replica; carries one request at a time."""
+
+    def __init__(self, pool: UpstreamPool, key: str) -> None:
+        self.pool = pool
+        self.key = key  # the replica's base URL
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()  # once per connection (each lookup costs a getpid() syscall)
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: Response | None = None
+        self.open = False
+        self.idle_since = 0.0
+        self._paused = False
+        self._until_eof = False  # a response body delimited by the connection closing
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.open = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:  # bytes nobody asked for: the connection is out of step, drop it
+            self.close()
+            return
+        self.response._received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamClosed("the replica switched protocols"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamClosed(f"invalid HTTP response from the replica: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        if self.response is not None:
+            if self._until_eof and self.response._head_done:
+                self.response._end()
+            else:
+                self.response._fail(UpstreamClosed(f"the replica closed the connection{f': {exc}' if exc else ''}"))
+
+    # --- httptools callbacks ----------------------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.response.headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        names = {k.lower() for k, _ in response.headers}  # type: ignore[union-attr]
+        self._until_eof = "content-length" not in names and "transfer-encoding" not in names
+        response._head(self.parser.get_status_code())  # type: ignore[union-attr]
+
+    def on_body(self, body: bytes) -> None:
+        self.response._body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        self._until_eof = False
+        if not self.parser.should_keep_alive():
+            self.open = False  # finish() closes it
+        self.response._end()  # type: ignore[union-attr]
+
+    # --- used by Response and the pool ------------------------------------------------------------------------
+    def send(self, head: bytes, body: bytes | None, response: Response) -> None:
+        self.response = response
+        self.transport.write(head + body if body else head)  # type: ignore[union-attr]
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and self.open:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def finish(self, reusable: bool) -> None:
+        self.response = None
+        if reusable and self.open and not self._paused:
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.open = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.response is not None:
+            self.response._fail(error)
+        self.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections to every replica, reused most-recent first."""
+
+    def __init__(self, connect_timeout_s: float, idle_timeout_s: float, keepalive_s: float = KEEPALIVE_S) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.keepalive_s = keepalive_s
+        self._origins: dict[str, Origin] = {}
+        self._idle: dict[str, list[Connection]] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    async def request(self, method: str, base_url: str, path: str, headers: dict[str, str],
+                      body: bytes | None = None, timeout_s: float | None = None) -> Response:
+        """Send a request to the replica at ``base_url``; returns once the response's head arrived. The caller
+        reads the body and must `Response.release()` it. ``timeout_s`` overrides the idle timeout."""
+        origin = self._origins.get(base_url)
+        if origin is None:
+            origin = self._origins[base_url] = Origin(base_url)
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+        lines.extend(f"{k}: {v}\r\n" for k, v in headers.items())
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("utf-8", "surrogateescape")
+        while True:
+            connection = self._take(base_url)
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(base_url, origin)
+            response = Response(connection, self.idle_timeout_s if timeout_s is None else timeout_s)
+            connection.send(head, body, response)
+            try:
+                await response._wait_head()
+            except UpstreamClosed:
+                response.release()
+                # A kept-alive connection that the replica closed as we sent (its idle timeout): the request
+                # never reached it, so it goes again on a fresh connection.
+                if reused and not response._received:
+                    continue
+                raise
+            except BaseException:
+                response.release()
+                raise
+            return response
+
+    async def get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
+        """A small GET: (status, body); ``timeout_s`` bounds each wait for the replica after connecting."""
+        response = await self.request("GET", base_url, path, {}, timeout_s=timeout_s)
+        try:
+            return response.status, await response.read()
+        finally:
+            response.release()
+
+    def put(self, connection: Connection) -> None:
+        """Return a connection after a complete exchange."""
+        connection.idle_since = time.monotonic()
+        self._idle.setdefault(connection.key, []).append(connection)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
+
+    def _take(self, base_url: str) -> Connection | None:
+        idle = self._idle.get(base_url)
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if connection.open and now - connection.idle_since < self.keepalive_s:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, base_url: str, origin: Origin) -> Connection:
+        loop = asyncio.get_running_loop()
+        tls = None
+        if origin.tls:
+            tls = self._ssl = self._ssl or ssl.create_default_context()
+        try:
+            _, connection = await asyncio.wait_for(loop.create_connection(
+                lambda: Connection(self, base_url), origin.host, origin.port, ssl=tls), self.connect_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise ConnectFailed(f"connect timeout after {self.connect_timeout_s:g}s", timed_out=True) from exc
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect: {exc}") from exc
+        return connection
