@@ -1,11 +1,17 @@
 """Benchmark 1, proxy overhead: direct to one engine vs through the gateway vs through nginx (round-robin reverse
 proxy), max_tokens=1, at concurrency 1 and 32, all against the same real engine in one run.
 
-The three paths are measured *interleaved*: each of the N workers sends its requests to direct, gateway and nginx
-in turn (the bench library's `send_request`), so every path sees the same engine load and the same machine noise
-(this machine's 2 cores are shared). Reported: end-to-end latency percentiles per path and the difference to
-direct. Targets: the gateway adds <= 1 ms p50 and <= 5 ms p99.
-Run: `.venv/bin/python benchmarks/gateway_overhead.py [--requests N]`; writes docs/benchmarks/gateway_overhead.json.
+The paths are measured *mixed at random*: N workers take requests from one shuffled list in which every path
+appears equally often, so every path sees the same engine load and the same machine noise (this machine's 2 cores
+are shared), and no path always follows another one (a fixed cycle made a path pay for the path before it: a
+request sent right after a slower one arrives later in the engine's batch). A control path, `direct-again`, goes
+straight to the engine like `direct`: its difference to `direct` is the measurement's own noise at that
+concurrency. This repeats for ``--rounds`` rounds (fresh shuffle and connections each); percentiles are taken over
+all rounds' samples, and each round's differences are kept to show their spread.
+Reported: end-to-end latency percentiles per path and the difference to direct. Targets: the gateway adds
+<= 1 ms p50 and <= 5 ms p99.
+Run: `.venv/bin/python benchmarks/gateway_overhead.py [--requests N] [--rounds R]`; writes
+docs/benchmarks/gateway_overhead.json.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -26,36 +33,47 @@ from pypto_serving.engine.bench import BenchConfig, BenchRequest, percentiles, s
 from tests.support.models import tiny_model_dir
 
 REQUEST = BenchRequest("measure the proxy overhead " * 4, 24, 1)
+CONCURRENCIES = (1, 32)
+PROXIES = ("gateway", "nginx", "direct-again")  # compared with "direct"; direct-again is the noise control
 
 
-async def interleaved(targets: dict[str, str], model: str, concurrency: int, per_target: int) -> dict[str, list[float]]:
-    """``concurrency`` workers, each cycling through the targets; returns e2e seconds per target."""
+async def mixed(targets: dict[str, str], model: str, concurrency: int, per_target: int,
+                seed: int) -> dict[str, list[float]]:
+    """``concurrency`` workers sending ``per_target`` requests to every target in one shuffled order;
+    returns e2e seconds per target."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     clients = {name: httpx.AsyncClient(base_url=url, limits=limits, timeout=60) for name, url in targets.items()}
     configs = {name: BenchConfig(base_url=url, model=model, progress=False) for name, url in targets.items()}
     samples: dict[str, list[float]] = {name: [] for name in targets}
-    names = list(targets)
-    rounds = per_target // concurrency
+    order = list(targets) * per_target
+    random.Random(seed).shuffle(order)
+    queue = iter(order)
 
-    async def worker(offset: int) -> None:
-        for i in range(rounds * len(names)):
-            name = names[(i + offset) % len(names)]
+    async def worker() -> None:
+        for name in queue:
             result = await send_request(clients[name], configs[name], REQUEST)
             if not result.ok:
                 raise RuntimeError(f"{name}: {result.error}")
             samples[name].append(result.e2e_s)
 
     try:
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
         for client in clients.values():
             await client.aclose()
     return samples
 
 
+def differences(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """p50 and p99 of every compared path minus direct's, per concurrency."""
+    return {path: {conc: {q: table[path][conc][q] - table["direct"][conc][q] for q in ("p50", "p99")}
+                   for conc in table["direct"]} for path in PROXIES}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--requests", type=int, default=1280, help="requests per path and concurrency")
+    p.add_argument("--requests", type=int, default=1280, help="requests per path, concurrency and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (each a fresh shuffle and fresh connections)")
     args = p.parse_args(argv)
     (engine,) = start_engines(tiny_model_dir("qwen3"), 1, ["--max-num-seqs", "64", "--cpu-threads", "1"],
                               Path(tempfile.mkdtemp()))
@@ -63,35 +81,47 @@ def main(argv: list[str] | None = None) -> int:
     nginx = Nginx([engine.url])
     try:
         model = model_name(engine.url)
-        targets = {"direct": engine.url, "gateway": gw.url, "nginx": nginx.url}
-        asyncio.run(interleaved(targets, model, 4, 100))  # warm-up
-        table: dict[str, dict[str, dict[str, float]]] = {name: {} for name in targets}
+        targets = {"direct": engine.url, "direct-again": engine.url, "gateway": gw.url, "nginx": nginx.url}
+        asyncio.run(mixed(targets, model, 4, 100, seed=-1))  # warm-up
+        pooled: dict[str, dict[str, list[float]]] = {name: {f"c{c}": [] for c in CONCURRENCIES} for name in targets}
+        rounds = []
         pids = {"gateway": gw.proc.pid, "nginx": nginx.proc.pid}
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        for concurrency in (1, 32):
-            samples = asyncio.run(interleaved(targets, model, concurrency, args.requests))
-            for name, values in samples.items():
-                table[name][f"c{concurrency}"] = percentiles(values)
-        print(f"{'e2e ms':10s} {'c1 p50':>8s} {'c1 p99':>8s} {'c32 p50':>8s} {'c32 p99':>8s}")
+        for round_no in range(args.rounds):
+            table: dict[str, dict[str, dict[str, float]]] = {name: {} for name in targets}
+            for concurrency in CONCURRENCIES:
+                samples = asyncio.run(mixed(targets, model, concurrency, args.requests, seed=round_no))
+                for name, values in samples.items():
+                    table[name][f"c{concurrency}"] = percentiles(values)
+                    pooled[name][f"c{concurrency}"] += values
+            rounds.append(differences(table))
+            row = rounds[-1]["gateway"]
+            print(f"round {round_no + 1}/{args.rounds}: gateway adds c1 p50 {row['c1']['p50']:+.2f} ms, "
+                  f"c32 p50 {row['c32']['p50']:+.2f} ms, p99 {row['c32']['p99']:+.2f} ms", flush=True)
+        table = {name: {conc: percentiles(values) for conc, values in by_conc.items()}
+                 for name, by_conc in pooled.items()}
+        print(f"{'e2e ms':13s} {'c1 p50':>8s} {'c1 p99':>8s} {'c32 p50':>8s} {'c32 p99':>8s}")
         for name, row in table.items():
-            print(f"{name:10s} {row['c1']['p50']:8.2f} {row['c1']['p99']:8.2f} {row['c32']['p50']:8.2f} "
+            print(f"{name:13s} {row['c1']['p50']:8.2f} {row['c1']['p99']:8.2f} {row['c32']['p50']:8.2f} "
                   f"{row['c32']['p99']:8.2f}")
-        cpu_us = {name: (cpu_seconds(pid) - cpu_before[name]) / (2 * args.requests) * 1e6 for name, pid in pids.items()}
+        requests = args.requests * args.rounds * len(CONCURRENCIES)
+        cpu_us = {name: (cpu_seconds(pid) - cpu_before[name]) / requests * 1e6 for name, pid in pids.items()}
         print(f"proxy CPU per request (noise-free cost): gateway {cpu_us['gateway']:.0f} us, "
               f"nginx {cpu_us['nginx']:.0f} us; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        added = {proxy: {c: {q: table[proxy][c][q] - table["direct"][c][q] for q in ("p50", "p99")}
-                         for c in ("c1", "c32")} for proxy in ("gateway", "nginx")}
+        added = differences(table)
         for proxy, row in added.items():
             print(f"{proxy} adds: c1 p50 {row['c1']['p50']:+.2f} ms, p99 {row['c1']['p99']:+.2f} ms; "
                   f"c32 p50 {row['c32']['p50']:+.2f} ms, p99 {row['c32']['p99']:+.2f} ms")
         met = all(added["gateway"][c]["p50"] <= 1.0 and added["gateway"][c]["p99"] <= 5.0 for c in ("c1", "c32"))
-        print(f"target gateway <= +1 ms p50 and <= +5 ms p99: {'MET' if met else 'MISSED'}")
+        print(f"target gateway <= +1 ms p50 and <= +5 ms p99: {'MET' if met else 'MISSED'} "
+              "(direct-again shows the measurement's own noise)")
         decision = gw.metric("pypto_gateway_routing_decision_seconds_sum") / max(
             gw.metric("pypto_gateway_routing_decision_seconds_count"), 1)
-        write_result("gateway_overhead", {"requests_per_path": args.requests, "max_tokens": 1, "interleaved": True,
-                                          "e2e_ms": table, "added_ms": added, "cpu_us_per_request": cpu_us,
-                                          "gateway_mean_decision_us":
-                                          decision * 1e6, "target": {"p50_ms": 1, "p99_ms": 5}, "met": met})
+        write_result("gateway_overhead", {"requests_per_path": args.requests * args.rounds, "rounds": args.rounds,
+                                          "max_tokens": 1, "order": "shuffled", "e2e_ms": table, "added_ms": added,
+                                          "added_ms_by_round": rounds, "cpu_us_per_request": cpu_us,
+                                          "gateway_mean_decision_us": decision * 1e6,
+                                          "target": {"p50_ms": 1, "p99_ms": 5}, "met": met})
     finally:
         nginx.stop()
         gw.stop()

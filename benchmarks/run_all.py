@@ -25,7 +25,7 @@ RUNS = REPO_ROOT / "docs" / "benchmarks" / "runs.json"
 BENCHMARKS: dict[str, list[str]] = {
     "engine_vs_transformers": ["benchmarks/engine_vs_transformers.py"],
     "gateway_decision": ["benchmarks/gateway_decision.py"],
-    "gateway_overhead": ["benchmarks/gateway_overhead.py", "--requests", "640"],
+    "gateway_overhead": ["benchmarks/gateway_overhead.py"],
     "gateway_routing": ["benchmarks/gateway_routing.py"],
     "gateway_prefix": ["benchmarks/gateway_prefix.py"],
     "gateway_streams": ["benchmarks/gateway_streams.py"],

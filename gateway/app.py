@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -20,7 +19,7 @@ from pypto_serving.gateway.errors import error_response
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import POLICIES, Policy, make_policy
 from pypto_serving.gateway.poller import Poller
-from pypto_serving.gateway.proxy import REQUEST_ID_HEADER, Proxy
+from pypto_serving.gateway.proxy import REQUEST_ID_HEADER, Proxy, new_request_id
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.request import RequestInfo, request_info
 from pypto_serving.gateway.upstream import UpstreamError
@@ -186,7 +185,7 @@ async def envelope_errors(request: web.Request, handler: Callable[[web.Request],
             raise
         response = error_response(exc.status, exc.reason or "error", code=exc.reason.lower().replace(" ", "_"))
     if not response.prepared and REQUEST_ID_HEADER not in response.headers:
-        response.headers[REQUEST_ID_HEADER] = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        response.headers[REQUEST_ID_HEADER] = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
     return response
 
 
