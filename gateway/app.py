@@ -6,7 +6,6 @@ upstream request); gateway/upstream.py's lean keep-alive pool talks to the engin
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -108,7 +107,7 @@ class Gateway:
                 if status == 200:
                     document = json.loads(payload)
                     break
-            except (UpstreamError, asyncio.TimeoutError, ValueError):
+            except (UpstreamError, ValueError):
                 continue
         if not isinstance(document, dict) or not isinstance(document.get("paths"), dict):
             return self._reject(503, "no ready replica to describe the API", "no_replicas")

@@ -167,14 +167,11 @@ class Proxy:
         status = upstream.status
         out: web.StreamResponse | None = None
         try:
-            if upstream.header("content-length") is not None and not (
-                    upstream.header("content-type") or "").startswith("text/event-stream"):
-                payload = await upstream.read()  # a sized body: one write, no chunked framing
-                self._done(replica, status)
-                return web.Response(status=status, body=payload, headers=response_headers(upstream, replica))
-            if upstream.complete:  # the whole stream came with the head: one sized answer, one write
+            sized = upstream.header("content-length") is not None and not (
+                upstream.header("content-type") or "").startswith("text/event-stream")
+            if sized or upstream.complete:  # a sized body, or a whole stream that came with its head: one write
                 payload = await upstream.read()
-                if payload:
+                if not sized and payload:
                     self.metrics.upstream_ttft.labels(replica.name).observe(time.perf_counter() - dispatched)
                 self._done(replica, status)
                 return web.Response(status=status, body=payload, headers=response_headers(upstream, replica))

@@ -160,9 +160,10 @@ class Response:
 class Connection(asyncio.Protocol):
     """One keep-alive connection to a replica; carries one request at a time."""
 
-    def __init__(self, pool: UpstreamPool, key: str) -> None:
+    def __init__(self, pool: UpstreamPool, key: str, origin: Origin) -> None:
         self.pool = pool
         self.key = key  # the replica's base URL
+        self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()  # once per connection (each lookup costs a getpid() syscall)
         self.parser = httptools.HttpResponseParser(self)
@@ -191,7 +192,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
-        if self.response is not None:
+        if self.response is None:  # idle in the pool (the replica's keep-alive ended, or it went away)
+            self.pool.discard(self)
+        else:
             if self._until_eof and self.response._head_done:
                 self.response._end()
             else:
@@ -256,7 +259,6 @@ class UpstreamPool:
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.keepalive_s = keepalive_s
-        self._origins: dict[str, Origin] = {}
         self._idle: dict[str, list[Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
 
@@ -264,22 +266,18 @@ class UpstreamPool:
                       body: bytes | None = None, timeout_s: float | None = None) -> Response:
         """Send a request to the replica at ``base_url``; returns once the response's head arrived. The caller
         reads the body and must `Response.release()` it. ``timeout_s`` overrides the idle timeout."""
-        origin = self._origins.get(base_url)
-        if origin is None:
-            origin = self._origins[base_url] = Origin(base_url)
-        lines = [f"{method} {path} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
-        lines.extend(f"{k}: {v}\r\n" for k, v in headers.items())
+        lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("utf-8", "surrogateescape")
+        fields = "".join(lines)
         while True:
             connection = self._take(base_url)
             reused = connection is not None
             if connection is None:
-                connection = await self._connect(base_url, origin)
+                connection = await self._connect(base_url)
+            head = f"{method} {path} HTTP/1.1\r\nHost: {connection.origin.host_header}\r\n{fields}\r\n"
             response = Response(connection, self.idle_timeout_s if timeout_s is None else timeout_s)
-            connection.send(head, body, response)
+            connection.send(head.encode("utf-8", "surrogateescape"), body, response)
             try:
                 await response._wait_head()
             except UpstreamClosed:
@@ -307,6 +305,14 @@ class UpstreamPool:
         connection.idle_since = time.monotonic()
         self._idle.setdefault(connection.key, []).append(connection)
 
+    def discard(self, connection: Connection) -> None:
+        """Forget an idle connection that closed."""
+        idle = self._idle.get(connection.key)
+        if idle is not None and connection in idle:
+            idle.remove(connection)
+            if not idle:
+                del self._idle[connection.key]
+
     def close(self) -> None:
         """Close every idle connection."""
         for connections in self._idle.values():
@@ -324,14 +330,15 @@ class UpstreamPool:
             connection.close()
         return None
 
-    async def _connect(self, base_url: str, origin: Origin) -> Connection:
+    async def _connect(self, base_url: str) -> Connection:
+        origin = Origin(base_url)
         loop = asyncio.get_running_loop()
         tls = None
         if origin.tls:
             tls = self._ssl = self._ssl or ssl.create_default_context()
         try:
             _, connection = await asyncio.wait_for(loop.create_connection(
-                lambda: Connection(self, base_url), origin.host, origin.port, ssl=tls), self.connect_timeout_s)
+                lambda: Connection(self, base_url, origin), origin.host, origin.port, ssl=tls), self.connect_timeout_s)
         except asyncio.TimeoutError as exc:
             raise ConnectFailed(f"connect timeout after {self.connect_timeout_s:g}s", timed_out=True) from exc
         except OSError as exc:

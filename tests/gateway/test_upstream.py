@@ -245,6 +245,7 @@ def test_connection_closed_by_the_replica_while_idle_is_not_reused() -> None:
             pool = UpstreamPool(5, 5)
             assert await pool.get(server.url, "/", 5) == (200, b"ok")
             await asyncio.sleep(0.1)  # the close reaches the pooled connection
+            assert pool._idle == {}  # ... which left the pool (no dead connections pile up as replicas come and go)
             assert await pool.get(server.url, "/", 5) == (200, b"ok")
             assert server.connections == 2
 
