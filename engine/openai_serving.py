@@ -94,12 +94,27 @@ def raise_for_failure(state: ServerState, generation: Generation) -> None:
                               state.settings.retry_after_s)
 
 
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
 class SSEResponse(StreamingResponse):
     """Server-sent events that always close their generation, also when the client disconnects mid-stream."""
 
     def __init__(self, content: AsyncIterator[str], generation: Generation) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.generation = generation
+
+    async def stream_response(self, send: Send) -> None:
+        """Starlette's, except that the piece ending in ``[DONE]`` also ends the body: uvicorn then writes the last
+        events and the chunked terminator in one write, which a proxy reads in one wake-up instead of two."""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for chunk in self.body_iterator:
+            data = chunk.encode(self.charset) if isinstance(chunk, str) else bytes(chunk)
+            ended = data.endswith(DONE_EVENT)
+            await send({"type": "http.response.body", "body": data, "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -137,16 +152,20 @@ async def respond(state: ServerState, request: Request, body: SamplingRequest, g
         async def events() -> AsyncIterator[str]:
             for event in opening or []:
                 yield event
+            last: list[str] = []
             async for c in generation.events():
                 text = c.text.delta(final=c.finished)
                 entries = c.take_logprobs()
-                if text or entries or c.finished:
-                    yield chunk(c, text, entries)
+                pieces = [chunk(c, text, entries)] if text or entries or c.finished else []
                 if error := stream_error(generation, c):
-                    yield error
+                    pieces.append(error)
+                if all(choice.finished for choice in generation.choices):
+                    last = pieces  # the final update leaves with the usage chunk and [DONE]: one write
+                elif pieces:
+                    yield "".join(pieces)
             if body.include_usage:
-                yield sse(usage_chunk(UsageInfo(**generation.usage())).model_dump_json())
-            yield sse("[DONE]")
+                last.append(sse(usage_chunk(UsageInfo(**generation.usage())).model_dump_json()))
+            yield "".join(last) + sse("[DONE]")
 
         return SSEResponse(events(), generation)
 
