@@ -9,7 +9,10 @@ straight to the engine like `direct`: its difference to `direct` is the measurem
 concurrency. This repeats for ``--rounds`` rounds (fresh shuffle and connections each); percentiles are taken over
 all rounds' samples, and each round's differences are kept to show their spread.
 Reported: end-to-end latency percentiles per path and the difference to direct. Targets: the gateway adds
-<= 1 ms p50 and <= 5 ms p99.
+<= 1 ms p50 and <= 5 ms p99. Also reported, per concurrency: the time requests spent inside the gateway itself
+(its `pypto_gateway_overhead_seconds` histogram: whole request received -> upstream request, first upstream body
+bytes -> written to the client), which the end-to-end difference contains but also amplifies: a request that
+reaches the engine a little later can miss the batch of the engine step that is starting.
 Run: `.venv/bin/python benchmarks/gateway_overhead.py [--requests N] [--rounds R]`; writes
 docs/benchmarks/gateway_overhead.json.
 """
@@ -64,6 +67,33 @@ async def mixed(targets: dict[str, str], model: str, concurrency: int, per_targe
     return samples
 
 
+def overhead_buckets(url: str) -> dict[str, list[tuple[float, float]]]:
+    """The gateway's overhead histogram: leg -> cumulative (upper bound, count) buckets."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "pypto_gateway_overhead_seconds_bucket":
+                out.setdefault(sample.labels["leg"], []).append((float(sample.labels["le"]), sample.value))
+    return out
+
+
+def bucket_quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float:
+    """Quantile ``q`` (ms) of the observations between two snapshots, interpolated within its bucket."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = counts[-1][1]
+    if total <= 0:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for le, count in counts:
+        if count >= rank:
+            upper = le if le != float("inf") else lower
+            return 1e3 * (lower + (upper - lower) * (rank - below) / max(count - below, 1e-9))
+        lower, below = le, count
+    return 1e3 * lower
+
+
 def differences(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
     """p50 and p99 of every compared path minus direct's, per concurrency."""
     return {path: {conc: {q: table[path][conc][q] - table["direct"][conc][q] for q in ("p50", "p99")}
@@ -87,10 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         rounds = []
         pids = {"gateway": gw.proc.pid, "nginx": nginx.proc.pid}
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        inside: dict[str, dict[str, list[float]]] = {f"c{c}": {} for c in CONCURRENCIES}
         for round_no in range(args.rounds):
             table: dict[str, dict[str, dict[str, float]]] = {name: {} for name in targets}
             for concurrency in CONCURRENCIES:
+                before = overhead_buckets(gw.url)
                 samples = asyncio.run(mixed(targets, model, concurrency, args.requests, seed=round_no))
+                after = overhead_buckets(gw.url)
+                for leg in after:
+                    for q in ("p50", "p99"):
+                        inside[f"c{concurrency}"].setdefault(f"{leg} {q}", []).append(
+                            bucket_quantile(before.get(leg, [(le, 0.0) for le, _ in after[leg]]), after[leg],
+                                            0.5 if q == "p50" else 0.99))
                 for name, values in samples.items():
                     table[name][f"c{concurrency}"] = percentiles(values)
                     pooled[name][f"c{concurrency}"] += values
@@ -108,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu_us = {name: (cpu_seconds(pid) - cpu_before[name]) / requests * 1e6 for name, pid in pids.items()}
         print(f"proxy CPU per request (noise-free cost): gateway {cpu_us['gateway']:.0f} us, "
               f"nginx {cpu_us['nginx']:.0f} us; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        inside_ms = {conc: {k: max(v) for k, v in legs.items()} for conc, legs in inside.items()}
+        for conc, legs in inside_ms.items():
+            print(f"inside the gateway at {conc} (worst round): "
+                  + ", ".join(f"{k} {v:.3f} ms" for k, v in legs.items()))
         added = differences(table)
         for proxy, row in added.items():
             print(f"{proxy} adds: c1 p50 {row['c1']['p50']:+.2f} ms, p99 {row['c1']['p99']:+.2f} ms; "
@@ -120,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         write_result("gateway_overhead", {"requests_per_path": args.requests * args.rounds, "rounds": args.rounds,
                                           "max_tokens": 1, "order": "shuffled", "e2e_ms": table, "added_ms": added,
                                           "added_ms_by_round": rounds, "cpu_us_per_request": cpu_us,
+                                          "inside_gateway_ms": inside_ms,
                                           "gateway_mean_decision_us": decision * 1e6,
                                           "target": {"p50_ms": 1, "p99_ms": 5}, "met": met})
     finally:

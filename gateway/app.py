@@ -1,6 +1,6 @@
-"""The gateway's HTTP app (aiohttp): OpenAI routes proxied to the replicas, plus health, readiness and admin.
+"""The gateway's routes: OpenAI routes proxied to the replicas, plus health, readiness and admin.
 
-aiohttp serves the clients (its C HTTP parser, handler cancellation so that a client disconnect reaches the
+gateway/http_server.py serves the clients (httptools parser, a client disconnect cancels the handler and so the
 upstream request); gateway/upstream.py's lean keep-alive pool talks to the engines.
 """
 
@@ -10,11 +10,10 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
-
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.discovery import Discovery
 from pypto_serving.gateway.errors import error_response
+from pypto_serving.gateway.http_server import Answer, Request, json_answer
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import POLICIES, Policy, make_policy
 from pypto_serving.gateway.poller import Poller
@@ -29,6 +28,13 @@ GATEWAY_PATHS = {"/health": "The gateway process is alive.", "/ready": "200 whil
                  "/replicas": "Each replica's address, state and last load.", "/metrics": "Prometheus metrics."}
 SESSION_HEADER = "x-session-id"
 OPENAPI_TIMEOUT_S = 10.0
+NO_KEY = "missing or invalid API key (Authorization: Bearer <key>)"
+
+
+def stamped(request: Request, answer: Answer) -> Answer:
+    """``answer`` with the request's ``x-request-id`` (the client's, else a new one)."""
+    answer.headers.append((REQUEST_ID_HEADER, request.header(REQUEST_ID_HEADER) or new_request_id()))
+    return answer
 
 
 class Gateway:
@@ -44,59 +50,54 @@ class Gateway:
         self.proxy = Proxy(config, self.registry, self.metrics)
         self.policies: dict[str, Policy] = {name: make_policy(name, config.policy_config) for name in POLICIES}
         self.default_policy = self.policies[config.policy]
+        self._routes = self.routes()
 
     async def start(self) -> None:
-        """Open sessions, start discovery and polling (first readings are awaited briefly)."""
+        """Start discovery and polling (first readings are awaited briefly)."""
         await self.poller.start()
         await self.discovery.start(self.registry)
 
     async def stop(self) -> None:
-        """Stop discovery and polling and close sessions."""
+        """Stop discovery and polling and close the upstream connections."""
         await self.discovery.stop()
         await self.poller.stop()
         self.proxy.stop()
 
     # --- handlers ---------------------------------------------------------------------------------------------
-    def authorized(self, request: web.Request) -> bool:
+    def authorized(self, request: Request) -> bool:
         """True when no API key is configured or the request carries it as a bearer token."""
         if self.config.api_key is None:
             return True
-        auth = request.headers.get("Authorization", "")
+        auth = request.header("authorization") or ""
         scheme, _, token = auth.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.config.api_key.encode())
 
-    async def generate(self, request: web.Request) -> web.StreamResponse:
+    async def generate(self, request: Request) -> Answer | None:
         """POST /v1/completions and /v1/chat/completions."""
         if not self.authorized(request):
-            return self._reject(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
-        length = request.content_length
-        if length is not None and length > self.config.max_body_bytes:
-            return self._reject(413, f"request body over {self.config.max_body_bytes} bytes", "body_too_large")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._reject(413, f"request body over {self.config.max_body_bytes} bytes", "body_too_large")
+            return self._reject(request, 401, NO_KEY, "invalid_api_key")
+        body = request.body  # within --max-body-bytes (the server answered 413 otherwise)
         try:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            return self._reject(400, "request body is not valid JSON", "invalid_json")
+            return self._reject(request, 400, "request body is not valid JSON", "invalid_json")
         if not isinstance(parsed, dict):
-            return self._reject(400, "request body must be a JSON object", "invalid_json")
+            return self._reject(request, 400, "request body must be a JSON object", "invalid_json")
         policy = self._policy(request)
         if policy is None:
-            return self._reject(400, f"unknown routing policy in {ROUTING_HEADER}; known: {', '.join(POLICIES)}",
-                                "unknown_policy", param=ROUTING_HEADER)
-        info = request_info(parsed, request.headers.get(SESSION_HEADER), self.config.default_max_tokens,
+            return self._reject(request, 400, f"unknown routing policy in {ROUTING_HEADER}; known: "
+                                f"{', '.join(POLICIES)}", "unknown_policy", param=ROUTING_HEADER)
+        info = request_info(parsed, request.header(SESSION_HEADER), self.config.default_max_tokens,
                             self.config.chars_per_token)
         return await self.proxy.handle(request, request.path, body, info, policy)
 
-    async def models(self, request: web.Request) -> web.StreamResponse:
+    async def models(self, request: Request) -> Answer | None:
         """GET /v1/models, answered by any ready replica."""
         if not self.authorized(request):
-            return self._reject(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
+            return self._reject(request, 401, NO_KEY, "invalid_api_key")
         return await self.proxy.handle(request, "/v1/models", None, RequestInfo(), self.policies["least-requests"])
 
-    async def openapi(self, request: web.Request) -> web.Response:
+    async def openapi(self, request: Request) -> Answer:
         """GET /openapi.json: what this gateway serves. The OpenAI routes are the engines' own (their document is
         fetched from a ready replica, so it always matches the engine version behind the gateway) without the
         engine-only endpoints, plus the gateway's endpoints."""
@@ -110,7 +111,7 @@ class Gateway:
             except (UpstreamError, ValueError):
                 continue
         if not isinstance(document, dict) or not isinstance(document.get("paths"), dict):
-            return self._reject(503, "no ready replica to describe the API", "no_replicas")
+            return self._reject(request, 503, "no ready replica to describe the API", "no_replicas")
         paths = {p: ops for p, ops in document["paths"].items() if p.startswith("/v1/")}
         for path, summary in GATEWAY_PATHS.items():
             paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
@@ -122,18 +123,18 @@ class Gateway:
                 if path.startswith("/v1/"):
                     for op in ops.values():
                         op["security"] = [{"bearer": []}]
-        return web.json_response(document)
+        return stamped(request, json_answer(document))
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Answer:
         """GET /health: the gateway process is alive."""
-        return web.json_response({"status": "ok"})
+        return stamped(request, json_answer({"status": "ok"}))
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request) -> Answer:
         """GET /ready: 200 while at least one replica can take traffic."""
         count = len(self.registry.eligible())
-        return web.json_response({"ready": count > 0, "eligible_replicas": count}, status=200 if count else 503)
+        return stamped(request, json_answer({"ready": count > 0, "eligible_replicas": count}, 200 if count else 503))
 
-    async def replicas(self, request: web.Request) -> web.Response:
+    async def replicas(self, request: Request) -> Answer:
         """GET /replicas: each replica's address, state, last load and the age of that load."""
         now = self.registry.clock()
         items = []
@@ -147,9 +148,9 @@ class Gateway:
                           "load_age_s": None if r.reading is None else round(now - r.reading.received_at, 4),
                           "inflight": r.inflight, "local_pending_tokens": r.unabsorbed_tokens,
                           "consecutive_failures": r.breaker.consecutive_failures})
-        return web.json_response({"policy": self.default_policy.name, "replicas": items})
+        return stamped(request, json_answer({"policy": self.default_policy.name, "replicas": items}))
 
-    async def metrics_text(self, request: web.Request) -> web.Response:
+    async def metrics_text(self, request: Request) -> Answer:
         """GET /metrics (Prometheus text)."""
         counts: dict[str, int] = {}
         now = self.registry.clock()
@@ -158,55 +159,40 @@ class Gateway:
             counts[state] = counts.get(state, 0) + 1
         for state in ("ready", "half-open", "ejected", "draining", "not-ready"):
             self.metrics.replicas.labels(state).set(counts.get(state, 0))
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+        return stamped(request, Answer(200, self.metrics.render(), content_type="text/plain; version=0.0.4"))
 
-    def _policy(self, request: web.Request) -> Policy | None:
-        name = request.headers.get(ROUTING_HEADER)
+    def _policy(self, request: Request) -> Policy | None:
+        name = request.header(ROUTING_HEADER)
         return self.default_policy if not name else self.policies.get(name.strip().lower())
 
-    def _reject(self, status: int, message: str, code: str, param: str | None = None) -> web.Response:
-        self.metrics.requests.labels("none", str(status)).inc()
-        return error_response(status, message, code=code, param=param)
+    def _reject(self, request: Request, status: int, message: str, code: str, param: str | None = None) -> Answer:
+        self.metrics.count("none", str(status))
+        return stamped(request, error_response(status, message, code=code, param=param))
 
+    # --- routing ----------------------------------------------------------------------------------------------
+    def routes(self) -> dict[str, dict[str, Callable[[Request], Awaitable[Answer | None]]]]:
+        """Path -> method -> handler (HEAD is served by a GET handler without its body)."""
+        return {"/v1/completions": {"POST": self.generate}, "/v1/chat/completions": {"POST": self.generate},
+                "/v1/models": {"GET": self.models}, "/health": {"GET": self.health}, "/ready": {"GET": self.ready},
+                "/replicas": {"GET": self.replicas}, "/metrics": {"GET": self.metrics_text},
+                "/openapi.json": {"GET": self.openapi}}
 
-GATEWAY_KEY = web.AppKey("gateway", Gateway)
+    async def dispatch(self, request: Request) -> Answer | None:
+        """Serve one request (404/405 envelopes for unknown routes and methods). Every answer carries an
+        ``x-request-id``: the client's, else a new one (the proxy sends it to the engines, which echo it)."""
+        methods = self._routes.get(request.path)
+        if methods is None:
+            answer: Answer | None = self._reject(request, 404, f"no route {request.path}", "not_found")
+        else:
+            handler = methods.get("GET" if request.method == "HEAD" else request.method)
+            if handler is None:
+                answer = self._reject(request, 405, f"{request.method} is not allowed on {request.path}",
+                                      "method_not_allowed")
+                answer.headers.append(("Allow", ", ".join(methods)))
+            else:
+                answer = await handler(request)
+        return answer
 
-
-@web.middleware
-async def envelope_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                          ) -> web.StreamResponse:
-    """Turn aiohttp's own HTTP errors (404, 405, 413) into OpenAI error envelopes, and give every answer the
-    gateway makes itself (rejections included) an ``x-request-id``: the client's, else a new one."""
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = error_response(exc.status, exc.reason or "error", code=exc.reason.lower().replace(" ", "_"))
-    if not response.prepared and REQUEST_ID_HEADER not in response.headers:
-        response.headers[REQUEST_ID_HEADER] = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-    return response
-
-
-def create_app(config: GatewayConfig, discovery: Discovery) -> web.Application:
-    """The aiohttp application of one gateway (start/stop hooked to the app's lifecycle)."""
-    gateway = Gateway(config, discovery)
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[envelope_errors],
-                          handler_args={"max_field_size": 65536})
-    app[GATEWAY_KEY] = gateway
-    app.router.add_post("/v1/completions", gateway.generate)
-    app.router.add_post("/v1/chat/completions", gateway.generate)
-    app.router.add_get("/v1/models", gateway.models)
-    app.router.add_get("/health", gateway.health)
-    app.router.add_get("/ready", gateway.ready)
-    app.router.add_get("/replicas", gateway.replicas)
-    app.router.add_get("/metrics", gateway.metrics_text)
-    app.router.add_get("/openapi.json", gateway.openapi)
-
-    async def lifecycle(app: web.Application):
-        await gateway.start()
-        yield
-        await gateway.stop()
-
-    app.cleanup_ctx.append(lifecycle)
-    return app
+    def reject_request(self, request: Request, status: int, message: str, code: str) -> Answer:
+        """The answer to a request the HTTP server refused (too large, malformed), with its request id."""
+        return self._reject(request, status, message, code)

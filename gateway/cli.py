@@ -10,15 +10,15 @@ import signal
 import sys
 from pathlib import Path
 
-from aiohttp import web
-
-from pypto_serving.gateway.app import create_app
+from pypto_serving.gateway.app import Gateway
 from pypto_serving.gateway.breaker import BreakerConfig
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
+from pypto_serving.gateway.http_server import Server
 from pypto_serving.gateway.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
 
 log = logging.getLogger("pypto_serving.gateway")
+SHUTDOWN_GRACE_S = 25.0  # answers in flight may finish for this long after SIGTERM (the pod's grace is 30 s)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -90,19 +90,20 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
 
 
 async def serve(config: GatewayConfig, discovery: Discovery, host: str, port: int) -> None:
-    """Serve until SIGTERM/SIGINT."""
-    app = create_app(config, discovery)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096)
-    await site.start()
+    """Serve until SIGTERM/SIGINT, then stop accepting and let answers in flight finish (up to 25 s)."""
+    gateway = Gateway(config, discovery)
+    await gateway.start()
+    server = Server(gateway.dispatch, gateway.reject_request, config.max_body_bytes)
+    await server.listen(host, port)
     log.info("gateway listening on http://%s:%d (policy %s)", host, port, config.policy)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await runner.cleanup()
+    log.info("gateway stopping: %d client connection(s) open", len(server.connections))
+    await server.shutdown(SHUTDOWN_GRACE_S)
+    await gateway.stop()
 
 
 def raise_fd_limit() -> None:

@@ -12,14 +12,13 @@ Flow of a request (see docs/architecture.md, "Gateway"):
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
-from aiohttp import web
-from multidict import CIMultiDict
-
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.errors import error_body, error_response
+from pypto_serving.gateway.http_server import Answer, Request
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import Policy
 from pypto_serving.gateway.replicas import Registry, Replica
@@ -32,16 +31,18 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
 
 
-def forward_headers(headers) -> dict[str, str]:
-    """Request headers worth sending upstream (no hop-by-hop, no Host/Content-Length).
+def forward_headers(request: Request) -> tuple[list[tuple[str, str]], str]:
+    """Request headers worth sending upstream (no hop-by-hop, no Host/Content-Length), and the request id.
 
     A request without ``x-request-id`` gets one here, so every attempt (retries included) carries the same id
     to the engines, which echo it on their responses.
     """
-    out = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
-    if not any(k.lower() == REQUEST_ID_HEADER for k in out):
-        out[REQUEST_ID_HEADER] = new_request_id()
-    return out
+    out = [(k, v) for k, v in request.headers if k.lower() not in HOP_BY_HOP]
+    request_id = request.header(REQUEST_ID_HEADER)
+    if request_id is None:
+        request_id = new_request_id()
+        out.append((REQUEST_ID_HEADER, request_id))
+    return out, request_id
 
 
 def new_request_id() -> str:
@@ -50,19 +51,20 @@ def new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def response_headers(upstream: Response, replica: Replica) -> CIMultiDict:
-    """Upstream response headers for the client plus ``x-pypto-replica``."""
-    out = CIMultiDict((k, v) for k, v in upstream.headers if k.lower() not in HOP_BY_HOP
-                      and k.lower() not in ("server", "date"))
-    out[REPLICA_HEADER] = replica.name
+def response_headers(upstream: Response, replica: Replica, request_id: str) -> list[tuple[str, str]]:
+    """Upstream response headers for the client plus ``x-pypto-replica`` (and ``x-request-id`` unless the
+    replica echoed it)."""
+    out = []
+    echoed = False
+    for k, v in upstream.headers:
+        name = k.lower()
+        if name not in HOP_BY_HOP and name not in ("server", "date"):
+            out.append((k, v))
+            echoed = echoed or name == REQUEST_ID_HEADER
+    out.append((REPLICA_HEADER, replica.name))
+    if not echoed:
+        out.append((REQUEST_ID_HEADER, request_id))
     return out
-
-
-class HeadWithBodyResponse(web.StreamResponse):
-    """A streamed answer whose head leaves with its first body piece: one write instead of two. An SSE client
-    waits for the first event either way, and its read timeout covers that wait as it covers the head's."""
-
-    _send_headers_immediately = False  # aiohttp's switch (web.Response uses it); were it gone, heads go at once
 
 
 class Proxy:
@@ -81,7 +83,7 @@ class Proxy:
         self.pool.close()
 
     # --- routing ----------------------------------------------------------------------------------------------
-    def choose(self, policy: Policy, info: RequestInfo, tried: list[str]) -> Replica | web.Response:
+    def choose(self, policy: Policy, info: RequestInfo, tried: list[str]) -> Replica | Answer:
         """Pick a replica for one attempt, or the error response when there is none to pick."""
         started = time.perf_counter()
         candidates = self.registry.eligible(exclude=tried)
@@ -101,23 +103,21 @@ class Proxy:
         return replica
 
     # --- proxying ---------------------------------------------------------------------------------------------
-    async def handle(self, request: web.Request, path: str, body: bytes | None, info: RequestInfo,
-                     policy: Policy) -> web.StreamResponse:
-        """Serve one request with retries; always returns (or raises for a vanished client)."""
+    async def handle(self, request: Request, path: str, body: bytes | None, info: RequestInfo,
+                     policy: Policy) -> Answer | None:
+        """Serve one request with retries: an answer to send, or None once it was streamed to the client."""
         tried: list[str] = []
-        headers = forward_headers(request.headers)
-        request_id = next(v for k, v in headers.items() if k.lower() == REQUEST_ID_HEADER)
+        headers, request_id = forward_headers(request)
         last_error: tuple[int, bytes, str] | None = None
         reason = ""
         for attempt in range(self.config.max_retries + 1):
             chosen = self.choose(policy, info, tried)
-            if isinstance(chosen, web.Response):
+            if isinstance(chosen, Answer):
                 if last_error is not None and chosen.status == 503:  # report what the replicas said
                     status, payload, name = last_error
-                    chosen = web.Response(status=status, body=payload, content_type="application/json",
-                                          headers={REPLICA_HEADER: name})
-                self.metrics.requests.labels(last_error[2] if last_error else "none", str(chosen.status)).inc()
-                chosen.headers[REQUEST_ID_HEADER] = request_id
+                    chosen = Answer(status, payload, [(REPLICA_HEADER, name)], content_type="application/json")
+                self.metrics.count(last_error[2] if last_error else "none", str(chosen.status))
+                chosen.headers.append((REQUEST_ID_HEADER, request_id))
                 return chosen
             replica = chosen
             tried.append(replica.name)
@@ -125,17 +125,23 @@ class Proxy:
                 self.metrics.retries.labels(reason).inc()
             ticket = replica.dispatch(info.tokens, info.stream)
             dispatched = time.perf_counter()
+            if not attempt:
+                self.metrics.overhead_request.observe(dispatched - request.received_at)
             try:
                 upstream = await self.pool.request(request.method, replica.url, path, headers, body)
             except UpstreamError as exc:
                 ticket.end()
                 self.registry.failure(replica)
                 if isinstance(exc, ReadTimeout):  # it took the request, then went silent: no re-run
-                    return self._timed_out(replica)
+                    return self._timed_out(replica, request_id)
                 reason = "timeout" if isinstance(exc, ConnectFailed) and exc.timed_out else "connect"
                 last_error = (502, error_body(502, f"replica {replica.name} unreachable: {exc}",
                                               code="upstream_unreachable"), replica.name)
                 continue
+            except asyncio.CancelledError:  # the client disconnected while the replica worked on it
+                ticket.end()
+                self.metrics.count(replica.name, "499")
+                raise
             except BaseException:
                 ticket.end()
                 raise
@@ -153,68 +159,72 @@ class Proxy:
                 continue
             ticket.accepted()
             try:
-                return await self.relay(request, upstream, replica, dispatched)
+                return await self.relay(request, upstream, replica, dispatched, request_id)
             finally:
                 ticket.end()
         status, payload, name = last_error  # type: ignore[misc]  # the loop ran at least once
-        self.metrics.requests.labels(name, str(status)).inc()
-        return web.Response(status=status, body=payload, content_type="application/json",
-                            headers={REPLICA_HEADER: name, REQUEST_ID_HEADER: request_id})
+        self.metrics.count(name, str(status))
+        return Answer(status, payload, [(REPLICA_HEADER, name), (REQUEST_ID_HEADER, request_id)],
+                      content_type="application/json")
 
-    async def relay(self, request: web.Request, upstream: Response, replica: Replica,
-                    dispatched: float) -> web.StreamResponse:
+    async def relay(self, request: Request, upstream: Response, replica: Replica, dispatched: float,
+                    request_id: str) -> Answer | None:
         """Relay an accepted upstream response to the client; never retried from here on."""
         status = upstream.status
-        out: web.StreamResponse | None = None
+        streamed = False
         try:
             sized = upstream.header("content-length") is not None and not (
                 upstream.header("content-type") or "").startswith("text/event-stream")
             if sized or upstream.complete:  # a sized body, or a whole stream that came with its head: one write
                 payload = await upstream.read()
                 if not sized and payload:
-                    self.metrics.upstream_ttft.labels(replica.name).observe(time.perf_counter() - dispatched)
+                    self.metrics.ttft(replica.name, time.perf_counter() - dispatched)
                 self._done(replica, status)
-                return web.Response(status=status, body=payload, headers=response_headers(upstream, replica))
-            out = HeadWithBodyResponse(status=status, headers=response_headers(upstream, replica))
-            await out.prepare(request)
-            first = True
+                if upstream.first_body_at:
+                    self.metrics.overhead_response.observe(time.perf_counter() - upstream.first_body_at)
+                return Answer(status, payload, response_headers(upstream, replica, request_id))
+            # streamed: the head leaves with the first piece
+            stream = request.start_stream(status, response_headers(upstream, replica, request_id))
             while (chunk := await upstream.next_chunk()) is not None:
-                if first:
-                    first = False
-                    self.metrics.upstream_ttft.labels(replica.name).observe(time.perf_counter() - dispatched)
-                try:
-                    if upstream.complete:  # the last piece: data and the end of the body in one write
-                        await out.write_eof(chunk)
-                    else:
-                        await out.write(chunk)
+                if not streamed:
+                    self.metrics.ttft(replica.name, time.perf_counter() - dispatched)
+                try:  # the last piece carries the end of the body in the same write
+                    await stream.write(chunk, last=upstream.complete)
                 except ConnectionError:  # the client went away: closing upstream (finally) cancels the request
-                    self.metrics.requests.labels(replica.name, "499").inc()
-                    return out
-            await out.write_eof()  # no-op when the last piece already ended the body
+                    self.metrics.count(replica.name, "499")
+                    return None
+                if not streamed:
+                    streamed = True
+                    self.metrics.overhead_response.observe(time.perf_counter() - upstream.first_body_at)
+            await stream.end()
             self._done(replica, status)
-            return out
+            return None
         except UpstreamError as exc:
             self.registry.failure(replica)
-            if out is None and isinstance(exc, ReadTimeout):
-                return self._timed_out(replica)
-            self.metrics.requests.labels(replica.name, "502").inc()
-            if out is None:
+            if not streamed and isinstance(exc, ReadTimeout):
+                return self._timed_out(replica, request_id)
+            self.metrics.count(replica.name, "502")
+            if not streamed:
                 return error_response(502, f"replica {replica.name} failed mid-response: {exc}",
-                                      code="upstream_failed", headers={REPLICA_HEADER: replica.name})
+                                      code="upstream_failed",
+                                      headers={REPLICA_HEADER: replica.name, REQUEST_ID_HEADER: request_id})
             # Bytes reached the client: no retry. Cut its connection so that it sees a truncated response.
-            if request.transport is not None:
-                request.transport.close()
-            return out
+            request.abort()
+            return None
+        except asyncio.CancelledError:  # the client disconnected
+            self.metrics.count(replica.name, "499")
+            raise
         finally:
             upstream.release()  # a complete response gives its connection back to the pool; else it closes
 
-    def _timed_out(self, replica: Replica) -> web.Response:
-        self.metrics.requests.labels(replica.name, "504").inc()
+    def _timed_out(self, replica: Replica, request_id: str) -> Answer:
+        self.metrics.count(replica.name, "504")
         return error_response(504, f"replica {replica.name} sent nothing for {self.config.idle_timeout_s:g}s",
-                              code="upstream_timeout", headers={REPLICA_HEADER: replica.name})
+                              code="upstream_timeout",
+                              headers={REPLICA_HEADER: replica.name, REQUEST_ID_HEADER: request_id})
 
     def _done(self, replica: Replica, status: int) -> None:
-        self.metrics.requests.labels(replica.name, str(status)).inc()
+        self.metrics.count(replica.name, str(status))
         if status < 500:
             self.registry.success(replica)
         else:

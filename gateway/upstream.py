@@ -72,6 +72,7 @@ class Response:
         self._complete = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.first_body_at = 0.0  # perf_counter() when the first body bytes arrived
 
     @property
     def complete(self) -> bool:
@@ -135,6 +136,8 @@ class Response:
         self._wake()
 
     def _body(self, data: bytes) -> None:
+        if not self.first_body_at:
+            self.first_body_at = time.perf_counter()
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
@@ -262,11 +265,11 @@ class UpstreamPool:
         self._idle: dict[str, list[Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
 
-    async def request(self, method: str, base_url: str, path: str, headers: dict[str, str],
+    async def request(self, method: str, base_url: str, path: str, headers: list[tuple[str, str]],
                       body: bytes | None = None, timeout_s: float | None = None) -> Response:
         """Send a request to the replica at ``base_url``; returns once the response's head arrived. The caller
         reads the body and must `Response.release()` it. ``timeout_s`` overrides the idle timeout."""
-        lines = [f"{k}: {v}\r\n" for k, v in headers.items()]
+        lines = [f"{k}: {v}\r\n" for k, v in headers]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}\r\n")
         fields = "".join(lines)
@@ -294,7 +297,7 @@ class UpstreamPool:
 
     async def get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
         """A small GET: (status, body); ``timeout_s`` bounds each wait for the replica after connecting."""
-        response = await self.request("GET", base_url, path, {}, timeout_s=timeout_s)
+        response = await self.request("GET", base_url, path, [], timeout_s=timeout_s)
         try:
             return response.status, await response.read()
         finally:

@@ -146,6 +146,11 @@ def test_client_disconnect_cancels_the_upstream_request(shared_engines: list[Eng
         httpx.post(gw.url + "/v1/completions", json={"prompt": "slow", **LONG}, timeout=0.5)
     wait_for(lambda: load(engine)["running"] == 0, 10, "non-streaming upstream aborted")
     assert generated_tokens(engine) - before < LONG["max_tokens"] / 2
+    # both disconnects are counted as 499; every request's time inside the gateway is recorded (request leg)
+    wait_for(lambda: gw.metric("pypto_gateway_requests_total", replica=endpoints(engine), code="499") == 2, 10,
+             "two client disconnects counted")
+    assert gw.metric("pypto_gateway_overhead_seconds_count", leg="request") == 2
+    assert gw.metric("pypto_gateway_overhead_seconds_count", leg="response") == 1  # the stream's first piece
 
 
 def test_routing_follows_load(shared_engines: list[EngineProcess],

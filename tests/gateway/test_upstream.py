@@ -98,7 +98,7 @@ def test_chunked_stream_relays_pieces_and_reuses_the_connection() -> None:
             pool = UpstreamPool(5, 5)
             for _ in range(2):
                 response = await pool.request("POST", server.url, "/v1/completions",
-                                              {"Content-Type": "application/json", "x-request-id": "r1"}, b"{}")
+                                              [("Content-Type", "application/json"), ("x-request-id", "r1")], b"{}")
                 assert response.status == 200 and response.header("CONTENT-TYPE") == "text/event-stream"
                 pieces = []
                 while (piece := await response.next_chunk()) is not None:
@@ -137,7 +137,7 @@ def test_sized_and_close_delimited_bodies() -> None:
 def test_refused_connection_is_connect_failed() -> None:
     async def main() -> None:
         with pytest.raises(ConnectFailed) as failed:
-            await UpstreamPool(5, 5).request("GET", f"http://127.0.0.1:{free_port()}", "/load", {})
+            await UpstreamPool(5, 5).request("GET", f"http://127.0.0.1:{free_port()}", "/load", [])
         assert not failed.value.timed_out
 
     run(main())
@@ -155,8 +155,8 @@ def test_silent_replica_is_a_read_timeout_before_and_after_the_head() -> None:
         async with Server(handler) as server:
             pool = UpstreamPool(5, 0.2)
             with pytest.raises(ReadTimeout):
-                await pool.request("GET", server.url, "/before-head", {})
-            response = await pool.request("GET", server.url, "/after-head", {})
+                await pool.request("GET", server.url, "/before-head", [])
+            response = await pool.request("GET", server.url, "/after-head", [])
             assert await response.next_chunk() == b"data: 1\n\n"
             with pytest.raises(ReadTimeout):
                 await response.next_chunk()
@@ -178,11 +178,11 @@ def test_abandoned_response_closes_its_connection() -> None:
     async def main() -> None:
         async with Server(handler) as server:
             pool = UpstreamPool(5, 5)
-            response = await pool.request("POST", server.url, "/v1/completions", {}, b"{}")
+            response = await pool.request("POST", server.url, "/v1/completions", [], b"{}")
             await response.next_chunk()
             response.release()  # not complete: the connection closes, which aborts the request upstream
             await asyncio.wait_for(closed.wait(), 5)
-            response = await pool.request("POST", server.url, "/v1/completions", {}, b"{}")
+            response = await pool.request("POST", server.url, "/v1/completions", [], b"{}")
             response.release()
             assert server.connections == 2  # the abandoned connection was not pooled
 
@@ -201,7 +201,7 @@ def test_closed_mid_response_or_garbage_is_upstream_closed(reply: bytes) -> None
         async with Server(handler) as server:
             pool = UpstreamPool(5, 5)
             with pytest.raises(UpstreamClosed):
-                response = await pool.request("GET", server.url, "/", {})
+                response = await pool.request("GET", server.url, "/", [])
                 try:
                     await response.read()
                 finally:
@@ -223,7 +223,7 @@ def test_slow_reader_pauses_the_replica_and_gets_every_byte() -> None:
     async def main() -> None:
         async with Server(handler) as server:
             pool = UpstreamPool(5, 5)
-            response = await pool.request("GET", server.url, "/big", {})
+            response = await pool.request("GET", server.url, "/big", [])
             await asyncio.sleep(0.3)  # the reader lags: buffering stops near the high-water mark
             # (one socket read may overshoot the mark: uvloop reads up to 256 KiB at a time)
             assert response._connection._paused and response._buffered <= 2 * HIGH_WATER < len(body)

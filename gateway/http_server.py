@@ -1,0 +1,409 @@
+"""The gateway's HTTP/1.1 server towards its clients: an asyncio Protocol fed to httptools' request parser.
+
+A reverse proxy's CPU per request is mostly the layers between two sockets; at concurrency 32 the requests of one
+engine step reach the gateway together and leave it one after another, so each microsecond is paid 32 times.
+This server does what the gateway needs and nothing else: requests are parsed in C, read whole (body limit ->
+413, head limit -> 431, bad framing -> 400, all as OpenAI error envelopes from the app's ``reject``), handed to
+one handler, and answered either sized in one write or streamed chunked with the head leaving with the first
+piece. Keep-alive and pipelining (answers in order; reading pauses while too many wait), ``Expect:
+100-continue``, chunked request bodies, write back-pressure (`Stream.write` waits while the client lags), an idle
+timeout for client connections, and a client that disconnects cancels its handler (the proxy then closes the
+upstream connection, which makes the engine abort the request). `Server.shutdown` answers what is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+
+log = logging.getLogger("pypto_serving.gateway")
+
+KEEPALIVE_S = 75.0  # an idle client connection (or one whose request head takes this long) is closed
+MAX_HEAD_BYTES = 64 * 1024  # request line plus headers
+MAX_PIPELINED = 16  # requests waiting behind the one being answered before reading pauses
+LINGER_S = 2.0  # after a protocol error's answer: how long what the client still sends is read and dropped
+REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class Answer:
+    """A complete answer, sent sized in one write."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None,
+                 content_type: str | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else []
+        if content_type is not None:
+            self.headers.append(("Content-Type", content_type))
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+def json_answer(document: object, status: int = 200) -> Answer:
+    """A JSON answer."""
+    return Answer(status, json.dumps(document).encode(), content_type="application/json")
+
+
+Handler = Callable[["Request"], Awaitable["Answer | None"]]
+Reject = Callable[["Request", int, str, str], Answer]  # (request, status, message, code) -> an error envelope
+
+
+class Request:
+    """One parsed request: method, path (no query), headers, the whole body; answered through its connection."""
+
+    __slots__ = ("_conn", "body", "error", "fields", "headers", "http10", "keep_alive", "method", "path",
+                 "received_at", "stream")
+
+    def __init__(self, conn: Connection, method: str, path: str, headers: list[tuple[str, str]],
+                 fields: dict[str, str], body: bytes, keep_alive: bool, http10: bool) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers  # as received, in order (repeated names kept)
+        self.fields = fields  # lower-cased name -> first value
+        self.body = body
+        self.keep_alive = keep_alive
+        self.http10 = http10
+        self.error: tuple[int, str, str] | None = None  # a protocol error to answer instead of the handler
+        self._conn = conn
+        self.stream: Stream | None = None
+        self.received_at = time.perf_counter()  # the whole request has arrived
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower-case), or None."""
+        return self.fields.get(name)
+
+    def start_stream(self, status: int, headers: list[tuple[str, str]]) -> Stream:
+        """Begin a streamed (chunked) answer; its head leaves with the first piece."""
+        self.stream = Stream(self, status, headers)
+        return self.stream
+
+    def abort(self) -> None:
+        """Cut the client's connection (a streamed answer that cannot be completed)."""
+        self.keep_alive = False
+        self._conn.close()
+
+
+class Stream:
+    """A streamed answer: `write` pieces as they come, then `end`."""
+
+    __slots__ = ("_chunked", "_head", "_request", "ended")
+
+    def __init__(self, request: Request, status: int, headers: list[tuple[str, str]]) -> None:
+        self._request = request
+        self._chunked = not request.http10  # an HTTP/1.0 client reads until the connection closes
+        if not self._chunked:
+            request.keep_alive = False
+        framing = ("Transfer-Encoding", "chunked") if self._chunked else None
+        self._head: bytes | None = request._conn.head(request, status, headers, framing)
+        self.ended = False
+
+    async def write(self, data: bytes, last: bool = False) -> None:
+        """Send one piece (``last``: and end the answer in the same write); waits while the client lags.
+        Raises ConnectionResetError when the client has gone."""
+        conn = self._request._conn
+        if conn.closed:
+            raise ConnectionResetError("the client closed the connection")
+        out = [self._head] if self._head is not None else []
+        self._head = None
+        if data:
+            out += [f"{len(data):x}\r\n".encode(), data, b"\r\n"] if self._chunked else [data]
+        if last:
+            self.ended = True
+            if self._chunked:
+                out.append(b"0\r\n\r\n")
+        if out:
+            conn.transport.write(b"".join(out))  # type: ignore[union-attr]
+        if conn.write_paused:
+            await conn.drain()
+
+    async def end(self) -> None:
+        """End the answer (nothing when a ``last`` piece already did)."""
+        if not self.ended:
+            await self.write(b"", last=True)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parses requests and answers them one at a time, in order."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.closed = False
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._queue: collections.deque[Request] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._reading = True
+        self._broken = False  # a protocol error was queued: nothing after it is parsed
+        self.idle_since: float | None = self.loop.time()  # None while a request is being received or answered
+        self._upgraded = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._fields: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._size = 0
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # an upgrade request is answered as plain HTTP, then the connection ends
+            if self._upgraded:
+                self._broken = True
+            else:  # CONNECT: no request to answer
+                self._fail(400, "protocol upgrades and CONNECT are not supported", "bad_request")
+        except httptools.HttpParserError as exc:
+            if not self._broken:
+                self._fail(400, f"malformed HTTP request: {exc}", "bad_request")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self._task is not None:
+            self._task.cancel()  # the handler stops; an upstream request it holds is closed and aborted
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- httptools callbacks ----------------------------------------------------------------------------------
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._grow(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1")
+        text = value.decode("utf-8", "surrogateescape")
+        self._headers.append((key, text))
+        self._fields.setdefault(key.lower(), text)
+        self._grow(len(name) + len(value))
+
+    def on_headers_complete(self) -> None:
+        self.idle_since = None
+        self._size = 0  # from here on: body bytes
+        if self._broken:
+            return
+        length = self._fields.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
+            self._fail(413, f"request body over {self.server.max_body_bytes} bytes", "body_too_large")
+        elif (self._fields.get("expect", "").lower() == "100-continue" and self.parser.get_http_version() != "1.0"
+              and self._task is None and not self._queue and self.transport is not None):
+            # only when nothing is answered before it (a pipelining client then sends its body after its timeout)
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self._broken:
+            return
+        self._body.append(body)
+        self._size += len(body)
+        if self._size > self.server.max_body_bytes:
+            self._fail(413, f"request body over {self.server.max_body_bytes} bytes", "body_too_large")
+
+    def on_message_complete(self) -> None:
+        if self._broken:
+            return
+        parser = self.parser
+        path = httptools.parse_url(self._url).path.decode("utf-8", "surrogateescape") if self._url else "/"
+        body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        request = Request(self, parser.get_method().decode("ascii", "replace"), path, self._headers, self._fields,
+                          body, parser.should_keep_alive(), parser.get_http_version() == "1.0")
+        if parser.should_upgrade():
+            request.keep_alive = False
+            self._upgraded = True
+        self._reset()
+        self._enqueue(request)
+
+    # --- answering --------------------------------------------------------------------------------------------
+    def _grow(self, n: int) -> None:
+        self._size += n
+        if self._size > MAX_HEAD_BYTES and not self._broken:
+            self._fail(431, f"request head over {MAX_HEAD_BYTES} bytes", "request_header_fields_too_large")
+
+    def _fail(self, status: int, message: str, code: str) -> None:
+        """Queue a protocol error in order (after the requests before it) and stop parsing this connection."""
+        request = Request(self, "", "", self._headers, self._fields, b"", False, False)
+        request.error = (status, message, code)
+        self._broken = True
+        self._reset()
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        if self._task is None:
+            self._task = self.loop.create_task(self._serve(request))
+            return
+        self._queue.append(request)
+        if len(self._queue) >= MAX_PIPELINED and self._reading and self.transport is not None:
+            self._reading = False
+            self.transport.pause_reading()
+
+    async def _serve(self, request: Request | None) -> None:
+        try:
+            while request is not None and not self.closed:
+                await self._answer(request)
+                if not request.keep_alive or self.server.closing:
+                    self.close(linger=request.error is not None)
+                    return
+                if self.write_paused:
+                    await self.drain()
+                request = self._queue.popleft() if self._queue else None
+                if not self._reading and len(self._queue) < MAX_PIPELINED // 2 and self.transport is not None:
+                    self._reading = True
+                    self.transport.resume_reading()
+        except asyncio.CancelledError:
+            self.close()  # the client went away (or the server is stopping)
+        finally:
+            self._task = None
+            self.idle_since = self.loop.time()
+
+    async def _answer(self, request: Request) -> None:
+        server = self.server
+        if request.error is not None:
+            answer: Answer | None = server.reject(request, *request.error)
+        else:
+            try:
+                answer = await server.handler(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not take the connection's other requests or the process with it
+                log.exception("handler failed on %s %s", request.method, request.path)
+                if request.stream is not None:
+                    request.abort()
+                    return
+                answer = server.reject(request, 500, "internal gateway error", "internal_error")
+        if answer is None:  # streamed by the handler
+            if request.stream is None or not request.stream.ended:
+                request.abort()
+            return
+        body = b"" if request.method == "HEAD" else answer.body
+        head = self.head(request, answer.status, answer.headers, ("Content-Length", str(len(answer.body))))
+        self.transport.write(head + body if body else head)  # type: ignore[union-attr]
+
+    def head(self, request: Request, status: int, headers: list[tuple[str, str]],
+             framing: tuple[str, str] | None) -> bytes:
+        """The status line and headers of an answer to ``request`` (Date, framing and Connection added)."""
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\nDate: {self.server.date()}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in headers]
+        if framing is not None:
+            lines.append(f"{framing[0]}: {framing[1]}\r\n")
+        if not request.keep_alive or self.server.closing:
+            lines.append("Connection: close\r\n")
+        elif request.http10:
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    async def drain(self) -> None:
+        """Wait until the client has taken enough of what was written (or has gone)."""
+        while self.write_paused and not self.closed:
+            self._drain = self.loop.create_future()
+            await self._drain
+
+    def close(self, linger: bool = False) -> None:
+        """Close the connection (what was written is still sent). ``linger`` (after a protocol error, e.g. a 413
+        while the client is still sending its body): end only the sending side and drop what still comes for up
+        to LINGER_S, since closing with unread bytes resets the connection and the client would lose the answer."""
+        self.closed = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            transport.resume_reading()  # data_received drops it (the connection is broken); EOF closes
+            self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing being answered and nothing queued."""
+        return self._task is None and not self._queue
+
+
+
+class Server:
+    """The listening socket and its connections."""
+
+    def __init__(self, handler: Handler, reject: Reject, max_body_bytes: int,
+                 keepalive_s: float = KEEPALIVE_S) -> None:
+        self.handler = handler
+        self.reject = reject
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_s = keepalive_s
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[Connection] = set()
+        self.closing = False
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._date = ""
+        self._date_at = -1
+
+    async def listen(self, host: str, port: int, backlog: int = 4096) -> None:
+        """Start accepting connections."""
+        self._server = await self.loop.create_server(lambda: Connection(self), host, port, backlog=backlog)
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close connections idle (or stuck in a request head) for ``keepalive_s``: one pass per second, so no
+        timer is set per request."""
+        while True:
+            await asyncio.sleep(min(1.0, self.keepalive_s))
+            expired = self.loop.time() - self.keepalive_s
+            for conn in list(self.connections):
+                if conn.idle and conn.idle_since is not None and conn.idle_since < expired:
+                    conn.close()
+
+    def date(self) -> str:
+        """The Date header's value, formatted once per second."""
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at, self._date = now, formatdate(now, usegmt=True)
+        return self._date
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting; close idle connections; let answers in flight finish for up to ``grace_s``, then cut."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+        deadline = self.loop.time() + grace_s
+        while self.connections and self.loop.time() < deadline:
+            for conn in list(self.connections):
+                if conn.idle:
+                    conn.close()
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
