@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +147,30 @@ def gateway_overhead_section(data: dict[str, Any] | None, runs: dict[str, Any]) 
     spread = ""
     if rounds:
         per_round = [r["gateway"]["c32"]["p50"] for r in rounds]
-        spread = (f" Per round, the gateway's added c32 p50 ranged {fmt(min(per_round), 2)} to "
-                  f"{fmt(max(per_round), 2)} ms.")
+        spread = (f" Per round, the gateway's added c32 p50 with the Python client ranged {fmt(min(per_round), 2)} "
+                  f"to {fmt(max(per_round), 2)} ms.")
+    wrk = data.get("wrk_c32")
+    if wrk:
+        c32 = wrk["added_ms_median"]["gateway"]
+        runs_ = wrk["rounds"]
+        lines += ["", f"**Concurrency 32 with a C client** (wrk: one process per path, "
+                  f"{wrk['connections_per_path']} connections each, all four at once against the engine, "
+                  f"{len(runs_)} rounds of {fmt(wrk['seconds'], 0)} s). A Python client parses the 32 answers of an "
+                  "engine step one after another, so it times an answer that arrives a little later milliseconds "
+                  "later; wrk does not. Per path: the median over rounds of p50 / p90 / p99; added: the median of "
+                  "the per-round differences to direct.", "",
+                  "| path | p50 | p90 | p99 | added p50 / p90 / p99 | requests per round |",
+                  "|---|---|---|---|---|---|"]
+        for path in ("direct", "direct-again", "gateway", "nginx"):
+            med = {q: statistics.median(r[path][q] for r in runs_) for q in ("p50", "p90", "p99")}
+            add = wrk["added_ms_median"].get(path)
+            lines.append(f"| {path} | {fmt(med['p50'], 2)} ms | {fmt(med['p90'], 2)} ms | {fmt(med['p99'], 1)} ms | "
+                         + (f"{fmt(add['p50'], 2)} / {fmt(add['p90'], 2)} / {fmt(add['p99'], 2)} ms" if add else "-")
+                         + f" | {statistics.median(r[path]['requests'] for r in runs_):,.0f} |")
     lines += ["", f"Target: the gateway adds <= {target['p50_ms']} ms p50 and <= {target['p99_ms']} ms p99 at "
               f"concurrency 1 and 32: **{'met' if data['met'] else 'missed'}** (c1 {fmt(gw['p50'], 2)} / "
-              f"{fmt(gw['p99'], 2)} ms, c32 {fmt(c32['p50'], 2)} / {fmt(c32['p99'], 2)} ms).{spread} Mean routing "
+              f"{fmt(gw['p99'], 2)} ms, c32 {fmt(c32['p50'], 2)} / {fmt(c32['p99'], 2)} ms"
+              + (" with wrk" if wrk else "") + f").{spread} Mean routing "
               f"decision {fmt(data['gateway_mean_decision_us'], 1)} us. With 2 cores shared by the client, the "
               "engine and the proxy, a proxy's CPU per request shows up as queueing at concurrency 32: the requests "
               "of one engine step reach the proxy together and leave it one after another.", ""]
@@ -177,11 +197,11 @@ def gateway_overhead_section(data: dict[str, Any] | None, runs: dict[str, Any]) 
     ax.set_ylabel("end-to-end ms (max_tokens 1)")
     ax.legend()
     lines += [save(fig, "gateway_overhead"), ""]
-    c32 = added["gateway"]["c32"]
+    nginx32 = wrk["added_ms_median"]["nginx"] if wrk else added["nginx"]["c32"]
     headline = [f"| gateway added latency vs direct, p50 / p99, concurrency 1 and 32 | c1 {fmt(gw['p50'], 2)} / "
                 f"{fmt(gw['p99'], 2)} ms, c32 {fmt(c32['p50'], 2)} / {fmt(c32['p99'], 2)} ms (nginx c1 "
                 f"{fmt(added['nginx']['c1']['p50'], 2)} / {fmt(added['nginx']['c1']['p99'], 2)} ms, c32 "
-                f"{fmt(added['nginx']['c32']['p50'], 2)} / {fmt(added['nginx']['c32']['p99'], 2)} ms) | "
+                f"{fmt(nginx32['p50'], 2)} / {fmt(nginx32['p99'], 2)} ms)" + ("; c32 with wrk" if wrk else "") + " | "
                 f"<= {target['p50_ms']} / {target['p99_ms']} ms at both: {'met' if data['met'] else '**missed**'} |"]
     return lines, headline
 

@@ -43,6 +43,17 @@ def model_name(url: str) -> str:
     return httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
 
 
+def ensure_wrk() -> str:
+    """Path of wrk (a C HTTP load generator), installing Debian's package when missing."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, env=env)
+    return shutil.which("wrk") or "/usr/bin/wrk"
+
+
 def ensure_nginx() -> str:
     """Path of the nginx binary, installing Debian's package when missing."""
     found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
