@@ -128,7 +128,10 @@ class Proxy:
             if not attempt:
                 self.metrics.overhead_request.observe(dispatched - request.received_at)
             try:
-                upstream = await self.pool.request(request.method, replica.url, path, headers, body)
+                # the engine accepted the request with its response head (accounting learns at once); the relay
+                # starts with the first body piece
+                upstream = await self.pool.request(request.method, replica.url, path, headers, body,
+                                                   on_head=ticket.accepted, until_body=True)
             except UpstreamError as exc:
                 ticket.end()
                 self.registry.failure(replica)
@@ -157,7 +160,6 @@ class Proxy:
                 reason = "unavailable"
                 last_error = (503, payload, replica.name)
                 continue
-            ticket.accepted()
             try:
                 return await self.relay(request, upstream, replica, dispatched, request_id)
             finally:

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import ssl
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -72,7 +73,10 @@ class Response:
         self._complete = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.first_body_at = 0.0  # perf_counter() when the first body bytes arrived
+        self.on_head: Callable[[], None] | None = None  # called (from the protocol) when the head arrives
+        self._until_body = False  # the waiting request returns at the first body piece, not at the head
 
     @property
     def complete(self) -> bool:
@@ -113,11 +117,11 @@ class Response:
     async def _wait(self) -> None:
         loop = self._connection.loop
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(self._idle_timeout_s, self._expire, waiter)
+        self._timer = loop.call_later(self._idle_timeout_s, self._expire, waiter)
         try:
             await waiter
         finally:
-            timer.cancel()
+            self._timer.cancel()
             self._waiter = None
 
     def _expire(self, waiter: asyncio.Future[None]) -> None:
@@ -133,7 +137,13 @@ class Response:
     def _head(self, status: int) -> None:
         self.status = status
         self._head_done = True
-        self._wake()
+        if self.on_head is not None:
+            self.on_head()
+        if not self._until_body:
+            self._wake()
+        elif self._waiter is not None and self._timer is not None:  # the head counts as activity: restart the timer
+            self._timer.cancel()
+            self._timer = self._connection.loop.call_later(self._idle_timeout_s, self._expire, self._waiter)
 
     def _body(self, data: bytes) -> None:
         if not self.first_body_at:
@@ -154,7 +164,7 @@ class Response:
             self._wake()
 
     async def _wait_head(self) -> None:
-        while not self._head_done:
+        while not self._head_done or (self._until_body and not self._chunks and not self._complete):
             if self._error is not None:
                 raise self._error
             await self._wait()
@@ -266,9 +276,12 @@ class UpstreamPool:
         self._ssl: ssl.SSLContext | None = None
 
     async def request(self, method: str, base_url: str, path: str, headers: list[tuple[str, str]],
-                      body: bytes | None = None, timeout_s: float | None = None) -> Response:
-        """Send a request to the replica at ``base_url``; returns once the response's head arrived. The caller
-        reads the body and must `Response.release()` it. ``timeout_s`` overrides the idle timeout."""
+                      body: bytes | None = None, timeout_s: float | None = None,
+                      on_head: Callable[[], None] | None = None, until_body: bool = False) -> Response:
+        """Send a request to the replica at ``base_url``; returns once the response's head arrived (with
+        ``until_body``: once its first body piece did too, or it ended: a proxy that sends the head with the first
+        piece then wakes up once, not twice; ``on_head`` still learns of the head at once). The caller reads the
+        body and must `Response.release()` it. ``timeout_s`` overrides the idle timeout."""
         lines = [f"{k}: {v}\r\n" for k, v in headers]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}\r\n")
@@ -280,6 +293,7 @@ class UpstreamPool:
                 connection = await self._connect(base_url)
             head = f"{method} {path} HTTP/1.1\r\nHost: {connection.origin.host_header}\r\n{fields}\r\n"
             response = Response(connection, self.idle_timeout_s if timeout_s is None else timeout_s)
+            response.on_head, response._until_body = on_head, until_body
             connection.send(head.encode("utf-8", "surrogateescape"), body, response)
             try:
                 await response._wait_head()

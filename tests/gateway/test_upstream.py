@@ -165,6 +165,36 @@ def test_silent_replica_is_a_read_timeout_before_and_after_the_head() -> None:
     run(main())
 
 
+def test_until_body_returns_with_the_first_piece_and_reports_the_head_at_once() -> None:
+    body_allowed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK_HEAD)  # the head alone, as an engine does when it accepts a streamed request
+        await writer.drain()
+        await body_allowed.wait()
+        writer.write(chunk(b"data: 1\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            heads: list[int] = []
+            pool = UpstreamPool(5, 5)
+            pending = asyncio.ensure_future(pool.request("POST", server.url, "/v1/completions", [], b"{}",
+                                                         on_head=lambda: heads.append(1), until_body=True))
+            while not heads:  # the head is reported while the request still waits for its first piece
+                await asyncio.sleep(0.01)
+            assert not pending.done()
+            body_allowed.set()
+            response = await pending
+            assert response.status == 200 and response.complete
+            assert await response.read() == b"data: 1\n\n" and heads == [1]
+            response.release()
+
+    run(main())
+
+
 def test_abandoned_response_closes_its_connection() -> None:
     closed = asyncio.Event()
 
