@@ -71,7 +71,7 @@ class Request:
                  fields: dict[str, str], body: bytes, keep_alive: bool, http10: bool) -> None:
         self.method = method
         self.path = path
-        self.headers = headers  # as received, in order (repeated names kept)
+        self.headers = headers  # as received (names in lower case), in order, repeated names kept
         self.fields = fields  # lower-cased name -> first value
         self.body = body
         self.keep_alive = keep_alive
@@ -202,10 +202,10 @@ class Connection(asyncio.Protocol):
         self._grow(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1")
+        key = name.decode("latin-1").lower()
         text = value.decode("utf-8", "surrogateescape")
         self._headers.append((key, text))
-        self._fields.setdefault(key.lower(), text)
+        self._fields.setdefault(key, text)
         self._grow(len(name) + len(value))
 
     def on_headers_complete(self) -> None:

@@ -37,7 +37,7 @@ def forward_headers(request: Request) -> tuple[list[tuple[str, str]], str]:
     A request without ``x-request-id`` gets one here, so every attempt (retries included) carries the same id
     to the engines, which echo it on their responses.
     """
-    out = [(k, v) for k, v in request.headers if k.lower() not in HOP_BY_HOP]
+    out = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]  # names are in lower case
     request_id = request.header(REQUEST_ID_HEADER)
     if request_id is None:
         request_id = new_request_id()
@@ -56,10 +56,9 @@ def response_headers(upstream: Response, replica: Replica, request_id: str) -> l
     replica echoed it)."""
     out = []
     echoed = False
-    for k, v in upstream.headers:
-        name = k.lower()
+    for name, value in upstream.headers:  # names are in lower case
         if name not in HOP_BY_HOP and name not in ("server", "date"):
-            out.append((k, v))
+            out.append((name, value))
             echoed = echoed or name == REQUEST_ID_HEADER
     out.append((REPLICA_HEADER, replica.name))
     if not echoed:

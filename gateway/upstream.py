@@ -63,7 +63,7 @@ class Response:
 
     def __init__(self, connection: Connection, idle_timeout_s: float) -> None:
         self.status = 0
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[str, str]] = []  # names in lower case
         self._connection = connection
         self._idle_timeout_s = idle_timeout_s
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -86,7 +86,7 @@ class Response:
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""
         name = name.lower()
-        return next((v for k, v in self.headers if k.lower() == name), None)
+        return next((v for k, v in self.headers if k == name), None)
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -215,11 +215,11 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.response.headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))  # type: ignore[union-attr]
+        self.response.headers.append((name.decode("latin-1").lower(), value.decode("utf-8", "replace")))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
         response = self.response
-        names = {k.lower() for k, _ in response.headers}  # type: ignore[union-attr]
+        names = {k for k, _ in response.headers}  # type: ignore[union-attr]
         self._until_eof = "content-length" not in names and "transfer-encoding" not in names
         response._head(self.parser.get_status_code())  # type: ignore[union-attr]
 
