@@ -43,26 +43,25 @@ def model_name(url: str) -> str:
     return httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
 
 
-def ensure_wrk() -> str:
-    """Path of wrk (a C HTTP load generator), installing Debian's package when missing."""
-    found = shutil.which("wrk")
+def ensure_debian_tool(binary: str, package: str) -> str:
+    """Path of ``binary``, installing Debian's ``package`` when it is missing."""
+    found = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
     if found:
         return found
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, env=env)
-    return shutil.which("wrk") or "/usr/bin/wrk"
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, env=env)
+    return shutil.which(binary) or f"/usr/sbin/{binary}"
+
+
+def ensure_wrk() -> str:
+    """Path of wrk (a C HTTP load generator)."""
+    return ensure_debian_tool("wrk", "wrk")
 
 
 def ensure_nginx() -> str:
-    """Path of the nginx binary, installing Debian's package when missing."""
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if found:
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True, env=env)
-    return shutil.which("nginx") or "/usr/sbin/nginx"
+    """Path of the nginx binary."""
+    return ensure_debian_tool("nginx", "nginx-light")
 
 
 class Nginx:
