@@ -150,7 +150,9 @@ class Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._reading = True
         self._broken = False  # a protocol error was queued: nothing after it is parsed
-        self.idle_since: float | None = self.loop.time()  # None while a request is being received or answered
+        # when the head being received began (the last answer ended), or the last body piece arrived: the sweep
+        # closes a connection that is not answering anything once this is keepalive_s old
+        self.idle_since = self.loop.time()
         self._upgraded = False
         self._reset()
 
@@ -209,7 +211,7 @@ class Connection(asyncio.Protocol):
         self._grow(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
-        self.idle_since = None
+        self.idle_since = self.loop.time()
         self._size = 0  # from here on: body bytes
         if self._broken:
             return
@@ -224,6 +226,7 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._broken:
             return
+        self.idle_since = self.loop.time()
         self._body.append(body)
         self._size += len(body)
         if self._size > self.server.max_body_bytes:
@@ -373,13 +376,13 @@ class Server:
         self._sweeper = self.loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Close connections idle (or stuck in a request head) for ``keepalive_s``: one pass per second, so no
-        timer is set per request."""
+        """Close connections idle, stuck in a request head, or with a request body stalled for ``keepalive_s``:
+        one pass per second, so no timer is set per request."""
         while True:
             await asyncio.sleep(min(1.0, self.keepalive_s))
             expired = self.loop.time() - self.keepalive_s
             for conn in list(self.connections):
-                if conn.idle and conn.idle_since is not None and conn.idle_since < expired:
+                if conn.idle and conn.idle_since < expired:
                     conn.close()
 
     def date(self) -> str:

@@ -334,8 +334,10 @@ def test_idle_connections_time_out() -> None:
             reader, _ = await request(port, b"GET /once HTTP/1.1\r\n\r\n")
             assert (await read_reply(reader)).status == 200
             silent, _ = await asyncio.open_connection("127.0.0.1", port)  # never sends a request
+            stalled, _ = await request(port, b"POST /body HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345")  # half a body
             await closed(reader)
             await closed(silent)
+            await closed(stalled)
             assert not server.connections
 
     run(main())
