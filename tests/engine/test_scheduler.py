@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 from pypto_serving.engine.block_manager import BlockManager
 from pypto_serving.engine.sampling_params import SamplingParams
 from pypto_serving.engine.scheduler import ScheduledBatch, Scheduler
@@ -16,7 +18,8 @@ def make(num_blocks: int = 64, block_size: int = 4, budget: int = 64, max_seqs: 
 
 
 def add(s: Scheduler, name: str, prompt_len: int, **params) -> Sequence:
-    seq = Sequence(name, [100 + (hash(name) + i) % 50 for i in range(prompt_len)],
+    # a stable per-name prompt (str hash() is salted per process, so two names could share a cached prefix)
+    seq = Sequence(name, [100 + (zlib.crc32(name.encode()) + i) % 50 for i in range(prompt_len)],
                    SamplingParams(**{"max_tokens": 100, **params}), eos_token_ids={EOS})
     s.add(seq)
     return seq
