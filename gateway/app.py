@@ -75,17 +75,17 @@ class Gateway:
     async def generate(self, request: Request) -> Answer | None:
         """POST /v1/completions and /v1/chat/completions."""
         if not self.authorized(request):
-            return self._reject(request, 401, NO_KEY, "invalid_api_key")
+            return self.reject(request, 401, NO_KEY, "invalid_api_key")
         body = request.body  # within --max-body-bytes (the server answered 413 otherwise)
         try:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            return self._reject(request, 400, "request body is not valid JSON", "invalid_json")
+            return self.reject(request, 400, "request body is not valid JSON", "invalid_json")
         if not isinstance(parsed, dict):
-            return self._reject(request, 400, "request body must be a JSON object", "invalid_json")
+            return self.reject(request, 400, "request body must be a JSON object", "invalid_json")
         policy = self._policy(request)
         if policy is None:
-            return self._reject(request, 400, f"unknown routing policy in {ROUTING_HEADER}; known: "
+            return self.reject(request, 400, f"unknown routing policy in {ROUTING_HEADER}; known: "
                                 f"{', '.join(POLICIES)}", "unknown_policy", param=ROUTING_HEADER)
         info = request_info(parsed, request.header(SESSION_HEADER), self.config.default_max_tokens,
                             self.config.chars_per_token)
@@ -94,7 +94,7 @@ class Gateway:
     async def models(self, request: Request) -> Answer | None:
         """GET /v1/models, answered by any ready replica."""
         if not self.authorized(request):
-            return self._reject(request, 401, NO_KEY, "invalid_api_key")
+            return self.reject(request, 401, NO_KEY, "invalid_api_key")
         return await self.proxy.handle(request, "/v1/models", None, RequestInfo(), self.policies["least-requests"])
 
     async def openapi(self, request: Request) -> Answer:
@@ -111,7 +111,7 @@ class Gateway:
             except (UpstreamError, ValueError):
                 continue
         if not isinstance(document, dict) or not isinstance(document.get("paths"), dict):
-            return self._reject(request, 503, "no ready replica to describe the API", "no_replicas")
+            return self.reject(request, 503, "no ready replica to describe the API", "no_replicas")
         paths = {p: ops for p, ops in document["paths"].items() if p.startswith("/v1/")}
         for path, summary in GATEWAY_PATHS.items():
             paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
@@ -165,7 +165,9 @@ class Gateway:
         name = request.header(ROUTING_HEADER)
         return self.default_policy if not name else self.policies.get(name.strip().lower())
 
-    def _reject(self, request: Request, status: int, message: str, code: str, param: str | None = None) -> Answer:
+    def reject(self, request: Request, status: int, message: str, code: str, param: str | None = None) -> Answer:
+        """The gateway's own error answer to ``request`` (also the HTTP server's, for requests it refused: too
+        large, malformed), counted and with the request id."""
         self.metrics.count("none", str(status))
         return stamped(request, error_response(status, message, code=code, param=param))
 
@@ -182,17 +184,13 @@ class Gateway:
         ``x-request-id``: the client's, else a new one (the proxy sends it to the engines, which echo it)."""
         methods = self._routes.get(request.path)
         if methods is None:
-            answer: Answer | None = self._reject(request, 404, f"no route {request.path}", "not_found")
+            answer: Answer | None = self.reject(request, 404, f"no route {request.path}", "not_found")
         else:
             handler = methods.get("GET" if request.method == "HEAD" else request.method)
             if handler is None:
-                answer = self._reject(request, 405, f"{request.method} is not allowed on {request.path}",
+                answer = self.reject(request, 405, f"{request.method} is not allowed on {request.path}",
                                       "method_not_allowed")
                 answer.headers.append(("Allow", ", ".join(methods)))
             else:
                 answer = await handler(request)
         return answer
-
-    def reject_request(self, request: Request, status: int, message: str, code: str) -> Answer:
-        """The answer to a request the HTTP server refused (too large, malformed), with its request id."""
-        return self._reject(request, status, message, code)

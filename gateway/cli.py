@@ -93,7 +93,7 @@ async def serve(config: GatewayConfig, discovery: Discovery, host: str, port: in
     """Serve until SIGTERM/SIGINT, then stop accepting and let answers in flight finish (up to 25 s)."""
     gateway = Gateway(config, discovery)
     await gateway.start()
-    server = Server(gateway.dispatch, gateway.reject_request, config.max_body_bytes)
+    server = Server(gateway.dispatch, gateway.reject, config.max_body_bytes)
     await server.listen(host, port)
     log.info("gateway listening on http://%s:%d (policy %s)", host, port, config.policy)
     stop = asyncio.Event()

@@ -46,11 +46,6 @@ class Answer:
         if content_type is not None:
             self.headers.append(("Content-Type", content_type))
 
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (case-insensitive), or None."""
-        name = name.lower()
-        return next((v for k, v in self.headers if k.lower() == name), None)
-
 
 def json_answer(document: object, status: int = 200) -> Answer:
     """A JSON answer."""
