@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pypto_serving.startup import freeze_startup_objects
+
 if TYPE_CHECKING:
     from pypto_serving.engine.detokenizer import TextStream
     from pypto_serving.engine.metrics import RequestTimer
@@ -179,6 +181,7 @@ class AsyncEngine:
             self._call(self._loaded, State.FAILED)
             return
         log.info("model loaded in %.1fs", time.monotonic() - started)
+        freeze_startup_objects()
         self._publish()
         self._call(self._loaded, State.READY)
         try:

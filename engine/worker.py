@@ -29,6 +29,7 @@ from pypto_serving.engine import device as devices
 from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.layers.sampler import SampleResult
 from pypto_serving.engine.model_runner import ModelInfo, ModelRunner, StepInput
+from pypto_serving.startup import freeze_startup_objects
 
 WORKER_START_TIMEOUT_S = 3600.0  # loading a large checkpoint on every rank can take a while
 WORKER_STOP_TIMEOUT_S = 10.0
@@ -233,6 +234,7 @@ def worker_main(config: EngineConfig, device_type: str, max_model_len: int, rank
     except BaseException:
         conn.send(("init_error", rank, traceback.format_exc()))
         return
+    freeze_startup_objects()  # a collection stall in one rank would stall every step of the group
     conn.send(("ready", rank, runner.info()))
     while True:
         try:

@@ -16,6 +16,7 @@ from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
 from pypto_serving.gateway.http_server import Server
 from pypto_serving.gateway.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
+from pypto_serving.startup import freeze_startup_objects
 
 log = logging.getLogger("pypto_serving.gateway")
 SHUTDOWN_GRACE_S = 25.0  # answers in flight may finish for this long after SIGTERM (the pod's grace is 30 s)
@@ -95,6 +96,7 @@ async def serve(config: GatewayConfig, discovery: Discovery, host: str, port: in
     await gateway.start()
     server = Server(gateway.dispatch, gateway.reject, config.max_body_bytes)
     await server.listen(host, port)
+    freeze_startup_objects()
     log.info("gateway listening on http://%s:%d (policy %s)", host, port, config.policy)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

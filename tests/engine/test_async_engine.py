@@ -4,6 +4,7 @@ engine is exercised end to end in test_api*.py)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,21 @@ def test_outputs_reach_their_request_and_only_the_loop_thread_calls_the_engine()
         await runner.shutdown()
         assert engine.shut_down and engine.threads == {"engine-loop"}
         assert not runner.healthy()
+
+    asyncio.run(main())
+
+
+def test_what_loading_built_is_out_of_the_collectors_reach():
+    async def main() -> None:
+        engine = ScriptedEngine()
+        try:
+            runner = await started(engine)
+            # frozen: a full collection no longer walks the model's objects (it stalled serving for 50-200 ms)
+            assert not any(o is engine for o in gc.get_objects())
+            assert [o.finish_reason for o in await run_request(runner, "a", 2)][-1] == "length"
+            await runner.shutdown()
+        finally:
+            gc.unfreeze()
 
     asyncio.run(main())
 
