@@ -56,13 +56,14 @@ class GatewayProcess:
 
 
 def start_gateway(*args: str, host: str = "127.0.0.1", port: int | None = None, ready: bool = True,
-                  env: dict[str, str] | None = None, timeout: float = 60) -> GatewayProcess:
-    """Start `pypto-serving gateway ARGS` on a free port and wait for /health (and /ready when ``ready``)."""
+                  env: dict[str, str] | None = None, timeout: float = 60, cwd: Path = REPO_ROOT) -> GatewayProcess:
+    """Start `pypto-serving gateway ARGS` on a free port and wait for /health (and /ready when ``ready``).
+    ``cwd``: a folder with another copy of the ``pypto_serving`` package to run (benchmarks/gateway_ab.py)."""
     port = port or free_port(host)
     fd, log_name = tempfile.mkstemp(prefix="gateway-", suffix=".log")
     cmd = [sys.executable, "-m", "pypto_serving", "gateway", "--host", host, "--port", str(port), *args]
     with os.fdopen(fd, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd,
                                 env={**os.environ, **(env or {})})
     gw = GatewayProcess(proc, f"http://{host}:{port}", Path(log_name), list(args))
 
