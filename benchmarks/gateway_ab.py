@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gateway_common import REPO_ROOT, Nginx, cpu_seconds, model_name, start_engines
-from benchmarks.gateway_overhead import wrk_mixed
+from benchmarks.gateway_overhead import ENGINE_ARGS, WRK_IN_FLIGHT, wrk_mixed
 from tests.gateway.harness import start_gateway
 from tests.support.models import tiny_model_dir
 
@@ -57,17 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="gateway-ab-"))
     trees = {"A": build_tree(args.a, work / "a"), "B": build_tree(args.b, work / "b")}
-    (engine,) = start_engines(tiny_model_dir("qwen3"), 1, ["--max-num-seqs", "64", "--cpu-threads", "1"], work)
+    (engine,) = start_engines(tiny_model_dir("qwen3"), 1, ENGINE_ARGS, work)
     gateways = {name: start_gateway("--endpoints", engine.url, cwd=tree, timeout=60) for name, tree in trees.items()}
     nginx = Nginx([engine.url])
     try:
         model = model_name(engine.url)
         targets = {"direct": engine.url, "A": gateways["A"].url, "B": gateways["B"].url, "nginx": nginx.url}
-        wrk_mixed(targets, model, 8, 3)  # warm-up
+        connections = WRK_IN_FLIGHT // len(targets)
+        wrk_mixed(targets, model, connections, 3)  # warm-up
         cpu_before = {name: cpu_seconds(gw.proc.pid) for name, gw in gateways.items()}
         rounds = []
         for round_no in range(args.rounds):
-            rounds.append(wrk_mixed(targets, model, 8, args.seconds))
+            rounds.append(wrk_mixed(targets, model, connections, args.seconds))
             print(f"round {round_no + 1}/{args.rounds}: " + ", ".join(
                 f"{name} p50 {r['p50']:.2f} / p99 {r['p99']:.2f} ms" for name, r in rounds[-1].items()), flush=True)
         print(f"A = {args.a}, B = {args.b}; added to direct (median of {args.rounds} rounds, per round in brackets):")

@@ -50,6 +50,8 @@ from tests.support.models import tiny_model_dir
 
 REQUEST = BenchRequest("measure the proxy overhead " * 4, 24, 1)
 CONCURRENCIES = (1, 32)
+ENGINE_ARGS = ["--max-num-seqs", "64", "--cpu-threads", "1"]
+WRK_IN_FLIGHT = 32  # the wrk phase: this many connections in all, split evenly over the paths
 PROXIES = ("gateway", "nginx", "direct-again")  # compared with "direct"; direct-again is the noise control
 
 
@@ -155,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wrk-rounds", type=int, default=5, help="rounds of the c32 measurement with wrk")
     p.add_argument("--wrk-seconds", type=float, default=8.0, help="seconds per wrk round")
     args = p.parse_args(argv)
-    (engine,) = start_engines(tiny_model_dir("qwen3"), 1, ["--max-num-seqs", "64", "--cpu-threads", "1"],
-                              Path(tempfile.mkdtemp()))
+    (engine,) = start_engines(tiny_model_dir("qwen3"), 1, ENGINE_ARGS, Path(tempfile.mkdtemp()))
     gw = gateway("--endpoints", engine.url)
     nginx = Nginx([engine.url])
     try:
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"c32 p50 {row['c32']['p50']:+.2f} ms, p99 {row['c32']['p99']:+.2f} ms")
         wrk_rounds = []
         for round_no in range(args.wrk_rounds):
-            wrk_rounds.append(wrk_mixed(targets, model, 32 // len(targets), args.wrk_seconds))
+            wrk_rounds.append(wrk_mixed(targets, model, WRK_IN_FLIGHT // len(targets), args.wrk_seconds))
             row = wrk_rounds[-1]
             print(f"wrk round {round_no + 1}/{args.wrk_rounds} (c32): " + ", ".join(
                 f"{name} p50 {r['p50']:.2f} ms ({r['requests']} requests)" for name, r in row.items()), flush=True)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "added_ms_by_round": rounds, "cpu_us_per_request": cpu_us,
                                           "inside_gateway_ms": inside_ms,
                                           "wrk_c32": {"rounds": wrk_rounds, "seconds": args.wrk_seconds,
-                                                      "connections_per_path": 32 // len(targets),
+                                                      "connections_per_path": WRK_IN_FLIGHT // len(targets),
                                                       "added_ms_median": wrk_added},
                                           "gateway_mean_decision_us": decision * 1e6,
                                           "target": {"p50_ms": 1, "p99_ms": 5}, "met": met})
