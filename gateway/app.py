@@ -10,6 +10,8 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 
+import orjson
+
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.discovery import Discovery
 from pypto_serving.gateway.errors import error_response
@@ -29,6 +31,15 @@ GATEWAY_PATHS = {"/health": "The gateway process is alive.", "/ready": "200 whil
 SESSION_HEADER = "x-session-id"
 OPENAPI_TIMEOUT_S = 10.0
 NO_KEY = "missing or invalid API key (Authorization: Bearer <key>)"
+
+
+def parse_json(body: bytes) -> object:
+    """A request body as JSON: orjson (the common case, ~5x faster), else the json module, which also takes what
+    orjson refuses (NaN, Infinity) so that the gateway routes every body the engines accept; raises ValueError."""
+    try:
+        return orjson.loads(body)
+    except ValueError:
+        return json.loads(body)
 
 
 def stamped(request: Request, answer: Answer) -> Answer:
@@ -78,7 +89,7 @@ class Gateway:
             return self.reject(request, 401, NO_KEY, "invalid_api_key")
         body = request.body  # within --max-body-bytes (the server answered 413 otherwise)
         try:
-            parsed = json.loads(body)
+            parsed = parse_json(body)
         except (ValueError, UnicodeDecodeError):
             return self.reject(request, 400, "request body is not valid JSON", "invalid_json")
         if not isinstance(parsed, dict):

@@ -174,8 +174,7 @@ class Proxy:
         status = upstream.status
         streamed = False
         try:
-            sized = upstream.header("content-length") is not None and not (
-                upstream.header("content-type") or "").startswith("text/event-stream")
+            sized = upstream.content_length is not None and not upstream.content_type.startswith("text/event-stream")
             if sized or upstream.complete:  # a sized body, or a whole stream that came with its head: one write
                 payload = await upstream.read()
                 if not sized and payload:

@@ -5,6 +5,8 @@ needs: one write per request (head and body together), responses handed over as 
 is buffered when the reader asks comes out as one piece), an idle timeout between chunks, back-pressure (reading
 pauses while the reader lags), and connections reused only after a complete keep-alive response. A response
 that is abandoned half-read closes its connection, which is how an engine learns that its client went away.
+The idle timeout costs no timer per request: a waiting response notes when its replica last sent something, and
+one sweep per pool (every SWEEP_S while anything waits) fails those silent for longer than their timeout.
 
 Errors: `ConnectFailed` (no connection or a connect timeout: nothing reached the replica), `ReadTimeout` (the
 replica went silent for ``idle_timeout_s``), `UpstreamClosed` (the connection closed or sent garbage).
@@ -23,6 +25,7 @@ import httptools
 
 KEEPALIVE_S = 4.0  # an idle pooled connection is not reused after this long (engines close theirs after 5 s)
 HIGH_WATER = 256 * 1024  # buffered response bytes above which reading from the replica pauses
+SWEEP_S = 0.05  # how often waiting responses are checked for their idle timeout (its precision)
 
 
 class UpstreamError(Exception):
@@ -64,6 +67,8 @@ class Response:
     def __init__(self, connection: Connection, idle_timeout_s: float) -> None:
         self.status = 0
         self.headers: list[tuple[str, str]] = []  # names in lower case
+        self.content_length: str | None = None  # the Content-Length header, when sent
+        self.content_type = ""  # the Content-Type header ("" when none)
         self._connection = connection
         self._idle_timeout_s = idle_timeout_s
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -73,7 +78,7 @@ class Response:
         self._complete = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.active_at = 0.0  # loop time of the replica's last bytes (or of the wait's start), for the idle sweep
         self.first_body_at = 0.0  # perf_counter() when the first body bytes arrived
         self.on_head: Callable[[], None] | None = None  # called (from the protocol) when the head arrives
         self._until_body = False  # the waiting request returns at the first body piece, not at the head
@@ -115,19 +120,24 @@ class Response:
         self._connection.finish(self.complete)
 
     async def _wait(self) -> None:
-        loop = self._connection.loop
-        waiter = self._waiter = loop.create_future()
-        self._timer = loop.call_later(self._idle_timeout_s, self._expire, waiter)
+        connection = self._connection
+        waiter = self._waiter = connection.loop.create_future()
+        self.active_at = connection.loop.time()
+        waiting = connection.pool.waiting
+        waiting.add(self)
+        if connection.pool.sweeper is None:
+            connection.pool.start_sweep()
         try:
             await waiter
         finally:
-            self._timer.cancel()
+            waiting.discard(self)
             self._waiter = None
 
-    def _expire(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
+    def expire_if_idle(self, now: float) -> None:
+        """Fail the wait with ReadTimeout when the replica has been silent for the idle timeout (the sweep)."""
+        if now - self.active_at >= self._idle_timeout_s and self._error is None and not self._complete:
             self._error = ReadTimeout(f"no response bytes for {self._idle_timeout_s:g}s")
-            waiter.set_result(None)
+            self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -141,9 +151,6 @@ class Response:
             self.on_head()
         if not self._until_body:
             self._wake()
-        elif self._waiter is not None and self._timer is not None:  # the head counts as activity: restart the timer
-            self._timer.cancel()
-            self._timer = self._connection.loop.call_later(self._idle_timeout_s, self._expire, self._waiter)
 
     def _body(self, data: bytes) -> None:
         if not self.first_body_at:
@@ -185,6 +192,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._paused = False
         self._until_eof = False  # a response body delimited by the connection closing
+        self._framed = False  # the response being parsed has a Transfer-Encoding header
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -195,7 +203,9 @@ class Connection(asyncio.Protocol):
         if self.response is None:  # bytes nobody asked for: the connection is out of step, drop it
             self.close()
             return
-        self.response._received = True
+        response = self.response
+        response._received = True
+        response.active_at = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -215,12 +225,20 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.response.headers.append((name.decode("latin-1").lower(), value.decode("utf-8", "replace")))  # type: ignore[union-attr]
+        key, text = name.decode("latin-1").lower(), value.decode("utf-8", "replace")
+        response = self.response
+        response.headers.append((key, text))  # type: ignore[union-attr]
+        if key == "content-length":
+            response.content_length = text  # type: ignore[union-attr]
+        elif key == "content-type":
+            response.content_type = text  # type: ignore[union-attr]
+        elif key == "transfer-encoding":
+            self._framed = True
 
     def on_headers_complete(self) -> None:
         response = self.response
-        names = {k for k, _ in response.headers}  # type: ignore[union-attr]
-        self._until_eof = "content-length" not in names and "transfer-encoding" not in names
+        self._until_eof = response.content_length is None and not self._framed  # type: ignore[union-attr]
+        self._framed = False
         response._head(self.parser.get_status_code())  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
@@ -274,6 +292,23 @@ class UpstreamPool:
         self.keepalive_s = keepalive_s
         self._idle: dict[str, list[Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self.waiting: set[Response] = set()  # responses waiting for their replica (the idle sweep checks them)
+        self.sweeper: asyncio.Task[None] | None = None
+
+    def start_sweep(self) -> None:
+        """Start the idle-timeout sweep (it ends by itself once nothing waits)."""
+        self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.waiting:
+                await asyncio.sleep(SWEEP_S)
+                now = loop.time()
+                for response in list(self.waiting):
+                    response.expire_if_idle(now)
+        finally:
+            self.sweeper = None
 
     async def request(self, method: str, base_url: str, path: str, headers: list[tuple[str, str]],
                       body: bytes | None = None, timeout_s: float | None = None,
@@ -331,7 +366,9 @@ class UpstreamPool:
                 del self._idle[connection.key]
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (and stop the idle sweep)."""
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         for connections in self._idle.values():
             for connection in connections:
                 connection.close()
