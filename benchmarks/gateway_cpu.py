@@ -1,0 +1,163 @@
+"""CPU per request of gateway builds (and nginx) behind a fake engine: the proxy's own cost, without the engine's noise.
+
+A real engine makes every proxy measurement on this machine noisy (it takes a core, and its step timing moves
+latencies by milliseconds). Here the upstream is a fake engine (this script with ``--fake-engine``, on uvloop and
+httptools) that answers every completion with the bytes a real engine sends for a streamed ``max_tokens`` 1
+request: the head at once, the body either on the next loop turn (``--step-ms 0``: the proxy is saturated, its
+caches warm) or at the next tick of a fixed step (``--step-ms 30``: requests arrive in bursts after idle gaps, as
+behind an engine at concurrency 32, and meet cold caches). wrk drives each proxy in turn, alternating over
+rounds; the number is the proxy's CPU seconds / requests (from /proc). Builds are git revisions or ``WORKTREE``
+(benchmarks/gateway_ab.py makes runnable copies), or ``nginx``.
+Run: `.venv/bin/python benchmarks/gateway_cpu.py --builds HEAD,WORKTREE,nginx [--step-ms 30] [--rounds 4]`;
+prints only. Last measured (step 30 ms): nginx ~40-45 us, the gateway ~105-115 us; a 40-line callback-only proxy
+on the same uvloop + httptools (no routing, no accounting, no task per request) measured ~55 us, and ~65-70 us
+with one task and one future per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gateway_ab import WORKTREE, build_tree
+from benchmarks.gateway_common import Nginx, cpu_seconds, ensure_wrk
+from benchmarks.gateway_overhead import REQUEST
+from tests.gateway.harness import start_gateway
+from tests.support.common import free_port, wait_for
+
+MODEL = "fake"
+EVENT = {"id": "cmpl-0", "object": "text_completion", "created": 0, "model": MODEL,
+         "choices": [{"index": 0, "text": " boils", "finish_reason": "length", "logprobs": None}]}
+USAGE = {**EVENT, "choices": [], "usage": {"prompt_tokens": 56, "completion_tokens": 1, "total_tokens": 57}}
+SSE = f"data: {json.dumps(EVENT)}\n\ndata: {json.dumps(USAGE)}\n\ndata: [DONE]\n\n".encode()
+HEAD = (b"HTTP/1.1 200 OK\r\ncache-control: no-cache\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+        b"x-request-id: 0\r\ntransfer-encoding: chunked\r\n\r\n")
+BODY = b"%x\r\n%s\r\n0\r\n\r\n" % (len(SSE), SSE)  # one write: the engine sends the end of a stream at once
+LOAD = json.dumps({"running": 0, "waiting": 0, "pending_tokens": 0, "kv_cache_usage": 0.0, "max_num_seqs": 64})
+MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+
+def serve_fake_engine(port: int, step_s: float) -> None:
+    """Run the fake engine until killed."""
+    import httptools
+    import uvloop
+
+    due: list[asyncio.Transport] = []  # streams whose body goes out at the next step
+
+    class Engine(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.parser = httptools.HttpRequestParser(self)
+            self.url = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_message_complete(self) -> None:
+            url, self.url = self.url, b""
+            if self.parser.get_method() == b"GET":
+                body = (LOAD if url.startswith(b"/load") else MODELS).encode()
+                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                return
+            self.transport.write(HEAD)
+            if step_s:
+                due.append(self.transport)
+            else:
+                asyncio.get_running_loop().call_soon(self.transport.write, BODY)
+
+    async def steps() -> None:
+        while True:
+            await asyncio.sleep(step_s)
+            batch = due[:]
+            due.clear()
+            for transport in batch:
+                if not transport.is_closing():
+                    transport.write(BODY)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Engine, "127.0.0.1", port, backlog=1024)
+        ticker = asyncio.ensure_future(steps()) if step_s else None
+        await server.serve_forever()
+        del ticker
+
+    uvloop.run(main())
+
+
+def wrk_requests(url: str, script: Path, connections: int, seconds: float) -> int:
+    """Run wrk against ``url``; the number of requests it completed (it fails on any error)."""
+    out = subprocess.run([ensure_wrk(), "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script),
+                          url + "/v1/completions"], capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors through {url}:\n{out}")
+    return int(next(line for line in out.splitlines() if "requests in" in line).split()[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--builds", default=f"HEAD,{WORKTREE},nginx", help=f"git revisions, {WORKTREE} or nginx")
+    p.add_argument("--step-ms", type=float, default=30.0, help="0: answer at once (the proxy saturated)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=4.0, help="seconds per proxy per round")
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--fake-engine", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.fake_engine:
+        serve_fake_engine(args.fake_engine, args.step_ms / 1000)
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="gateway-cpu-"))
+    port = free_port()
+    engine = subprocess.Popen([sys.executable, __file__, "--fake-engine", str(port), "--step-ms", str(args.step_ms)])
+    proxies: dict[str, object] = {}
+    try:
+        upstream = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(upstream + "/load", timeout=2).status_code == 200, 30, "the fake engine")
+        for index, build in enumerate(args.builds.split(",")):
+            if build == "nginx":
+                proxies[build] = Nginx([upstream])
+            else:
+                proxies[f"{index}:{build}"] = start_gateway("--endpoints", upstream, timeout=60,
+                                                            cwd=build_tree(build, work / str(index)))
+        body = json.dumps({"model": MODEL, "prompt": REQUEST.prompt, "max_tokens": 1, "stream": True})
+        script = work / "completion.lua"
+        script.write_text(f'wrk.method = "POST"\nwrk.body = [[{body}]]\n'
+                          'wrk.headers["Content-Type"] = "application/json"\n')
+        per_request: dict[str, list[float]] = {name: [] for name in proxies}
+        for proxy in proxies.values():
+            wrk_requests(proxy.url, script, args.connections, 1)  # type: ignore[attr-defined]  # warm-up
+        for round_no in range(args.rounds):
+            for name, proxy in proxies.items():
+                pid = proxy.proc.pid  # type: ignore[attr-defined]  # nginx: the master, its worker counted with it
+                before = cpu_seconds(pid)
+                requests = wrk_requests(proxy.url, script, args.connections, args.seconds)  # type: ignore[attr-defined]
+                per_request[name].append((cpu_seconds(pid) - before) / requests * 1e6)
+                print(f"round {round_no + 1}/{args.rounds} {name}: {requests / args.seconds:,.0f} requests/s, "
+                      f"{per_request[name][-1]:.1f} us CPU per request", flush=True)
+        print(f"CPU per request, step {args.step_ms:g} ms, {args.connections} connections "
+              f"(median and range of {args.rounds} rounds):")
+        for name, values in per_request.items():
+            print(f"  {name:16s} {statistics.median(values):6.1f} us  [{min(values):.1f} .. {max(values):.1f}]")
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()  # type: ignore[attr-defined]
+        engine.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
