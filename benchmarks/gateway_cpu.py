@@ -31,9 +31,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gateway_ab import WORKTREE, build_tree
-from benchmarks.gateway_common import Nginx, cpu_seconds, ensure_wrk
-from benchmarks.gateway_overhead import REQUEST
-from tests.gateway.harness import start_gateway
+from benchmarks.gateway_common import Nginx, cpu_seconds
+from benchmarks.gateway_overhead import wrk_mixed
+from tests.gateway.harness import GatewayProcess, start_gateway
 from tests.support.common import free_port, wait_for
 
 MODEL = "fake"
@@ -91,20 +91,9 @@ def serve_fake_engine(port: int, step_s: float) -> None:
 
     async def main() -> None:
         server = await asyncio.get_running_loop().create_server(Engine, "127.0.0.1", port, backlog=1024)
-        ticker = asyncio.ensure_future(steps()) if step_s else None
-        await server.serve_forever()
-        del ticker
+        await asyncio.gather(server.serve_forever(), *([steps()] if step_s else []))
 
     uvloop.run(main())
-
-
-def wrk_requests(url: str, script: Path, connections: int, seconds: float) -> int:
-    """Run wrk against ``url``; the number of requests it completed (it fails on any error)."""
-    out = subprocess.run([ensure_wrk(), "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script),
-                          url + "/v1/completions"], capture_output=True, text=True, check=True).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"wrk saw errors through {url}:\n{out}")
-    return int(next(line for line in out.splitlines() if "requests in" in line).split()[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gateway-cpu-"))
     port = free_port()
     engine = subprocess.Popen([sys.executable, __file__, "--fake-engine", str(port), "--step-ms", str(args.step_ms)])
-    proxies: dict[str, object] = {}
+    proxies: dict[str, GatewayProcess | Nginx] = {}
     try:
         upstream = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(upstream + "/load", timeout=2).status_code == 200, 30, "the fake engine")
@@ -132,18 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 proxies[f"{index}:{build}"] = start_gateway("--endpoints", upstream, timeout=60,
                                                             cwd=build_tree(build, work / str(index)))
-        body = json.dumps({"model": MODEL, "prompt": REQUEST.prompt, "max_tokens": 1, "stream": True})
-        script = work / "completion.lua"
-        script.write_text(f'wrk.method = "POST"\nwrk.body = [[{body}]]\n'
-                          'wrk.headers["Content-Type"] = "application/json"\n')
         per_request: dict[str, list[float]] = {name: [] for name in proxies}
-        for proxy in proxies.values():
-            wrk_requests(proxy.url, script, args.connections, 1)  # type: ignore[attr-defined]  # warm-up
+        for name, proxy in proxies.items():
+            wrk_mixed({name: proxy.url}, MODEL, args.connections, 1)  # warm-up
         for round_no in range(args.rounds):
             for name, proxy in proxies.items():
-                pid = proxy.proc.pid  # type: ignore[attr-defined]  # nginx: the master, its worker counted with it
+                pid = proxy.proc.pid  # nginx: the master, its worker counted with it
                 before = cpu_seconds(pid)
-                requests = wrk_requests(proxy.url, script, args.connections, args.seconds)  # type: ignore[attr-defined]
+                requests = wrk_mixed({name: proxy.url}, MODEL, args.connections, args.seconds)[name]["requests"]
                 per_request[name].append((cpu_seconds(pid) - before) / requests * 1e6)
                 print(f"round {round_no + 1}/{args.rounds} {name}: {requests / args.seconds:,.0f} requests/s, "
                       f"{per_request[name][-1]:.1f} us CPU per request", flush=True)
@@ -153,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:16s} {statistics.median(values):6.1f} us  [{min(values):.1f} .. {max(values):.1f}]")
     finally:
         for proxy in proxies.values():
-            proxy.stop()  # type: ignore[attr-defined]
+            proxy.stop()
         engine.kill()
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -113,8 +113,7 @@ class Proxy:
             chosen = self.choose(policy, info, tried)
             if isinstance(chosen, Answer):
                 if last_error is not None and chosen.status == 503:  # report what the replicas said
-                    status, payload, name = last_error
-                    chosen = Answer(status, payload, [(REPLICA_HEADER, name)], content_type="application/json")
+                    return self._replica_error(last_error, request_id)
                 self.metrics.count(last_error[2] if last_error else "none", str(chosen.status))
                 chosen.headers.append((REQUEST_ID_HEADER, request_id))
                 return chosen
@@ -163,7 +162,11 @@ class Proxy:
                 return await self.relay(request, upstream, replica, dispatched, request_id)
             finally:
                 ticket.end()
-        status, payload, name = last_error  # type: ignore[misc]  # the loop ran at least once
+        return self._replica_error(last_error, request_id)  # type: ignore[arg-type]  # the loop ran at least once
+
+    def _replica_error(self, last_error: tuple[int, bytes, str], request_id: str) -> Answer:
+        """The answer that reports the last replica's failure (status, payload, replica name), counted."""
+        status, payload, name = last_error
         self.metrics.count(name, str(status))
         return Answer(status, payload, [(REPLICA_HEADER, name), (REQUEST_ID_HEADER, request_id)],
                       content_type="application/json")

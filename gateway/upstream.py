@@ -123,14 +123,11 @@ class Response:
         connection = self._connection
         waiter = self._waiter = connection.loop.create_future()
         self.active_at = connection.loop.time()
-        waiting = connection.pool.waiting
-        waiting.add(self)
-        if connection.pool.sweeper is None:
-            connection.pool.start_sweep()
+        connection.pool.watch(self)
         try:
             await waiter
         finally:
-            waiting.discard(self)
+            connection.pool.waiting.discard(self)
             self._waiter = None
 
     def expire_if_idle(self, now: float) -> None:
@@ -295,9 +292,12 @@ class UpstreamPool:
         self.waiting: set[Response] = set()  # responses waiting for their replica (the idle sweep checks them)
         self.sweeper: asyncio.Task[None] | None = None
 
-    def start_sweep(self) -> None:
-        """Start the idle-timeout sweep (it ends by itself once nothing waits)."""
-        self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+    def watch(self, response: Response) -> None:
+        """Check ``response`` for its idle timeout while it waits (the caller discards it from ``waiting`` after);
+        starts the sweep, which ends by itself once nothing waits."""
+        self.waiting.add(response)
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
