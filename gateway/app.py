@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 import orjson
 
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.discovery import Discovery
 from pypto_serving.gateway.errors import error_response
-from pypto_serving.gateway.http_server import Answer, Request, json_answer
+from pypto_serving.gateway.http_server import Answer, Handler, Request, json_answer
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import POLICIES, Policy, make_policy
 from pypto_serving.gateway.poller import Poller
@@ -83,8 +83,8 @@ class Gateway:
         scheme, _, token = auth.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.config.api_key.encode())
 
-    async def generate(self, request: Request) -> Answer | None:
-        """POST /v1/completions and /v1/chat/completions."""
+    def generate(self, request: Request) -> Answer | None:
+        """POST /v1/completions and /v1/chat/completions (None: the proxy answers)."""
         if not self.authorized(request):
             return self.reject(request, 401, NO_KEY, "invalid_api_key")
         body = request.body  # within --max-body-bytes (the server answered 413 otherwise)
@@ -100,13 +100,15 @@ class Gateway:
                                 f"{', '.join(POLICIES)}", "unknown_policy", param=ROUTING_HEADER)
         info = request_info(parsed, request.header(SESSION_HEADER), self.config.default_max_tokens,
                             self.config.chars_per_token)
-        return await self.proxy.handle(request, request.path, body, info, policy)
+        self.proxy.start(request, request.path, body, info, policy)
+        return None
 
-    async def models(self, request: Request) -> Answer | None:
-        """GET /v1/models, answered by any ready replica."""
+    def models(self, request: Request) -> Answer | None:
+        """GET /v1/models, answered by any ready replica (None: the proxy answers)."""
         if not self.authorized(request):
             return self.reject(request, 401, NO_KEY, "invalid_api_key")
-        return await self.proxy.handle(request, "/v1/models", None, RequestInfo(), self.policies["least-requests"])
+        self.proxy.start(request, "/v1/models", None, RequestInfo(), self.policies["least-requests"])
+        return None
 
     async def openapi(self, request: Request) -> Answer:
         """GET /openapi.json: what this gateway serves. The OpenAI routes are the engines' own (their document is
@@ -136,16 +138,16 @@ class Gateway:
                         op["security"] = [{"bearer": []}]
         return stamped(request, json_answer(document))
 
-    async def health(self, request: Request) -> Answer:
+    def health(self, request: Request) -> Answer:
         """GET /health: the gateway process is alive."""
         return stamped(request, json_answer({"status": "ok"}))
 
-    async def ready(self, request: Request) -> Answer:
+    def ready(self, request: Request) -> Answer:
         """GET /ready: 200 while at least one replica can take traffic."""
         count = len(self.registry.eligible())
         return stamped(request, json_answer({"ready": count > 0, "eligible_replicas": count}, 200 if count else 503))
 
-    async def replicas(self, request: Request) -> Answer:
+    def replicas(self, request: Request) -> Answer:
         """GET /replicas: each replica's address, state, last load and the age of that load."""
         now = self.registry.clock()
         items = []
@@ -161,7 +163,7 @@ class Gateway:
                           "consecutive_failures": r.breaker.consecutive_failures})
         return stamped(request, json_answer({"policy": self.default_policy.name, "replicas": items}))
 
-    async def metrics_text(self, request: Request) -> Answer:
+    def metrics_text(self, request: Request) -> Answer:
         """GET /metrics (Prometheus text)."""
         counts: dict[str, int] = {}
         now = self.registry.clock()
@@ -183,25 +185,24 @@ class Gateway:
         return stamped(request, error_response(status, message, code=code, param=param))
 
     # --- routing ----------------------------------------------------------------------------------------------
-    def routes(self) -> dict[str, dict[str, Callable[[Request], Awaitable[Answer | None]]]]:
+    def routes(self) -> dict[str, dict[str, Handler]]:
         """Path -> method -> handler (HEAD is served by a GET handler without its body)."""
         return {"/v1/completions": {"POST": self.generate}, "/v1/chat/completions": {"POST": self.generate},
                 "/v1/models": {"GET": self.models}, "/health": {"GET": self.health}, "/ready": {"GET": self.ready},
                 "/replicas": {"GET": self.replicas}, "/metrics": {"GET": self.metrics_text},
                 "/openapi.json": {"GET": self.openapi}}
 
-    async def dispatch(self, request: Request) -> Answer | None:
-        """Serve one request (404/405 envelopes for unknown routes and methods). Every answer carries an
-        ``x-request-id``: the client's, else a new one (the proxy sends it to the engines, which echo it)."""
+    def dispatch(self, request: Request) -> Answer | Awaitable[Answer | None] | None:
+        """Serve one request (404/405 envelopes for unknown routes and methods), as the HTTP server's `Handler`.
+        Every answer carries an ``x-request-id``: the client's, else a new one (the proxy sends it to the engines,
+        which echo it)."""
         methods = self._routes.get(request.path)
         if methods is None:
-            answer: Answer | None = self.reject(request, 404, f"no route {request.path}", "not_found")
-        else:
-            handler = methods.get("GET" if request.method == "HEAD" else request.method)
-            if handler is None:
-                answer = self.reject(request, 405, f"{request.method} is not allowed on {request.path}",
-                                      "method_not_allowed")
-                answer.headers.append(("Allow", ", ".join(methods)))
-            else:
-                answer = await handler(request)
-        return answer
+            return self.reject(request, 404, f"no route {request.path}", "not_found")
+        handler = methods.get("GET" if request.method == "HEAD" else request.method)
+        if handler is None:
+            answer = self.reject(request, 405, f"{request.method} is not allowed on {request.path}",
+                                 "method_not_allowed")
+            answer.headers.append(("Allow", ", ".join(methods)))
+            return answer
+        return handler(request)

@@ -52,15 +52,17 @@ def json_answer(document: object, status: int = 200) -> Answer:
     return Answer(status, json.dumps(document).encode(), content_type="application/json")
 
 
-Handler = Callable[["Request"], Awaitable["Answer | None"]]
+# A handler answers at once (an Answer), later from a task (an awaitable of an Answer, or of None once it streamed
+# the answer itself), or from callbacks (None at once: it finishes through `Request.respond` or `Stream.send`).
+Handler = Callable[["Request"], "Answer | Awaitable[Answer | None] | None"]
 Reject = Callable[["Request", int, str, str], Answer]  # (request, status, message, code) -> an error envelope
 
 
 class Request:
     """One parsed request: method, path (no query), headers, the whole body; answered through its connection."""
 
-    __slots__ = ("_conn", "body", "error", "fields", "headers", "http10", "keep_alive", "method", "path",
-                 "received_at", "stream")
+    __slots__ = ("_callbacks", "_conn", "body", "error", "fields", "headers", "http10", "keep_alive", "method",
+                 "on_cancel", "on_writable", "path", "received_at", "stream")
 
     def __init__(self, conn: Connection, method: str, path: str, headers: list[tuple[str, str]],
                  fields: dict[str, str], body: bytes, keep_alive: bool, http10: bool) -> None:
@@ -75,6 +77,9 @@ class Request:
         self._conn = conn
         self.stream: Stream | None = None
         self.received_at = time.perf_counter()  # the whole request has arrived
+        self._callbacks = False  # answered from callbacks (the handler returned None at once)
+        self.on_cancel: Callable[[], None] | None = None  # callbacks: the client went away before the answer ended
+        self.on_writable: Callable[[], None] | None = None  # callbacks: the client takes data again after a pause
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower-case), or None."""
@@ -84,6 +89,15 @@ class Request:
         """Begin a streamed (chunked) answer; its head leaves with the first piece."""
         self.stream = Stream(self, status, headers)
         return self.stream
+
+    def respond(self, answer: Answer) -> None:
+        """Send the answer of a request answered from callbacks."""
+        self._conn.send(self, answer)
+
+    @property
+    def write_paused(self) -> bool:
+        """The client lags: its connection holds more unsent data than it should (see ``on_writable``)."""
+        return self._conn.write_paused
 
     def abort(self) -> None:
         """Cut the client's connection (a streamed answer that cannot be completed)."""
@@ -111,6 +125,22 @@ class Stream:
         conn = self._request._conn
         if conn.closed:
             raise ConnectionResetError("the client closed the connection")
+        self._emit(data, last)
+        if conn.write_paused:
+            await conn.drain()
+
+    def send(self, data: bytes, last: bool = False) -> None:
+        """`write` for a request answered from callbacks: never waits (``Request.write_paused`` and
+        ``on_writable`` tell when the client lags); a ``last`` piece finishes the request. Nothing happens once the
+        client has gone."""
+        request = self._request
+        if request._conn.closed:
+            return
+        self._emit(data, last)
+        if last and request._callbacks:
+            request._conn.finished(request)
+
+    def _emit(self, data: bytes, last: bool) -> None:
         out = [self._head] if self._head is not None else []
         self._head = None
         if data:
@@ -120,9 +150,7 @@ class Stream:
             if self._chunked:
                 out.append(b"0\r\n\r\n")
         if out:
-            conn.transport.write(b"".join(out))  # type: ignore[union-attr]
-        if conn.write_paused:
-            await conn.drain()
+            self._request._conn.transport.write(b"".join(out))  # type: ignore[union-attr]
 
     async def end(self) -> None:
         """End the answer (nothing when a ``last`` piece already did)."""
@@ -142,7 +170,10 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._queue: collections.deque[Request] = collections.deque()
-        self._task: asyncio.Task[None] | None = None
+        self._current: Request | None = None  # the request being answered
+        self._task: asyncio.Task[None] | None = None  # the task of a handler that answers from one
+        self._advancing = False  # `_advance` is taking requests from the queue
+        self._after_drain = False  # the next request starts once the client took what was written
         self._reading = True
         self._broken = False  # a protocol error was queued: nothing after it is parsed
         # when the head being received began (the last answer ended), or the last body piece arrived: the sweep
@@ -182,6 +213,12 @@ class Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self._task is not None:
             self._task.cancel()  # the handler stops; an upstream request it holds is closed and aborted
+        elif self._current is not None and self._current.on_cancel is not None:
+            cancel, self._current.on_cancel = self._current.on_cancel, None
+            try:
+                cancel()
+            except Exception:  # a bug must not take the process with it
+                log.exception("cancelling %s %s failed", self._current.method, self._current.path)
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -192,6 +229,11 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        if self._current is not None and self._current.on_writable is not None:
+            self._current.on_writable()
+        if self._after_drain:
+            self._after_drain = False
+            self._advance()
 
     # --- httptools callbacks ----------------------------------------------------------------------------------
     def on_url(self, url: bytes) -> None:
@@ -256,55 +298,86 @@ class Connection(asyncio.Protocol):
         self._enqueue(request)
 
     def _enqueue(self, request: Request) -> None:
-        if self._task is None:
-            self._task = self.loop.create_task(self._serve(request))
-            return
         self._queue.append(request)
-        if len(self._queue) >= MAX_PIPELINED and self._reading and self.transport is not None:
+        if self._current is None and not self._after_drain:
+            self._advance()
+        elif len(self._queue) >= MAX_PIPELINED and self._reading and self.transport is not None:
             self._reading = False
             self.transport.pause_reading()
 
-    async def _serve(self, request: Request | None) -> None:
+    def _advance(self) -> None:
+        """Answer queued requests in order until one is still being answered (or none is left)."""
+        if self._advancing:  # a request finished at once, inside `_start`: the loop below goes on
+            return
+        self._advancing = True
         try:
-            while request is not None and not self.closed:
-                await self._answer(request)
-                if not request.keep_alive or self.server.closing:
-                    self.close(linger=request.error is not None)
-                    return
-                if self.write_paused:
-                    await self.drain()
-                request = self._queue.popleft() if self._queue else None
+            while self._current is None and self._queue and not self.closed:
+                self._start(self._queue.popleft())
                 if not self._reading and len(self._queue) < MAX_PIPELINED // 2 and self.transport is not None:
                     self._reading = True
                     self.transport.resume_reading()
-        except asyncio.CancelledError:
-            self.close()  # the client went away (or the server is stopping)
         finally:
-            self._task = None
-            self.idle_since = self.loop.time()
+            self._advancing = False
 
-    async def _answer(self, request: Request) -> None:
+    def _start(self, request: Request) -> None:
+        self._current = request
         server = self.server
         if request.error is not None:
-            answer: Answer | None = server.reject(request, *request.error)
-        else:
-            try:
-                answer = await server.handler(request)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug must not take the connection's other requests or the process with it
-                log.exception("handler failed on %s %s", request.method, request.path)
-                if request.stream is not None:
-                    request.abort()
-                    return
-                answer = server.reject(request, 500, "internal gateway error", "internal_error")
-        if answer is None:  # streamed by the handler
-            if request.stream is None or not request.stream.ended:
-                request.abort()
+            self.send(request, server.reject(request, *request.error))
             return
-        body = b"" if request.method == "HEAD" else answer.body
-        head = self.head(request, answer.status, answer.headers, ("Content-Length", str(len(answer.body))))
-        self.transport.write(head + body if body else head)  # type: ignore[union-attr]
+        try:
+            result = server.handler(request)
+        except Exception:  # a bug must not take the connection's other requests or the process with it
+            log.exception("handler failed on %s %s", request.method, request.path)
+            result = server.reject(request, 500, "internal gateway error", "internal_error")
+        if result is None:
+            request._callbacks = True
+        elif isinstance(result, Answer):
+            self.send(request, result)
+        else:
+            self._task = self.loop.create_task(self._await(request, result))
+
+    async def _await(self, request: Request, pending: Awaitable[Answer | None]) -> None:
+        try:
+            answer = await pending
+        except asyncio.CancelledError:
+            self._task = self._current = None
+            self.close()  # the client went away (or the server is stopping)
+            return
+        except Exception:  # a bug must not take the connection's other requests or the process with it
+            log.exception("handler failed on %s %s", request.method, request.path)
+            if request.stream is not None:
+                answer = None
+            else:
+                answer = self.server.reject(request, 500, "internal gateway error", "internal_error")
+        self._task = None
+        if answer is not None:
+            self.send(request, answer)
+        elif request.stream is None or not request.stream.ended:  # streamed by the handler, not to its end
+            request.abort()
+        else:
+            self.finished(request)
+
+    def send(self, request: Request, answer: Answer) -> None:
+        """Write ``answer`` (sized, in one write) and finish ``request``."""
+        if not self.closed:
+            body = b"" if request.method == "HEAD" else answer.body
+            head = self.head(request, answer.status, answer.headers, ("Content-Length", str(len(answer.body))))
+            self.transport.write(head + body if body else head)  # type: ignore[union-attr]
+        self.finished(request)
+
+    def finished(self, request: Request) -> None:
+        """``request`` is answered: close or go on with the next one (once the client took what was written)."""
+        self._current = None
+        self.idle_since = self.loop.time()
+        if self.closed:
+            return
+        if not request.keep_alive or self.server.closing:
+            self.close(linger=request.error is not None)
+        elif self.write_paused:
+            self._after_drain = True
+        elif self._queue:
+            self._advance()
 
     def head(self, request: Request, status: int, headers: list[tuple[str, str]],
              framing: tuple[str, str] | None) -> bytes:
@@ -344,7 +417,7 @@ class Connection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         """Nothing being answered and nothing queued."""
-        return self._task is None and not self._queue
+        return self._current is None and not self._queue
 
 
 

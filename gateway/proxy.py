@@ -6,29 +6,48 @@ Flow of a request (see docs/architecture.md, "Gateway"):
 2. the policy picks one (timed into the routing-decision histogram); its estimated tokens are dispatched;
 3. connection failure/timeout before a response, or a 503 answer -> try another replica (at most
    ``max_retries`` more); once bytes went to the client nothing is retried;
-4. the response is relayed as it arrives (each upstream chunk written through at once); a client disconnect
-   cancels the handler and closes the upstream connection, which makes the engine abort the request.
+4. the response is relayed as it arrives (what one read from the replica brought is written through at once); a
+   client disconnect closes the upstream connection, which makes the engine abort the request.
+
+An `Exchange` does this from callbacks, as nginx does: the client's request is sent upstream from the callback
+that parsed it, and each read from the replica is written to the client from the callback that parsed it. No
+task, future or loop turn per request: at concurrency 32 the answers of one engine step reach the gateway
+together, and each one leaves as soon as it is parsed instead of after all of them were (see
+docs/benchmarks.md, "Gateway overhead"). Only a new upstream connection is made by a task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.errors import error_body, error_response
-from pypto_serving.gateway.http_server import Answer, Request
+from pypto_serving.gateway.http_server import Answer, Request, Stream
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import Policy
-from pypto_serving.gateway.replicas import Registry, Replica
+from pypto_serving.gateway.replicas import Registry, Replica, Ticket
 from pypto_serving.gateway.request import RequestInfo
-from pypto_serving.gateway.upstream import ConnectFailed, ReadTimeout, Response, UpstreamError, UpstreamPool
+from pypto_serving.gateway.upstream import (
+    ConnectFailed,
+    Connection,
+    ReadTimeout,
+    Response,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamPool,
+    header_fields,
+)
+
+log = logging.getLogger("pypto_serving.gateway")
 
 REPLICA_HEADER = "x-pypto-replica"
 REQUEST_ID_HEADER = "x-request-id"
+# not forwarded: hop-by-hop, framing set anew, and Expect (the gateway already read the whole body)
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
+                        "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect"})
 
 
 def forward_headers(request: Request) -> tuple[list[tuple[str, str]], str]:
@@ -102,133 +121,254 @@ class Proxy:
         return replica
 
     # --- proxying ---------------------------------------------------------------------------------------------
-    async def handle(self, request: Request, path: str, body: bytes | None, info: RequestInfo,
-                     policy: Policy) -> Answer | None:
-        """Serve one request with retries: an answer to send, or None once it was streamed to the client."""
-        tried: list[str] = []
-        headers, request_id = forward_headers(request)
-        last_error: tuple[int, bytes, str] | None = None
-        reason = ""
-        for attempt in range(self.config.max_retries + 1):
-            chosen = self.choose(policy, info, tried)
-            if isinstance(chosen, Answer):
-                if last_error is not None and chosen.status == 503:  # report what the replicas said
-                    return self._replica_error(last_error, request_id)
-                self.metrics.count(last_error[2] if last_error else "none", str(chosen.status))
-                chosen.headers.append((REQUEST_ID_HEADER, request_id))
-                return chosen
-            replica = chosen
-            tried.append(replica.name)
-            if attempt:
-                self.metrics.retries.labels(reason).inc()
-            ticket = replica.dispatch(info.tokens, info.stream)
-            dispatched = time.perf_counter()
-            if not attempt:
-                self.metrics.overhead_request.observe(dispatched - request.received_at)
-            try:
-                # the engine accepted the request with its response head (accounting learns at once); the relay
-                # starts with the first body piece
-                upstream = await self.pool.request(request.method, replica.url, path, headers, body,
-                                                   on_head=ticket.accepted, until_body=True)
-            except UpstreamError as exc:
-                ticket.end()
-                self.registry.failure(replica)
-                if isinstance(exc, ReadTimeout):  # it took the request, then went silent: no re-run
-                    return self._timed_out(replica, request_id)
-                reason = "timeout" if isinstance(exc, ConnectFailed) and exc.timed_out else "connect"
-                last_error = (502, error_body(502, f"replica {replica.name} unreachable: {exc}",
-                                              code="upstream_unreachable"), replica.name)
-                continue
-            except asyncio.CancelledError:  # the client disconnected while the replica worked on it
-                ticket.end()
-                self.metrics.count(replica.name, "499")
-                raise
-            except BaseException:
-                ticket.end()
-                raise
-            if upstream.status == 503:
-                try:
-                    payload = await upstream.read()
-                except UpstreamError:
-                    payload = error_body(503, f"replica {replica.name} unavailable", code="unavailable")
-                finally:
-                    upstream.release()
-                    ticket.end()
-                replica.refused()
-                reason = "unavailable"
-                last_error = (503, payload, replica.name)
-                continue
-            try:
-                return await self.relay(request, upstream, replica, dispatched, request_id)
-            finally:
-                ticket.end()
-        return self._replica_error(last_error, request_id)  # type: ignore[arg-type]  # the loop ran at least once
+    def start(self, request: Request, path: str, body: bytes | None, info: RequestInfo, policy: Policy) -> None:
+        """Serve one request to ``path`` on a replica, with retries; the answer goes out through ``request``."""
+        Exchange(self, request, path, body, info, policy).attempt()
 
-    def _replica_error(self, last_error: tuple[int, bytes, str], request_id: str) -> Answer:
-        """The answer that reports the last replica's failure (status, payload, replica name), counted."""
-        status, payload, name = last_error
-        self.metrics.count(name, str(status))
-        return Answer(status, payload, [(REPLICA_HEADER, name), (REQUEST_ID_HEADER, request_id)],
-                      content_type="application/json")
-
-    async def relay(self, request: Request, upstream: Response, replica: Replica, dispatched: float,
-                    request_id: str) -> Answer | None:
-        """Relay an accepted upstream response to the client; never retried from here on."""
-        status = upstream.status
-        streamed = False
-        try:
-            sized = upstream.content_length is not None and not upstream.content_type.startswith("text/event-stream")
-            if sized or upstream.complete:  # a sized body, or a whole stream that came with its head: one write
-                payload = await upstream.read()
-                if not sized and payload:
-                    self.metrics.ttft(replica.name, time.perf_counter() - dispatched)
-                self._done(replica, status)
-                if upstream.first_body_at:
-                    self.metrics.overhead_response.observe(time.perf_counter() - upstream.first_body_at)
-                return Answer(status, payload, response_headers(upstream, replica, request_id))
-            # streamed: the head leaves with the first piece
-            stream = request.start_stream(status, response_headers(upstream, replica, request_id))
-            while (chunk := await upstream.next_chunk()) is not None:
-                if not streamed:
-                    self.metrics.ttft(replica.name, time.perf_counter() - dispatched)
-                try:  # the last piece carries the end of the body in the same write
-                    await stream.write(chunk, last=upstream.complete)
-                except ConnectionError:  # the client went away: closing upstream (finally) cancels the request
-                    self.metrics.count(replica.name, "499")
-                    return None
-                if not streamed:
-                    streamed = True
-                    self.metrics.overhead_response.observe(time.perf_counter() - upstream.first_body_at)
-            await stream.end()
-            self._done(replica, status)
-            return None
-        except UpstreamError as exc:
-            self.registry.failure(replica)
-            if not streamed and isinstance(exc, ReadTimeout):
-                return self._timed_out(replica, request_id)
-            self.metrics.count(replica.name, "502")
-            if not streamed:
-                return error_response(502, f"replica {replica.name} failed mid-response: {exc}",
-                                      code="upstream_failed",
-                                      headers={REPLICA_HEADER: replica.name, REQUEST_ID_HEADER: request_id})
-            # Bytes reached the client: no retry. Cut its connection so that it sees a truncated response.
-            request.abort()
-            return None
-        except asyncio.CancelledError:  # the client disconnected
-            self.metrics.count(replica.name, "499")
-            raise
-        finally:
-            upstream.release()  # a complete response gives its connection back to the pool; else it closes
-
-    def _timed_out(self, replica: Replica, request_id: str) -> Answer:
-        self.metrics.count(replica.name, "504")
-        return error_response(504, f"replica {replica.name} sent nothing for {self.config.idle_timeout_s:g}s",
-                              code="upstream_timeout",
-                              headers={REPLICA_HEADER: replica.name, REQUEST_ID_HEADER: request_id})
-
-    def _done(self, replica: Replica, status: int) -> None:
+    def count_done(self, replica: Replica, status: int) -> None:
+        """Count an answered request and tell the replica's breaker how it went."""
         self.metrics.count(replica.name, str(status))
         if status < 500:
             self.registry.success(replica)
         else:
             self.registry.failure(replica)
+
+
+class Exchange:
+    """One proxied request and its attempts, driven by the callbacks of the client's and the replica's
+    connections; ``over`` once its answer is settled (or the client went away)."""
+
+    __slots__ = ("body", "connecting", "dispatched", "fields", "info", "last_error", "method", "over", "path",
+                 "policy", "proxy", "reason", "replica", "request", "request_id", "stream", "ticket", "tried",
+                 "upstream")
+
+    def __init__(self, proxy: Proxy, request: Request, path: str, body: bytes | None, info: RequestInfo,
+                 policy: Policy) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.method = "GET" if request.method == "HEAD" else request.method  # the server drops the body itself
+        self.path = path
+        self.body = body
+        self.info = info
+        self.policy = policy
+        headers, self.request_id = forward_headers(request)
+        self.fields = header_fields(headers, body)
+        self.tried: list[str] = []
+        self.last_error: tuple[int, bytes, str] | None = None  # status, payload, replica of the last failure
+        self.reason = ""  # why the next attempt is a retry
+        self.replica: Replica | None = None
+        self.ticket: Ticket | None = None
+        self.upstream: Response | None = None
+        self.connecting: asyncio.Task[Connection] | None = None
+        self.dispatched = 0.0
+        self.stream: Stream | None = None
+        self.over = False
+        request.on_cancel = self.cancel
+
+    # --- attempts ---------------------------------------------------------------------------------------------
+    def attempt(self) -> None:
+        """Route to a replica not tried yet and send the request there (or answer why there is none)."""
+        proxy = self.proxy
+        chosen = proxy.choose(self.policy, self.info, self.tried)
+        if isinstance(chosen, Answer):
+            if self.last_error is not None and chosen.status == 503:  # report what the replicas said
+                self.answer(self.replica_error())
+                return
+            proxy.metrics.count(self.last_error[2] if self.last_error else "none", str(chosen.status))
+            chosen.headers.append((REQUEST_ID_HEADER, self.request_id))
+            self.answer(chosen)
+            return
+        if self.tried:
+            proxy.metrics.retries.labels(self.reason).inc()
+        else:
+            proxy.metrics.overhead_request.observe(time.perf_counter() - self.request.received_at)
+        self.tried.append(chosen.name)
+        self.replica = chosen
+        self.ticket = chosen.dispatch(self.info.tokens, self.info.stream)
+        self.dispatched = time.perf_counter()
+        connection = proxy.pool.take(chosen.url)
+        if connection is None:
+            self.connect()
+        else:
+            self.send(connection)
+
+    def connect(self) -> None:
+        """Open a new connection to the replica (a task), then send."""
+        task = asyncio.get_running_loop().create_task(self.proxy.pool.connect(self.replica.url))  # type: ignore[union-attr]
+        task.add_done_callback(self.connected)
+        self.connecting = task
+
+    def connected(self, task: asyncio.Task[Connection]) -> None:
+        self.connecting = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if self.over:  # the client went away meanwhile
+            if error is None:
+                task.result().close()
+            return
+        if isinstance(error, UpstreamError):
+            self.guarded(self.failed, error)
+        elif error is not None:
+            self.guarded(self.crash, error)
+        else:
+            self.guarded(self.send, task.result())
+
+    def send(self, connection: Connection) -> None:
+        self.upstream = self.proxy.pool.start(connection, self.method, self.path, self.fields, self.body,
+                                              self.on_upstream, self.ticket.accepted)  # type: ignore[union-attr]
+
+    def guarded(self, step, *args) -> None:  # type: ignore[no-untyped-def]
+        """Run a step of the exchange; a bug in it answers 500 (or cuts a started stream) instead of killing the
+        connection's protocol callbacks."""
+        try:
+            step(*args)
+        except Exception as exc:
+            self.crash(exc)
+
+    # --- the replica's response -------------------------------------------------------------------------------
+    def on_upstream(self, response: Response) -> None:
+        """The replica's response changed (head, body, end, error): take it on."""
+        if response is self.upstream and not self.over:
+            self.guarded(self.progress, response)
+
+    def progress(self, response: Response) -> None:
+        if response.error is not None:
+            self.failed(response.error)
+            return
+        if not response.head_done:
+            return
+        status = response.status
+        replica: Replica = self.replica  # type: ignore[assignment]
+        if status == 503:  # not served: read the reason, then retry elsewhere
+            if response.complete:
+                payload = response.take()
+                self.end_attempt()
+                replica.refused()
+                self.reason = "unavailable"
+                self.last_error = (503, payload, replica.name)
+                self.attempt()
+            return
+        metrics = self.proxy.metrics
+        if self.stream is None:
+            sized = response.content_length is not None and not response.content_type.startswith("text/event-stream")
+            if response.complete:  # a sized body, or a whole stream that came with its head: one write
+                payload = response.take()
+                if not sized and payload:
+                    metrics.ttft(replica.name, time.perf_counter() - self.dispatched)
+                self.proxy.count_done(replica, status)
+                if response.first_body_at:
+                    metrics.overhead_response.observe(time.perf_counter() - response.first_body_at)
+                self.end_attempt()
+                self.answer(Answer(status, payload, response_headers(response, replica, self.request_id)))
+                return
+            if sized or not response.first_body_at:  # a sized body goes out whole; a stream with its first piece
+                return
+            self.stream = self.request.start_stream(status, response_headers(response, replica, self.request_id))
+            metrics.ttft(replica.name, time.perf_counter() - self.dispatched)
+            metrics.overhead_response.observe(time.perf_counter() - response.first_body_at)
+        chunk = response.take()
+        if response.complete:  # settle everything first: the last write may start the client's next request
+            self.proxy.count_done(replica, status)
+            self.end_attempt()
+            self.settle()
+            self.stream.send(chunk, last=True)
+        elif chunk:
+            self.stream.send(chunk)
+            if self.request.write_paused:  # the client lags: stop reading from the replica until it catches up
+                response.pause()
+                self.request.on_writable = self.writable
+
+    def writable(self) -> None:
+        """The client takes data again: read from the replica again."""
+        self.request.on_writable = None
+        if self.upstream is not None and not self.over:
+            self.upstream.resume()
+
+    def failed(self, error: UpstreamError) -> None:
+        """The attempt failed: retry before the replica sent body bytes, else 502/504 (or cut a started stream)."""
+        response = self.upstream
+        if (response is not None and isinstance(error, UpstreamClosed) and response.reused
+                and not response.received):
+            # A kept-alive connection that the replica closed as we sent (its idle timeout): the request never
+            # reached it, so it goes again on a fresh connection.
+            response.release()
+            self.upstream = None
+            self.connect()
+            return
+        replica: Replica = self.replica  # type: ignore[assignment]
+        proxy = self.proxy
+        self.end_attempt()
+        proxy.registry.failure(replica)
+        if self.stream is not None:  # bytes reached the client: no retry; it sees a truncated response
+            proxy.metrics.count(replica.name, "502")
+            self.settle()
+            self.request.abort()
+        elif isinstance(error, ReadTimeout):  # it took the request, then went silent: no re-run
+            self.answer(self.timed_out(replica))
+        elif response is not None and response.first_body_at:
+            proxy.metrics.count(replica.name, "502")
+            self.answer(error_response(502, f"replica {replica.name} failed mid-response: {error}",
+                                       code="upstream_failed",
+                                       headers={REPLICA_HEADER: replica.name, REQUEST_ID_HEADER: self.request_id}))
+        else:
+            self.reason = "timeout" if isinstance(error, ConnectFailed) and error.timed_out else "connect"
+            self.last_error = (502, error_body(502, f"replica {replica.name} unreachable: {error}",
+                                               code="upstream_unreachable"), replica.name)
+            self.attempt()
+
+    # --- endings ----------------------------------------------------------------------------------------------
+    def end_attempt(self) -> None:
+        """Give the replica's connection back (or close it when the response is incomplete: the engine aborts the
+        request) and drop the attempt's accounting."""
+        if self.upstream is not None:
+            self.upstream.release()
+            self.upstream = None
+        if self.ticket is not None:
+            self.ticket.end()
+            self.ticket = None
+
+    def settle(self) -> None:
+        self.over = True
+        self.request.on_cancel = self.request.on_writable = None
+
+    def answer(self, answer: Answer) -> None:
+        self.settle()
+        self.request.respond(answer)
+
+    def cancel(self) -> None:
+        """The client went away: close the replica's connection (the engine aborts the request)."""
+        if self.over:
+            return
+        self.over = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.end_attempt()
+        self.proxy.metrics.count(self.replica.name if self.replica is not None else "none", "499")
+
+    def crash(self, error: BaseException) -> None:
+        """A bug in the exchange: 500, or cut a started stream."""
+        log.error("proxying %s %s failed", self.request.method, self.path, exc_info=error)
+        if self.over:
+            return
+        self.end_attempt()
+        self.proxy.metrics.count(self.replica.name if self.replica is not None else "none", "500")
+        if self.stream is not None:
+            self.settle()
+            self.request.abort()
+        else:
+            self.answer(error_response(500, "internal gateway error", code="internal_error",
+                                       headers={REQUEST_ID_HEADER: self.request_id}))
+
+    def replica_error(self) -> Answer:
+        """The answer that reports the last replica's failure (status, payload, replica name), counted."""
+        status, payload, name = self.last_error  # type: ignore[misc]
+        self.proxy.metrics.count(name, str(status))
+        return Answer(status, payload, [(REPLICA_HEADER, name), (REQUEST_ID_HEADER, self.request_id)],
+                      content_type="application/json")
+
+    def timed_out(self, replica: Replica) -> Answer:
+        self.proxy.metrics.count(replica.name, "504")
+        return error_response(504, f"replica {replica.name} sent nothing for {self.proxy.config.idle_timeout_s:g}s",
+                              code="upstream_timeout",
+                              headers={REPLICA_HEADER: replica.name, REQUEST_ID_HEADER: self.request_id})

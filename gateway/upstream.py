@@ -48,6 +48,19 @@ class UpstreamClosed(UpstreamError):
     """The connection closed before the response was complete, or the response was not valid HTTP."""
 
 
+def header_fields(headers: list[tuple[str, str]], body: bytes | None) -> str:
+    """The header lines of a request (Content-Length added for a body), for `request_head`."""
+    lines = [f"{k}: {v}\r\n" for k, v in headers]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    return "".join(lines)
+
+
+def request_head(method: str, path: str, host: str, fields: str) -> bytes:
+    """The request line and headers of a request to ``host``."""
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n".encode("utf-8", "surrogateescape")
+
+
 class Origin:
     """Where one replica listens: what the pool keys connections by, and the Host header."""
 
@@ -62,9 +75,15 @@ class Origin:
 
 
 class Response:
-    """One response being received: status and headers first, then the body as it arrives."""
+    """One response being received: status and headers first, then the body as it arrives.
 
-    def __init__(self, connection: Connection, idle_timeout_s: float) -> None:
+    Read it either by awaiting (`next_chunk`, `read`) or through a ``listener``: called (with the response) after
+    each read from the replica that changed something (head, body, end, error) and on a timeout or a closed
+    connection; it takes the body with `take` and controls back-pressure with `pause` and `resume`.
+    """
+
+    def __init__(self, connection: Connection, idle_timeout_s: float,
+                 listener: Callable[[Response], None] | None = None) -> None:
         self.status = 0
         self.headers: list[tuple[str, str]] = []  # names in lower case
         self.content_length: str | None = None  # the Content-Length header, when sent
@@ -81,12 +100,30 @@ class Response:
         self.active_at = 0.0  # loop time of the replica's last bytes (or of the wait's start), for the idle sweep
         self.first_body_at = 0.0  # perf_counter() when the first body bytes arrived
         self.on_head: Callable[[], None] | None = None  # called (from the protocol) when the head arrives
-        self._until_body = False  # the waiting request returns at the first body piece, not at the head
+        self.listener = listener
+        self.reused = False  # sent on a kept-alive connection (one the replica may have closed as it was sent)
+        self._feeding = False  # the connection is parsing a read: the listener is called once it is done
+        self._dirty = False  # something changed while feeding
 
     @property
     def complete(self) -> bool:
         """The whole body has arrived (whatever is not read yet is buffered)."""
         return self._complete and self._error is None
+
+    @property
+    def head_done(self) -> bool:
+        """Status and headers have arrived."""
+        return self._head_done
+
+    @property
+    def received(self) -> bool:
+        """Any byte of the response arrived."""
+        return self._received
+
+    @property
+    def error(self) -> UpstreamError | None:
+        """Why the response failed (None while it has not)."""
+        return self._error
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""
@@ -114,9 +151,29 @@ class Response:
         self._connection.resume()
         return data
 
+    def take(self) -> bytes:
+        """Everything received and not taken yet (b"" when nothing is), without waiting."""
+        if not self._chunks:
+            return b""
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return data
+
+    def pause(self) -> None:
+        """Stop reading from the replica (the reader lags); the idle timeout does not run meanwhile."""
+        self._connection.pause()
+
+    def resume(self) -> None:
+        """Read from the replica again."""
+        self.active_at = self._connection.loop.time()
+        self._connection.resume()
+
     def release(self) -> None:
         """Done with the response: a complete keep-alive exchange returns its connection to the pool, any other
         closes it (the replica then aborts whatever it still runs for this request)."""
+        if self.listener is not None:
+            self._connection.pool.waiting.discard(self)
         self._connection.finish(self.complete)
 
     async def _wait(self) -> None:
@@ -131,14 +188,29 @@ class Response:
             self._waiter = None
 
     def expire_if_idle(self, now: float) -> None:
-        """Fail the wait with ReadTimeout when the replica has been silent for the idle timeout (the sweep)."""
-        if now - self.active_at >= self._idle_timeout_s and self._error is None and not self._complete:
+        """Fail the wait with ReadTimeout when the replica has been silent for the idle timeout (the sweep); a
+        response whose reader paused the replica is not waiting for it."""
+        if (now - self.active_at >= self._idle_timeout_s and self._error is None and not self._complete
+                and not self._connection._paused):
             self._error = ReadTimeout(f"no response bytes for {self._idle_timeout_s:g}s")
             self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._waiter is not None:
+            if not self._waiter.done():
+                self._waiter.set_result(None)
+        elif self.listener is not None:
+            if self._feeding:
+                self._dirty = True
+            else:
+                self.listener(self)
+
+    def _fed(self) -> None:
+        """The connection finished parsing a read: tell the listener what changed."""
+        self._feeding = False
+        if self._dirty:
+            self._dirty = False
+            self.listener(self)  # type: ignore[misc]  # only set with a listener
 
     # --- fed by the connection --------------------------------------------------------------------------------
     def _head(self, status: int) -> None:
@@ -146,15 +218,14 @@ class Response:
         self._head_done = True
         if self.on_head is not None:
             self.on_head()
-        if not self._until_body:
-            self._wake()
+        self._wake()
 
     def _body(self, data: bytes) -> None:
         if not self.first_body_at:
             self.first_body_at = time.perf_counter()
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > HIGH_WATER:
+        if self._buffered > HIGH_WATER and self.listener is None:  # a listener takes everything after each read
             self._connection.pause()
         self._wake()
 
@@ -168,7 +239,7 @@ class Response:
             self._wake()
 
     async def _wait_head(self) -> None:
-        while not self._head_done or (self._until_body and not self._chunks and not self._complete):
+        while not self._head_done:
             if self._error is not None:
                 raise self._error
             await self._wait()
@@ -203,12 +274,14 @@ class Connection(asyncio.Protocol):
         response = self.response
         response._received = True
         response.active_at = self.loop.time()
+        response._feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamClosed("the replica switched protocols"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamClosed(f"invalid HTTP response from the replica: {exc}"))
+        response._fed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
@@ -311,25 +384,17 @@ class UpstreamPool:
             self.sweeper = None
 
     async def request(self, method: str, base_url: str, path: str, headers: list[tuple[str, str]],
-                      body: bytes | None = None, timeout_s: float | None = None,
-                      on_head: Callable[[], None] | None = None, until_body: bool = False) -> Response:
-        """Send a request to the replica at ``base_url``; returns once the response's head arrived (with
-        ``until_body``: once its first body piece did too, or it ended: a proxy that sends the head with the first
-        piece then wakes up once, not twice; ``on_head`` still learns of the head at once). The caller reads the
-        body and must `Response.release()` it. ``timeout_s`` overrides the idle timeout."""
-        lines = [f"{k}: {v}\r\n" for k, v in headers]
-        if body is not None:
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        fields = "".join(lines)
+                      body: bytes | None = None, timeout_s: float | None = None) -> Response:
+        """Send a request to the replica at ``base_url``; returns once the response's head arrived. The caller
+        reads the body and must `Response.release()` it. ``timeout_s`` overrides the idle timeout."""
+        fields = header_fields(headers, body)
         while True:
-            connection = self._take(base_url)
+            connection = self.take(base_url)
             reused = connection is not None
             if connection is None:
-                connection = await self._connect(base_url)
-            head = f"{method} {path} HTTP/1.1\r\nHost: {connection.origin.host_header}\r\n{fields}\r\n"
+                connection = await self.connect(base_url)
             response = Response(connection, self.idle_timeout_s if timeout_s is None else timeout_s)
-            response.on_head, response._until_body = on_head, until_body
-            connection.send(head.encode("utf-8", "surrogateescape"), body, response)
+            connection.send(request_head(method, path, connection.origin.host_header, fields), body, response)
             try:
                 await response._wait_head()
             except UpstreamClosed:
@@ -343,6 +408,18 @@ class UpstreamPool:
                 response.release()
                 raise
             return response
+
+    def start(self, connection: Connection, method: str, path: str, fields: str, body: bytes | None,
+              listener: Callable[[Response], None], on_head: Callable[[], None] | None = None) -> Response:
+        """Send a request on ``connection`` (from `take` or `connect`; ``fields`` from `header_fields`) and return
+        its response at once: ``listener`` hears of it (see `Response`), which must `Response.release()` it."""
+        response = Response(connection, self.idle_timeout_s, listener)
+        response.on_head = on_head
+        response.reused = connection.idle_since > 0
+        response.active_at = connection.loop.time()
+        self.watch(response)  # until released
+        connection.send(request_head(method, path, connection.origin.host_header, fields), body, response)
+        return response
 
     async def get(self, base_url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
         """A small GET: (status, body); ``timeout_s`` bounds each wait for the replica after connecting."""
@@ -374,7 +451,8 @@ class UpstreamPool:
                 connection.close()
         self._idle.clear()
 
-    def _take(self, base_url: str) -> Connection | None:
+    def take(self, base_url: str) -> Connection | None:
+        """A kept-alive connection to ``base_url`` (most recently used first), or None when there is none."""
         idle = self._idle.get(base_url)
         now = time.monotonic()
         while idle:
@@ -384,7 +462,8 @@ class UpstreamPool:
             connection.close()
         return None
 
-    async def _connect(self, base_url: str) -> Connection:
+    async def connect(self, base_url: str) -> Connection:
+        """A new connection to ``base_url``; raises ConnectFailed."""
         origin = Origin(base_url)
         loop = asyncio.get_running_loop()
         tls = None

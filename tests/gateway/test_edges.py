@@ -7,6 +7,7 @@ the gateway is the real `pypto-serving gateway` process. Routing to real engines
 from __future__ import annotations
 
 import json
+import socketserver
 import subprocess
 import sys
 import threading
@@ -139,6 +140,57 @@ def test_an_upstream_cookie_never_reaches_another_clients_request() -> None:
         second = httpx.post(gw.url + "/v1/completions", json={"prompt": "b", "max_tokens": 1}, timeout=30)
         assert second.status_code == 200
         assert CookieSettingReplica.seen_cookies == [None, None]
+    finally:
+        gw.stop()
+        server.shutdown()
+
+
+class OneRequestPerConnection(socketserver.StreamRequestHandler):
+    """An upstream that answers the first request of each connection with a keep-alive answer, then closes the
+    connection when the next request arrives on it, without a byte (as a replica whose keep-alive timeout ends
+    while the gateway sends)."""
+
+    connections = 0
+    heads: list[bytes] = []
+
+    def handle(self) -> None:
+        type(self).connections += 1
+        for answered in (False, True):
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                line = self.rfile.readline()
+                if not line:
+                    return
+                head += line
+            if answered:
+                return  # closes the connection
+            type(self).heads.append(head)
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            self.rfile.read(length)
+            path = head.split(b" ", 2)[1]
+            payload = json.dumps({"running": 0, "waiting": 0, "pending_tokens": 0} if path == b"/load"
+                                 else {"choices": []}).encode()
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(payload), payload))
+
+
+def test_a_request_on_a_connection_the_replica_closed_goes_again_on_a_fresh_one() -> None:
+    """Also: Expect is not forwarded (the gateway read the body; an engine would answer 100 Continue first)."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), OneRequestPerConnection)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gw = start_gateway("--endpoints", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        for prompt in ("a", "b", "c"):
+            resp = httpx.post(gw.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=30,
+                              headers={"Expect": "100-continue"})
+            assert resp.status_code == 200 and resp.json() == {"choices": []}
+        assert gw.metric("pypto_gateway_retries_total") == 0  # sent again on the same replica, not a retry
+        assert gw.metric("pypto_gateway_requests_total", code="200") == 3
+        assert gw.metric("pypto_gateway_requests_total", code="502") == 0
+        posts = [head.lower() for head in OneRequestPerConnection.heads if head.startswith(b"POST")]
+        assert len(posts) == 3 and not any(b"\r\nexpect:" in head for head in posts)
     finally:
         gw.stop()
         server.shutdown()

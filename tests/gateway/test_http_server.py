@@ -3,7 +3,8 @@
 Each test starts a `Server` in-process with a small handler and talks to it with raw bytes, so the wire format
 is checked exactly: keep-alive and HTTP/1.0 closes, pipelining order, ``Expect: 100-continue``, chunked request
 bodies, the 413/431/400/500 answers made by ``reject``, chunked and unframed streamed answers, HEAD, cancelling
-a handler whose client left, write back-pressure, the idle timeout and a graceful shutdown.
+a handler whose client left, write back-pressure, the idle timeout and a graceful shutdown. Handlers answer in all
+three ways the server takes: at once, from a task, and from callbacks (the proxy's way).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ DEADLINE = 5.0  # seconds any single expected event may take
 DATE = re.compile(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
 TEXT_SSE = "text/event-stream"
 EXPECT = b"Expect: 100-continue\r\n\r\n"
-Handler = Callable[[Request], Awaitable["Answer | None"]]
+Handler = Callable[[Request], "Answer | Awaitable[Answer | None] | None"]
 
 
 def run(coro: Awaitable[None]) -> None:
@@ -368,5 +369,64 @@ def test_shutdown_finishes_answers_in_flight_and_closes_idle_connections() -> No
             await asyncio.wait_for(stopping, DEADLINE)
             with pytest.raises(ConnectionRefusedError):  # no longer listening
                 await asyncio.open_connection("127.0.0.1", port)
+
+    run(main())
+
+
+def test_callback_answers_keep_pipelined_order_next_to_immediate_ones() -> None:
+    def handler(request: Request) -> Answer | None:
+        if request.path == "/now":
+            return Answer(200, b"now")
+        # answered later from a callback, as the proxy does when its replica answers
+        asyncio.get_running_loop().call_later(0.05, request.respond, Answer(200, request.path.encode()))
+        return None
+
+    async def main() -> None:
+        async with serving(handler) as (server, port):
+            paths = (b"/later", b"/now", b"/again", b"/now")
+            reader, _ = await request(port, b"".join(b"GET %s HTTP/1.1\r\n\r\n" % p for p in paths))
+            bodies = [(await read_reply(reader)).body for _ in paths]
+            assert bodies == [b"/later", b"now", b"/again", b"now"]
+            (conn,) = server.connections
+            assert conn.idle
+
+    run(main())
+
+
+def test_callback_stream_follows_the_client_and_a_departed_client_cancels_it() -> None:
+    piece, count = b"z" * (256 * 1024), 64
+    sent, paused, cancelled = [0], [0], asyncio.Event()
+
+    def handler(request: Request) -> None:
+        stream = request.start_stream(200, [])
+
+        def pump() -> None:  # writes until the client lags, goes on when it takes data again
+            request.on_writable = None
+            while sent[0] < count:
+                sent[0] += 1
+                stream.send(piece, last=sent[0] == count)
+                if request.write_paused and sent[0] < count:
+                    paused[0] += 1
+                    request.on_writable = pump
+                    return
+
+        if request.path == "/hang":
+            request.on_cancel = cancelled.set
+            stream.send(b"first")
+            return
+        pump()
+
+    async def main() -> None:
+        async with serving(handler) as (server, port):
+            # the handler writes from the callback that parsed the request, until the client lags
+            reader, writer = await request(port, b"GET /flood HTTP/1.1\r\n\r\n")
+            reply = await read_reply(reader)
+            assert reply.body == piece * count and paused[0] > 0
+            writer.write(b"GET /hang HTTP/1.1\r\n\r\n")  # the connection goes on; this one never ends
+            size = await asyncio.wait_for(reader.readuntil(b"first\r\n"), DEADLINE)
+            assert size.endswith(b"5\r\nfirst\r\n")
+            writer.close()
+            await asyncio.wait_for(cancelled.wait(), DEADLINE)
+            assert not server.connections
 
     run(main())

@@ -17,8 +17,11 @@ from pypto_serving.gateway.upstream import (
     ConnectFailed,
     Origin,
     ReadTimeout,
+    Response,
     UpstreamClosed,
+    UpstreamError,
     UpstreamPool,
+    header_fields,
 )
 from tests.support.common import free_port
 
@@ -70,6 +73,15 @@ class Server:
 
 def run(coro: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def wait_until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
+    """Wait until ``condition()`` holds (polling), failing after ``deadline_s``."""
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), deadline_s)
 
 
 def test_origin_parses_http_and_https_urls() -> None:
@@ -165,32 +177,76 @@ def test_silent_replica_is_a_read_timeout_before_and_after_the_head() -> None:
     run(main())
 
 
-def test_until_body_returns_with_the_first_piece_and_reports_the_head_at_once() -> None:
+def test_listener_hears_each_read_once_and_the_head_at_once() -> None:
     body_allowed = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(OK_HEAD)  # the head alone, as an engine does when it accepts a streamed request
-        await writer.drain()
-        await body_allowed.wait()
-        writer.write(chunk(b"data: 1\n\n") + b"0\r\n\r\n")
-        await writer.drain()
-        await reader.read()
+        while True:
+            await read_request(reader)
+            writer.write(OK_HEAD)  # the head alone, as an engine does when it accepts a streamed request
+            await writer.drain()
+            await body_allowed.wait()
+            # two pieces and the end in one write: the listener hears of them together
+            writer.write(chunk(b"data: 1\n\n") + chunk(b"data: 2\n\n") + b"0\r\n\r\n")
+            await writer.drain()
 
     async def main() -> None:
         async with Server(handler) as server:
-            heads: list[int] = []
             pool = UpstreamPool(5, 5)
-            pending = asyncio.ensure_future(pool.request("POST", server.url, "/v1/completions", [], b"{}",
-                                                         on_head=lambda: heads.append(1), until_body=True))
-            while not heads:  # the head is reported while the request still waits for its first piece
-                await asyncio.sleep(0.01)
-            assert not pending.done()
-            body_allowed.set()
-            response = await pending
-            assert response.status == 200 and response.complete
-            assert await response.read() == b"data: 1\n\n" and heads == [1]
-            response.release()
+            heads: list[int] = []
+            for round_no in range(2):
+                calls: list[tuple[bool, bytes, bool]] = []
+                done = asyncio.Event()
+
+                def listener(response: Response, calls: list = calls, done: asyncio.Event = done) -> None:
+                    calls.append((response.head_done, response.take(), response.complete))
+                    if response.complete:
+                        response.release()
+                        done.set()
+
+                connection = pool.take(server.url) or await pool.connect(server.url)
+                response = pool.start(connection, "POST", "/v1/completions", header_fields([], b"{}"), b"{}",
+                                      listener, on_head=lambda: heads.append(1))
+                await wait_until(lambda calls=calls: bool(calls))  # the head is heard on its own
+                assert calls == [(True, b"", False)] and response.status == 200 and len(heads) == round_no + 1
+                body_allowed.set()
+                await asyncio.wait_for(done.wait(), 5)
+                body_allowed.clear()
+                assert calls[1:] == [(True, b"data: 1\n\ndata: 2\n\n", True)]
+            assert server.connections == 1 and heads == [1, 1]  # the second request reused the connection
+            pool.close()
+
+    run(main())
+
+
+def test_listener_hears_a_silent_replica_time_out_unless_it_paused_it() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK_HEAD + chunk(b"data: 1\n\n"))
+        await writer.drain()
+        await reader.read()  # then silence until the client closes
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = UpstreamPool(5, 0.2)
+            errors: list[UpstreamError] = []
+            first = asyncio.Event()
+
+            def listener(response: Response) -> None:
+                if response.error is not None:
+                    errors.append(response.error)
+                    response.release()
+                elif response.take():
+                    response.pause()  # as the proxy does while its client lags
+                    first.set()
+
+            response = pool.start(await pool.connect(server.url), "GET", "/", "", None, listener)
+            await asyncio.wait_for(first.wait(), 5)
+            await asyncio.sleep(0.6)  # three idle timeouts: none fires while the reader holds the replica
+            assert not errors
+            response.resume()
+            await wait_until(lambda: bool(errors))
+            assert isinstance(errors[0], ReadTimeout) and len(errors) == 1
 
     run(main())
 
