@@ -238,14 +238,18 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------------------------
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._grow(len(url))
+        self._size += len(url)
+        if self._size > MAX_HEAD_BYTES and not self._broken:
+            self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
         text = value.decode("utf-8", "surrogateescape")
         self._headers.append((key, text))
         self._fields.setdefault(key, text)
-        self._grow(len(name) + len(value))
+        self._size += len(name) + len(value)
+        if self._size > MAX_HEAD_BYTES and not self._broken:
+            self._head_too_large()
 
     def on_headers_complete(self) -> None:
         self.idle_since = self.loop.time()
@@ -284,10 +288,8 @@ class Connection(asyncio.Protocol):
         self._enqueue(request)
 
     # --- answering --------------------------------------------------------------------------------------------
-    def _grow(self, n: int) -> None:
-        self._size += n
-        if self._size > MAX_HEAD_BYTES and not self._broken:
-            self._fail(431, f"request head over {MAX_HEAD_BYTES} bytes", "request_header_fields_too_large")
+    def _head_too_large(self) -> None:
+        self._fail(431, f"request head over {MAX_HEAD_BYTES} bytes", "request_header_fields_too_large")
 
     def _fail(self, status: int, message: str, code: str) -> None:
         """Queue a protocol error in order (after the requests before it) and stop parsing this connection."""

@@ -104,11 +104,11 @@ class Proxy:
     def choose(self, policy: Policy, info: RequestInfo, tried: list[str]) -> Replica | Answer:
         """Pick a replica for one attempt, or the error response when there is none to pick."""
         started = time.perf_counter()
-        candidates = self.registry.eligible(exclude=tried)
+        now = self.registry.clock()
+        candidates = self.registry.eligible(tried, now)
         if not candidates:
             return error_response(503, "no ready engine replica to serve the request" if not tried else
                                   "every ready replica failed this request", code="no_replicas")
-        now = self.registry.clock()
         threshold = self.config.saturation_tokens
         if threshold > 0 and info.tokens > 0:
             stale = self.config.policy_config.stale_after_s
@@ -116,7 +116,7 @@ class Proxy:
             if not candidates:
                 return error_response(429, "every replica is saturated; retry later", code="saturated",
                                       headers={"Retry-After": str(self.config.retry_after_s)})
-        replica = policy.select(candidates, info, now)
+        replica = candidates[0] if len(candidates) == 1 else policy.select(candidates, info, now)
         self.metrics.decision.observe(time.perf_counter() - started)
         return replica
 

@@ -17,7 +17,7 @@ local state only (every in-flight request of this gateway at its estimate).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from pypto_serving.gateway.breaker import Breaker, BreakerConfig
@@ -56,7 +56,7 @@ def _positive_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ticket:
     """One dispatch of one request to one replica; ends exactly once."""
 
@@ -254,8 +254,9 @@ class Registry:
         """Count a successful request or poll (closes a half-open breaker)."""
         replica.breaker.success(self.clock())
 
-    def eligible(self, exclude: Iterable[str] = ()) -> list[Replica]:
+    def eligible(self, exclude: Collection[str] = (), now: float | None = None) -> list[Replica]:
         """Replicas that may take a new request now, minus ``exclude`` (names already tried)."""
-        now = self.clock()
-        skip = set(exclude)
-        return [r for r in self._replicas.values() if r.name not in skip and r.eligible(now)]
+        now = self.clock() if now is None else now
+        if exclude:
+            return [r for r in self._replicas.values() if r.name not in exclude and r.eligible(now)]
+        return [r for r in self._replicas.values() if r.eligible(now)]

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestInfo:
     """Routing view of a request: estimated pending tokens, prompt prefix text, session key."""
 

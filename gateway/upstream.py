@@ -82,6 +82,10 @@ class Response:
     connection; it takes the body with `take` and controls back-pressure with `pause` and `resume`.
     """
 
+    __slots__ = ("_buffered", "_chunks", "_complete", "_connection", "_dirty", "_error", "_feeding", "_head_done",
+                 "_idle_timeout_s", "_received", "_waiter", "active_at", "content_length", "content_type",
+                 "first_body_at", "headers", "listener", "on_head", "reused", "status")
+
     def __init__(self, connection: Connection, idle_timeout_s: float,
                  listener: Callable[[Response], None] | None = None) -> None:
         self.status = 0
