@@ -9,9 +9,10 @@ behind an engine at concurrency 32, and meet cold caches). wrk drives each proxy
 rounds; the number is the proxy's CPU seconds / requests (from /proc). Builds are git revisions or ``WORKTREE``
 (benchmarks/gateway_ab.py makes runnable copies), or ``nginx``.
 Run: `.venv/bin/python benchmarks/gateway_cpu.py --builds HEAD,WORKTREE,nginx [--step-ms 30] [--rounds 4]`;
-prints only. Last measured (step 30 ms): nginx ~40-45 us, the gateway ~105-115 us; a 40-line callback-only proxy
-on the same uvloop + httptools (no routing, no accounting, no task per request) measured ~55 us, and ~65-70 us
-with one task and one future per request.
+prints only. Measured before the proxy ran from callbacks (step 30 ms): nginx ~40-45 us, the gateway ~105-115 us;
+a 40-line callback-only proxy on the same uvloop + httptools (no routing, no accounting, no task per request)
+~55 us, and ~65-70 us with one task and one future per request. After (2026-11-22, a noisier day): step 30 ms the
+gateway 80-95 us, nginx 43-46 us; saturated 45 us, nginx 25 us.
 """
 
 from __future__ import annotations
