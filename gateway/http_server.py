@@ -4,11 +4,12 @@ A reverse proxy's CPU per request is mostly the layers between two sockets; at c
 engine step reach the gateway together and leave it one after another, so each microsecond is paid 32 times.
 This server does what the gateway needs and nothing else: requests are parsed in C, read whole (body limit ->
 413, head limit -> 431, bad framing -> 400, all as OpenAI error envelopes from the app's ``reject``), handed to
-one handler, and answered either sized in one write or streamed chunked with the head leaving with the first
-piece. Keep-alive and pipelining (answers in order; reading pauses while too many wait), ``Expect:
-100-continue``, chunked request bodies, write back-pressure (`Stream.write` waits while the client lags), an idle
-timeout for client connections, and a client that disconnects cancels its handler (the proxy then closes the
-upstream connection, which makes the engine abort the request). `Server.shutdown` answers what is in flight.
+one handler (which answers at once, from a task, or from callbacks), and answered either sized in one write or
+streamed chunked with the head leaving with the first piece. Keep-alive and pipelining (answers in order;
+reading pauses while too many wait), ``Expect: 100-continue``, chunked request bodies, write back-pressure
+(`Stream.write` waits while the client lags), an idle timeout for client connections, and a client that
+disconnects cancels its handler (the proxy then closes the upstream connection, which makes the engine abort the
+request). `Server.shutdown` answers what is in flight.
 """
 
 from __future__ import annotations
@@ -330,8 +331,10 @@ class Connection(asyncio.Protocol):
         try:
             result = server.handler(request)
         except Exception:  # a bug must not take the connection's other requests or the process with it
-            log.exception("handler failed on %s %s", request.method, request.path)
-            result = server.reject(request, 500, "internal gateway error", "internal_error")
+            result = self._handler_failed(request)
+            if result is None:  # it had started a stream: cut it, as for a handler in a task
+                request.abort()
+                return
         if result is None:
             request._callbacks = True
         elif isinstance(result, Answer):
@@ -347,11 +350,7 @@ class Connection(asyncio.Protocol):
             self.close()  # the client went away (or the server is stopping)
             return
         except Exception:  # a bug must not take the connection's other requests or the process with it
-            log.exception("handler failed on %s %s", request.method, request.path)
-            if request.stream is not None:
-                answer = None
-            else:
-                answer = self.server.reject(request, 500, "internal gateway error", "internal_error")
+            answer = self._handler_failed(request)
         self._task = None
         if answer is not None:
             self.send(request, answer)
@@ -359,6 +358,13 @@ class Connection(asyncio.Protocol):
             request.abort()
         else:
             self.finished(request)
+
+    def _handler_failed(self, request: Request) -> Answer | None:
+        """Log the handler's exception; the 500 to send, or None when its stream already started (it is cut)."""
+        log.exception("handler failed on %s %s", request.method, request.path)
+        if request.stream is not None:
+            return None
+        return self.server.reject(request, 500, "internal gateway error", "internal_error")
 
     def send(self, request: Request, answer: Answer) -> None:
         """Write ``answer`` (sized, in one write) and finish ``request``."""

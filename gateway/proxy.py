@@ -210,7 +210,7 @@ class Exchange:
         if isinstance(error, UpstreamError):
             self.guarded(self.failed, error)
         elif error is not None:
-            self.guarded(self.crash, error)
+            self.crash(error)
         else:
             self.guarded(self.send, task.result())
 

@@ -149,9 +149,7 @@ class Response:
             if self._complete:
                 return None
             await self._wait()
-        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
+        data = self.take()
         self._connection.resume()
         return data
 

@@ -430,3 +430,22 @@ def test_callback_stream_follows_the_client_and_a_departed_client_cancels_it() -
             assert not server.connections
 
     run(main())
+
+
+def test_callback_handler_crash_is_500_or_cuts_its_started_stream() -> None:
+    def handler(request: Request) -> Answer | None:
+        if request.path == "/midstream":
+            request.start_stream(200, []).send(b"partial")
+        raise RuntimeError("bug")
+
+    async def main() -> None:
+        async with serving(handler) as (_, port):
+            reader, writer = await request(port, b"GET /boom HTTP/1.1\r\n\r\n")
+            reply = await read_reply(reader)
+            assert (reply.status, json.loads(reply.body)["error"]["code"]) == (500, "internal_error")
+            writer.write(b"GET /midstream HTTP/1.1\r\n\r\n")  # the connection goes on after the 500
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(reader.read(), DEADLINE) == b"7\r\npartial\r\n"  # cut, no terminator
+
+    run(main())

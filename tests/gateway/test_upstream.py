@@ -155,16 +155,19 @@ def test_refused_connection_is_connect_failed() -> None:
     run(main())
 
 
-def test_silent_replica_is_a_read_timeout_before_and_after_the_head() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head, _ = await read_request(reader)
-        if b"/after-head" in head:
-            writer.write(OK_HEAD + chunk(b"data: 1\n\n"))
-            await writer.drain()
-        await reader.read()  # then silence until the client closes
+async def silent_replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers nothing, or (for a path with ``/after-head``) the head and one piece; then silence until the client
+    closes."""
+    head, _ = await read_request(reader)
+    if b"/after-head" in head:
+        writer.write(OK_HEAD + chunk(b"data: 1\n\n"))
+        await writer.drain()
+    await reader.read()
 
+
+def test_silent_replica_is_a_read_timeout_before_and_after_the_head() -> None:
     async def main() -> None:
-        async with Server(handler) as server:
+        async with Server(silent_replica) as server:
             pool = UpstreamPool(5, 0.2)
             with pytest.raises(ReadTimeout):
                 await pool.request("GET", server.url, "/before-head", [])
@@ -220,14 +223,8 @@ def test_listener_hears_each_read_once_and_the_head_at_once() -> None:
 
 
 def test_listener_hears_a_silent_replica_time_out_unless_it_paused_it() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(OK_HEAD + chunk(b"data: 1\n\n"))
-        await writer.drain()
-        await reader.read()  # then silence until the client closes
-
     async def main() -> None:
-        async with Server(handler) as server:
+        async with Server(silent_replica) as server:
             pool = UpstreamPool(5, 0.2)
             errors: list[UpstreamError] = []
             first = asyncio.Event()
@@ -240,7 +237,7 @@ def test_listener_hears_a_silent_replica_time_out_unless_it_paused_it() -> None:
                     response.pause()  # as the proxy does while its client lags
                     first.set()
 
-            response = pool.start(await pool.connect(server.url), "GET", "/", "", None, listener)
+            response = pool.start(await pool.connect(server.url), "GET", "/after-head", "", None, listener)
             await asyncio.wait_for(first.wait(), 5)
             await asyncio.sleep(0.6)  # three idle timeouts: none fires while the reader holds the replica
             assert not errors
