@@ -7,26 +7,48 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
-CONSTRAINTS ?= constraints/cpu.txt
-# Built Kubernetes binaries, helm and generated models are cached outside the repo.
+# Built Kubernetes binaries, helm, uv and generated models are cached outside the repo.
 CACHE_DIR ?= $(HOME)/.cache/pypto-serving
 export PYPTO_CACHE_DIR := $(CACHE_DIR)
 PYTEST_ARGS ?=
+# uv installs uv.lock, the one lock of every package of every extra. uv itself comes from PyPI, pinned with
+# hashes by constraints/uv.txt (written by `make lock`), into its own venv in the cache.
+UV_VERSION := $(shell sed -n 's/^uv==\([0-9.]*\).*/\1/p' constraints/uv.txt)
+UV_DIR := $(CACHE_DIR)/uv-$(UV_VERSION)
+UV := $(UV_DIR)/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export PYPTO_UV := $(UV)
+# The extras of the development and test environment, which `make install` syncs and CI tests.
+DEV_EXTRAS := --extra engine --extra test
 
 .PHONY: help
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
-	@echo "==> creating the virtualenv $(VENV) and installing pypto-serving[engine,test] (torch pinned by $(CONSTRAINTS))"
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --progress-bar off -c $(CONSTRAINTS) -e '.[engine,test]'
+$(UV): constraints/uv.txt
+	@echo "==> installing uv $(UV_VERSION) (hash-pinned by constraints/uv.txt) into $(UV_DIR)"
+	$(PYTHON) -m venv --clear $(UV_DIR)
+	$(UV_DIR)/bin/pip --isolated --disable-pip-version-check install --quiet --require-hashes --no-deps \
+		-r constraints/uv.txt
+
+.PHONY: uv
+uv: $(UV) ## install the pinned uv into the cache
+
+$(VENV)/.installed: pyproject.toml setup.py uv.lock $(UV)
+	@echo "==> syncing $(VENV) to exactly uv.lock: pypto-serving[engine,test], hash-checked"
+	$(UV) sync --locked --python $(PYTHON) $(DEV_EXTRAS)
+	$(PY) -m hack.lock_check --uv $(UV) $(DEV_EXTRAS)
 	@touch $@
 
 .PHONY: install
-install: $(VENV)/.installed ## create .venv and install the project with the engine and test extras
+install: $(VENV)/.installed ## create .venv with exactly uv.lock's pypto-serving[engine,test] (hash-checked)
+
+.PHONY: lock
+lock: $(UV) ## re-resolve uv.lock after editing dependencies in pyproject.toml, then regenerate the image pins
+	$(UV) lock
+	echo "uv==$(UV_VERSION)" | $(UV) pip compile - --generate-hashes --universal --no-header --quiet -o constraints/uv.txt
+	$(MAKE) install
+	$(PY) -m hack.image_constraints
 
 .PHONY: tools
 tools: ## build or reuse the Kubernetes 1.20 binaries and helm (cached in ~/.cache/pypto-serving)
@@ -87,7 +109,7 @@ docs: install ## regenerate docs/crd-reference.md from the pydantic models (a te
 	$(PY) -m hack.crd_reference
 
 .PHONY: image-constraints
-image-constraints: install ## pin the images' Python packages (constraints/image.txt) to the tested .venv
+image-constraints: install ## regenerate constraints/image.txt (the images' pins) from uv.lock
 	$(PY) -m hack.image_constraints
 
 .PHONY: kind-e2e
@@ -96,7 +118,7 @@ kind-e2e: ## for users with Docker: kind cluster, images, helm install, smoke te
 
 # ------------------------------------------------------------------------------------------- system proof
 $(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
-	$(PIP) install --progress-bar off -c $(CONSTRAINTS) -e '.[engine,test,bench]'
+	$(UV) sync --locked --python $(PYTHON) $(DEV_EXTRAS) --extra bench
 	@touch $@
 
 CHAOS_ARGS ?=

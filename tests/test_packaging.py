@@ -62,7 +62,9 @@ def test_wheel_operator_and_gateway_import_without_torch(wheel: Path, tmp_path: 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = str(env_dir / "bin" / "python")
-    run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(wheel)], cwd=tmp_path)
+    # as the slim images install it: pinned by constraints/image.txt, generated from uv.lock
+    run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--constraint",
+         str(REPO_ROOT / "constraints" / "image.txt"), str(wheel)], cwd=tmp_path)
     code = ("import importlib.util, sys; import pypto_serving.operator, pypto_serving.gateway, pypto_serving.cli;"
             " assert importlib.util.find_spec('torch') is None, 'torch must not be installed here';"
             " assert 'torch' not in sys.modules; print('ok')")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from hack import image_constraints
+from hack import image_constraints, lock
 from pypto_serving.cli import SUBCOMMANDS
 from tests.support.common import REPO_ROOT
 
@@ -127,10 +127,9 @@ def test_slim_targets_have_no_torch_and_the_engine_pins_it() -> None:
         assert "torch" not in text and "[engine]" not in text
     engine = " ".join(arg for _, arg in STAGES["engine"].instructions)
     assert "torch==${TORCH_VERSION}" in engine and "[engine]" in engine and "TORCH_NPU_VERSION" in engine
-    cpu = (REPO_ROOT / "constraints" / "cpu.txt").read_text()
-    pinned = re.search(r"^torch==(\S+)", cpu, re.MULTILINE)
-    assert pinned and f"ARG TORCH_VERSION={pinned.group(1)}" in (REPO_ROOT / "Dockerfile").read_text(), \
-        "the engine image's torch must be the version the tests ran with (constraints/cpu.txt)"
+    locked = lock.pins_here(lock.export(["engine"]))["torch"].split("+")[0]
+    assert f"ARG TORCH_VERSION={locked}\n" in (REPO_ROOT / "Dockerfile").read_text(), \
+        f"the engine image's torch must be the version the tests ran with (uv.lock: {locked})"
     for stage in STAGES.values():
         for key, arg in stage.instructions:
             if key == "RUN" and "pip install" in arg and "pypto_serving" in arg:
@@ -173,17 +172,20 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies() -> None:
         assert ignored(private, patterns), f"{private} would be sent to the Docker daemon"
 
 
+def test_image_constraints_are_generated_from_the_lock() -> None:
+    assert image_constraints.main(["--check"]) == 0, "constraints/image.txt and uv.lock disagree: run `make lock`"
+
+
 def test_image_constraints_pin_every_runtime_package() -> None:
     pins = {}
     for line in (REPO_ROOT / "constraints" / "image.txt").read_text().splitlines():
         if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            assert version, f"constraints/image.txt: {line!r} is not an exact pin"
-            pins[image_constraints.canonical(name)] = version
-    needed = image_constraints.closure()
-    missing = sorted(set(needed) - set(pins))
-    assert not missing, f"constraints/image.txt lacks {missing}: run `make image-constraints`"
-    assert "torch" not in pins
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"constraints/image.txt: {line!r} is not an exact pin"
+            if req.marker is None or req.marker.evaluate():
+                pins[lock.canonical(req.name)] = spec.version
+    assert "torch" not in pins and "sympy" not in pins, "torch and what only torch needs come from the build arg"
     # the direct dependencies' pins satisfy pyproject.toml
     from importlib import metadata
 
@@ -191,7 +193,8 @@ def test_image_constraints_pin_every_runtime_package() -> None:
         req = Requirement(line)
         if req.marker is not None and not req.marker.evaluate({"extra": "engine"}):
             continue
-        name = image_constraints.canonical(req.name)
+        name = lock.canonical(req.name)
         if name in image_constraints.UNPINNED:
             continue
+        assert name in pins, f"constraints/image.txt lacks {name}"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"
