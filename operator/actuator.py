@@ -26,8 +26,8 @@ COMPONENT = "pypto-serving-operator"
 GATEWAY_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
                  ("rbac.authorization.k8s.io/v1", "Role"), ("v1", "ServiceAccount"))
 NETWORK_POLICY_KINDS = (("networking.k8s.io/v1", "NetworkPolicy"),)
-# Top-level fields of a child that the operator owns and rewrites when its desired content changes.
-MANAGED_FIELDS = ("spec", "rules", "roleRef", "subjects")
+# The server-side apply field manager of every object the operator writes from a desired manifest.
+FIELD_MANAGER = "pypto-serving-operator"
 
 
 def resource_path(namespace: str, name: str | None = None) -> str:
@@ -119,27 +119,17 @@ class Actuator:
 
     # --- children ------------------------------------------------------------------------------------------------
     def apply(self, obj: dict[str, Any], owner_uid: str) -> str:
-        """Create or update a child; returns created, updated, unchanged or conflict (not ours)."""
-        want = d.with_applied_hash(obj)
-        collection, path = object_path(want)
+        """Server-side apply a child as FIELD_MANAGER, forcing our fields back (a hand edit of a field we set is
+        reverted on the next reconcile); returns applied, or conflict when an object of that name exists that
+        this resource does not own (it is left alone)."""
+        _, path = object_path(obj)
         current = self.kube.get(path, ok_missing=True)
-        if current is None:
-            try:
-                self.kube.create(collection, want)
-                return "created"
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
-                current = self.kube.get(path, ok_missing=True) or {}
-        meta = current.get("metadata") or {}
-        if not any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or []):
-            return "conflict"
-        if (meta.get("annotations") or {}).get(d.A_APPLIED) == want["metadata"]["annotations"][d.A_APPLIED]:
-            return "unchanged"
-        patch = {"metadata": {k: want["metadata"][k] for k in ("labels", "annotations", "ownerReferences")}}
-        patch.update({k: want[k] for k in MANAGED_FIELDS if k in want})
-        self.kube.merge_patch(path, patch)
-        return "updated"
+        if current is not None:
+            refs = (current.get("metadata") or {}).get("ownerReferences") or []
+            if not any(ref.get("uid") == owner_uid for ref in refs):
+                return "conflict"
+        self.kube.apply(path, obj, FIELD_MANAGER)
+        return "applied"
 
     def delete_gateway(self, namespace: str, name: str, owner_uid: str) -> int:
         """Delete the gateway objects of a resource whose gateway was disabled; returns how many."""

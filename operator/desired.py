@@ -26,7 +26,6 @@ L_HASH = "serving.pypto.io/spec-hash"
 L_DRAINING = "serving.pypto.io/draining"
 A_DRAIN_STARTED = "serving.pypto.io/drain-started"
 A_DRAIN_REASON = "serving.pypto.io/drain-reason"
-A_APPLIED = "serving.pypto.io/applied-hash"
 A_REAL_DEVICES = "huawei.com/AscendReal"
 APP = "pypto-serving"
 MANAGER = "pypto-serving-operator"
@@ -328,9 +327,3 @@ def children(owner: Owner, spec: PyptoServingSpec) -> list[dict[str, Any]]:
         out += gateway_objects(owner, spec)
     return out
 
-
-def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
-    """The object with an annotation hashing its desired content, to skip no-op updates."""
-    out = copy.deepcopy(obj)
-    out["metadata"].setdefault("annotations", {})[A_APPLIED] = digest(obj)
-    return out

@@ -117,6 +117,12 @@ class Kube:
         return self.request("PATCH", path, body=body, content_type="application/merge-patch+json",
                             ok_missing=ok_missing)
 
+    def apply(self, path: str, body: dict[str, Any], field_manager: str) -> dict[str, Any]:
+        """Server-side apply ``body`` (the whole desired object) to ``path`` as ``field_manager``, taking over
+        conflicting fields (force): the object ends up with our value of every field we set."""
+        return self.request("PATCH", path, body=body, content_type="application/apply-patch+yaml",
+                            params={"fieldManager": field_manager, "force": "true"}) or {}
+
     def replace(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """PUT ``body`` (optimistic concurrency through metadata.resourceVersion)."""
         return self.request("PUT", path, body=body) or {}

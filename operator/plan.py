@@ -22,7 +22,14 @@ from typing import Any
 
 from pypto_serving.operator import desired as d
 from pypto_serving.operator.state import Load, PodView, format_time
-from pypto_serving.operator.types import PyptoServingSpec
+from pypto_serving.operator.types import (
+    Condition,
+    ConditionType,
+    GatewayStatus,
+    PyptoServingSpec,
+    PyptoServingStatus,
+    ReplicaStatus,
+)
 from pypto_serving.operator.validation import Problem, summary
 
 SCALE_DOWN, ROLLOUT = "scale-down", "rollout"
@@ -89,7 +96,7 @@ class Plan:
     """What to do, the status to write, events to post, and when to look again."""
 
     actions: list[Action] = field(default_factory=list)
-    status: dict[str, Any] = field(default_factory=dict)
+    status: PyptoServingStatus = field(default_factory=PyptoServingStatus)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
 
@@ -195,49 +202,45 @@ def _plan_pods(obs: Observed, spec: PyptoServingSpec, plan: Plan) -> tuple[list[
     return active, count, len(current) + count
 
 
-def _condition(kind: str, ok: bool, reason: str, message: str = "") -> dict[str, Any]:
-    cond = {"type": kind, "status": "True" if ok else "False", "reason": reason}
-    if message:  # the 1.20 apiserver rejects "" for a string field in a CRD status as null
-        cond["message"] = message
-    return cond
+def _condition(kind: ConditionType, ok: bool, reason: str, message: str = "") -> Condition:
+    # the 1.20 apiserver rejects "" for a string field in a CRD status as null: no message is None, not ""
+    return Condition(type=kind, status="True" if ok else "False", reason=reason, message=message or None)
 
 
-def _stamp(conditions: list[dict[str, Any]], previous: Sequence[Mapping[str, Any]], now: float,
-           generation: int) -> list[dict[str, Any]]:
+def _previous_conditions(previous: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, Mapping)}
+
+
+def _stamp(conditions: list[Condition], previous: Mapping[str, Any], now: float, generation: int) -> list[Condition]:
     """Keep lastTransitionTime when a condition's status did not change."""
-    before = {c.get("type"): c for c in previous}
+    before = _previous_conditions(previous)
     for cond in conditions:
-        old = before.get(cond["type"])
-        same = old is not None and old.get("status") == cond["status"] and old.get("lastTransitionTime")
-        cond["lastTransitionTime"] = old["lastTransitionTime"] if same else format_time(now)
-        cond["observedGeneration"] = generation
+        old = before.get(cond.type)
+        same = old is not None and old.get("status") == cond.status and old.get("lastTransitionTime")
+        cond.last_transition_time = old["lastTransitionTime"] if same else format_time(now)
+        cond.observed_generation = generation
     return conditions
 
 
-def _transition_events(conditions: list[dict[str, Any]], previous: Sequence[Mapping[str, Any]]) -> list[Event]:
-    before = {c.get("type"): c for c in previous}
+def _transition_events(conditions: list[Condition], previous: Mapping[str, Any]) -> list[Event]:
+    before = _previous_conditions(previous)
     out = []
     for cond in conditions:
-        old = before.get(cond["type"]) or {}
-        changed = old.get("status") != cond["status"] or old.get("reason") != cond["reason"]
-        if cond["type"] == "Degraded" and cond["status"] == "True" and changed:
-            out.append(Event("Warning", cond["reason"], cond.get("message", cond["reason"])))
-        if cond["type"] == "SpecValid" and cond["status"] == "False" and changed:
-            out.append(Event("Warning", "InvalidSpec", cond.get("message", "invalid spec")))
-        if cond["type"] == "Ready" and cond["status"] == "True" and changed:
-            out.append(Event("Normal", "Ready", cond.get("message", "all replicas ready")))
+        old = before.get(cond.type) or {}
+        changed = old.get("status") != cond.status or old.get("reason") != cond.reason
+        if cond.type == "Degraded" and cond.status == "True" and changed:
+            out.append(Event("Warning", cond.reason, cond.message or cond.reason))
+        if cond.type == "SpecValid" and cond.status == "False" and changed:
+            out.append(Event("Warning", "InvalidSpec", cond.message or "invalid spec"))
+        if cond.type == "Ready" and cond.status == "True" and changed:
+            out.append(Event("Normal", "Ready", cond.message or "all replicas ready"))
     return out
 
 
-def _replica_statuses(pods: Sequence[PodView]) -> list[dict[str, Any]]:
-    out = []
-    for pod in sorted(pods, key=lambda p: p.rank):
-        if pod.deleting:
-            continue
-        entry = {"rank": pod.rank, "pod": pod.name, "node": pod.node, "devices": pod.devices, "phase": pod.phase,
-                 "ready": pod.ready, "draining": pod.draining, "specHash": pod.spec_hash}
-        out.append({k: v for k, v in entry.items() if v is not None})
-    return out
+def _replica_statuses(pods: Sequence[PodView]) -> list[ReplicaStatus]:
+    return [ReplicaStatus(rank=pod.rank, pod=pod.name, node=pod.node, devices=pod.devices, phase=pod.phase,
+                          ready=pod.ready, draining=pod.draining, spec_hash=pod.spec_hash)
+            for pod in sorted(pods, key=lambda p: p.rank) if not pod.deleting]
 
 
 def _invalid(obs: Observed) -> Plan:
@@ -245,10 +248,10 @@ def _invalid(obs: Observed) -> Plan:
     conditions = [_condition("SpecValid", False, "InvalidSpec", message),
                   _condition("Ready", False, "InvalidSpec", "the spec is invalid"),
                   _condition("Progressing", False, "InvalidSpec", "the spec is invalid")]
-    previous = obs.previous_status.get("conditions") or []
-    status = {"observedGeneration": obs.generation, "phase": "Invalid",
-              "conditions": _stamp(conditions, previous, obs.now, obs.generation),
-              "replicaStatuses": _replica_statuses(obs.pods)}
+    previous = obs.previous_status
+    status = PyptoServingStatus(observed_generation=obs.generation, phase="Invalid",
+                                conditions=_stamp(conditions, previous, obs.now, obs.generation),
+                                replica_statuses=_replica_statuses(obs.pods))
     return Plan(status=status, events=_transition_events(conditions, previous))
 
 
@@ -297,23 +300,23 @@ def plan(obs: Observed) -> Plan:
         _condition("Progressing", not converged, "Converged" if converged else progress),
         degraded,
     ]
-    previous = obs.previous_status.get("conditions") or []
+    previous = obs.previous_status
     owner = d.Owner(obs.name, obs.namespace, "")
-    out.status = {
-        "observedGeneration": obs.generation,
-        "replicas": len(active) + created,
-        "readyReplicas": ready,
-        "updatedReplicas": updated,
-        "devicesPerReplica": spec.devices_per_replica,
-        "deviceResourceName": spec.devices.resource_name,
-        "selector": d.selector_string(d.engine_selector(obs.name)),
-        "specHash": h,
-        "phase": phase,
-        "conditions": _stamp(conditions, previous, obs.now, obs.generation),
-        "replicaStatuses": _replica_statuses(obs.pods),
-        "gateway": ({"service": d.gateway_name(obs.name), "url": d.gateway_url(owner)}
-                    if spec.gateway.enabled else {}),
-    }
+    out.status = PyptoServingStatus(
+        observed_generation=obs.generation,
+        replicas=len(active) + created,
+        ready_replicas=ready,
+        updated_replicas=updated,
+        devices_per_replica=spec.devices_per_replica,
+        device_resource_name=spec.devices.resource_name,
+        selector=d.selector_string(d.engine_selector(obs.name)),
+        spec_hash=h,
+        phase=phase,
+        conditions=_stamp(conditions, previous, obs.now, obs.generation),
+        replica_statuses=_replica_statuses(obs.pods),
+        gateway=(GatewayStatus(service=d.gateway_name(obs.name), url=d.gateway_url(owner))
+                 if spec.gateway.enabled else None),
+    )
     out.events += _transition_events(conditions, previous)
     if draining or any(isinstance(a, StartDrain) for a in out.actions):
         out.requeue_after = REQUEUE_DRAINING

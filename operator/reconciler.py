@@ -80,11 +80,9 @@ class Reconciler:
             self._children(body, owner, spec, now, had_gateway=bool(previous.get("gateway")))
         for event in decision.events:
             self.act.event(body, event.type, event.reason, event.message, now)
-        status = dict(decision.status)
+        status = decision.status.to_kube()
         if spec is not None and not spec.gateway.enabled and previous.get("gateway"):
-            status["gateway"] = None
-        elif not status.get("gateway"):
-            status.pop("gateway", None)
+            status["gateway"] = None  # the merge patch removes it (an invalid spec keeps what was there)
         # The gauge first: whoever sees the new status must also see the metrics that go with it.
         self.metrics.set_replicas(namespace, name, status.get("replicas") or 0, status.get("readyReplicas") or 0)
         if status_changed(previous, status):
@@ -121,8 +119,8 @@ class Reconciler:
             if result == "conflict":
                 self.act.event(body, "Warning", "NameConflict", f"{kind} {child_name} exists and is not owned by "
                                "this PyptoServing; leaving it alone", now)
-            elif result != "unchanged":
-                log.info("%s %s %s/%s", result, kind, owner.namespace, child_name)
+            else:
+                log.debug("%s %s %s/%s", result, kind, owner.namespace, child_name)
         if not spec.gateway.enabled and had_gateway and self.act.delete_gateway(owner.namespace, owner.name, owner.uid):
             self.act.event(body, "Normal", "GatewayRemoved", "deleted the gateway (spec.gateway.enabled is false)",
                            now)

@@ -207,7 +207,7 @@ class Condition(_Status):
     type: ConditionType = Field(description="Condition type.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="CamelCase reason.")
-    message: str = Field(default="", description="Human-readable detail.")
+    message: str | None = Field(default=None, description="Human-readable detail.")
     last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
     observed_generation: int | None = Field(default=None, description="Generation this was computed for.")
 

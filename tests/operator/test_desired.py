@@ -192,8 +192,3 @@ def test_security_contexts() -> None:
     assert d.spec_hash(custom) != d.spec_hash(spec_of())
 
 
-def test_applied_hash_changes_with_content() -> None:
-    a = d.with_applied_hash(d.engine_service(OWNER))
-    b = d.with_applied_hash(d.engine_service(d.Owner("demo", "ns2", "uid-1")))
-    assert a["metadata"]["annotations"][d.A_APPLIED] != b["metadata"]["annotations"][d.A_APPLIED]
-    assert d.A_APPLIED not in d.engine_service(OWNER)["metadata"].get("annotations", {})

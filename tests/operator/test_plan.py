@@ -41,17 +41,17 @@ def kinds(plan: p.Plan, kind: type) -> list[Any]:
 
 
 def cond(plan: p.Plan, kind: str) -> dict[str, Any]:
-    return next(c for c in plan.status["conditions"] if c["type"] == kind)
+    return next(c.to_kube() for c in plan.status.conditions if c.type == kind)
 
 
 def test_create_from_scratch() -> None:
     spec = spec_of(replicas=3)
     out = p.plan(observe(spec, []))
     assert out.actions == [p.CreatePod(0, "scale-up"), p.CreatePod(1, "scale-up"), p.CreatePod(2, "scale-up")]
-    assert out.status["replicas"] == 3 and out.status["readyReplicas"] == 0
-    assert out.status["phase"] == "Pending" and cond(out, "Progressing")["reason"] == "ScalingUp"
-    assert out.status["selector"] == "app.kubernetes.io/instance=demo,app.kubernetes.io/component=engine"
-    assert out.status["observedGeneration"] == 3 and out.status["devicesPerReplica"] == 1
+    assert out.status.replicas == 3 and out.status.ready_replicas == 0
+    assert out.status.phase == "Pending" and cond(out, "Progressing")["reason"] == "ScalingUp"
+    assert out.status.selector == "app.kubernetes.io/instance=demo,app.kubernetes.io/component=engine"
+    assert out.status.observed_generation == 3 and out.status.devices_per_replica == 1
     assert out.requeue_after == p.REQUEUE_PROGRESSING
     assert [(e.type, e.reason) for e in out.events] == [("Normal", "ScalingUp")]
 
@@ -60,14 +60,14 @@ def test_converged_is_idle_and_ready() -> None:
     spec = spec_of(replicas=2)
     out = p.plan(observe(spec, [pod(0), pod(1)]))
     assert out.actions == [] and out.requeue_after is None
-    assert out.status["phase"] == "Ready" and cond(out, "Ready")["status"] == "True"
+    assert out.status.phase == "Ready" and cond(out, "Ready")["status"] == "True"
     assert cond(out, "Available")["status"] == "True" and cond(out, "Degraded")["status"] == "False"
     assert cond(out, "Progressing") == {**cond(out, "Progressing"), "status": "False", "reason": "Converged"}
-    assert [r["rank"] for r in out.status["replicaStatuses"]] == [0, 1]
+    assert [r.rank for r in out.status.replica_statuses] == [0, 1]
     assert [e.reason for e in out.events] == ["Ready"]
     # the same observation again with the status it produced: no new events, same transition times
-    again = p.plan(observe(spec, [pod(0), pod(1)], now=NOW + 60, previous=out.status))
-    assert again.events == [] and again.status["conditions"] == out.status["conditions"]
+    again = p.plan(observe(spec, [pod(0), pod(1)], now=NOW + 60, previous=out.status.to_kube()))
+    assert again.events == [] and again.status.conditions == out.status.conditions
 
 
 def test_scale_up_fills_lowest_free_ranks() -> None:
@@ -83,7 +83,7 @@ def test_scale_down_drains_least_loaded_then_highest_rank() -> None:
     assert kinds(out, p.StartDrain) == [p.StartDrain("demo-dp-3", "scale-down", "127.0.1.4"),
                                          p.StartDrain("demo-dp-0", "scale-down", "127.0.1.1")]
     assert kinds(out, p.CreatePod) == [] and out.requeue_after == p.REQUEUE_DRAINING
-    assert out.status["replicas"] == 2 and cond(out, "Progressing")["reason"] == "ScalingDown"
+    assert out.status.replicas == 2 and cond(out, "Progressing")["reason"] == "ScalingDown"
 
 
 def test_scale_down_prefers_not_ready_and_never_guesses_unknown_load_is_idle() -> None:
@@ -99,7 +99,7 @@ def test_draining_replica_waits_then_is_deleted() -> None:
     busy = {"demo-dp-1": Load(running=1, draining=True)}
     out = p.plan(observe(spec, [pod(0), draining], busy))
     assert out.actions == [] and out.requeue_after == p.REQUEUE_DRAINING
-    assert out.status["phase"] != "Ready"
+    assert out.status.phase != "Ready"
     idle = {"demo-dp-1": Load(running=0, waiting=0, draining=True)}
     assert p.plan(observe(spec, [pod(0), draining], idle)).actions == [p.DeletePod("demo-dp-1", "drained")]
     late = p.plan(observe(spec, [pod(0), draining], busy, now=NOW + 25))
@@ -140,23 +140,23 @@ def test_unschedulable_sets_degraded_with_the_scheduler_reason() -> None:
     message = "0/2 nodes are available: 2 Insufficient huawei.com/Ascend910."
     stuck = pod(0, spec, ready=False, phase="Pending", ip=None, problem="Unschedulable", problem_message=message)
     out = p.plan(observe(spec, [stuck]))
-    assert out.actions == [] and out.status["phase"] == "Degraded"
+    assert out.actions == [] and out.status.phase == "Degraded"
     degraded = cond(out, "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "Unschedulable"
     assert "Insufficient huawei.com/Ascend910" in degraded["message"] and "demo-dp-0" in degraded["message"]
     assert any(e.type == "Warning" and "Insufficient" in e.message for e in out.events)
-    assert out.status["devicesPerReplica"] == 16
+    assert out.status.devices_per_replica == 16
 
 
 def test_invalid_spec_makes_no_pods() -> None:
     body = minimal(parallel={"tensorParallelSize": 1, "pipelineParallelSize": 2})
     spec, problems = validate(body)
     out = p.plan(observe(spec, [], problems=problems))
-    assert out.actions == [] and out.status["phase"] == "Invalid"
+    assert out.actions == [] and out.status.phase == "Invalid"
     valid = cond(out, "SpecValid")
     assert valid["status"] == "False" and "pipelineParallelSize" in valid["message"]
     assert [e.reason for e in out.events] == ["InvalidSpec"]
-    again = p.plan(observe(spec, [], problems=problems, previous=out.status))
+    again = p.plan(observe(spec, [], problems=problems, previous=out.status.to_kube()))
     assert again.events == []
 
 
@@ -165,7 +165,7 @@ def test_rollout_with_no_surge_replaces_one_at_a_time_reusing_ranks() -> None:
     old = [pod(0, old_spec), pod(1, old_spec), pod(2, old_spec)]
     out = p.plan(observe(new, old))
     assert out.actions == [p.StartDrain("demo-dp-2", "rollout", "127.0.1.3")]
-    assert cond(out, "Progressing")["reason"] == "RollingUpdate" and out.status["updatedReplicas"] == 0
+    assert cond(out, "Progressing")["reason"] == "RollingUpdate" and out.status.updated_replicas == 0
     held = [old[0], old[1], dataclasses.replace(old[2], draining=True, drain_started=NOW, drain_reason="rollout")]
     assert p.plan(observe(new, held, {"demo-dp-2": Load(running=1, draining=True)})).actions == []
     assert p.plan(observe(new, old[:2])).actions == [p.CreatePod(2, "rollout")]
@@ -190,7 +190,7 @@ def simulate(old_spec: PyptoServingSpec, new_spec: PyptoServingSpec, steps: int 
             else:
                 del pods[next(v.rank for v in pods.values() if v.name == action.pod)]
         trace.append((sum(v.ready and not v.draining for v in pods.values()), len(pods)))
-        if not out.actions and out.status["phase"] == "Ready":
+        if not out.actions and out.status.phase == "Ready":
             return trace
         pods = {r: dataclasses.replace(v, ready=True) for r, v in pods.items()}  # new replicas become Ready
     raise AssertionError(f"rollout did not converge: {trace}")
