@@ -22,6 +22,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from pypto_serving.contract import (
+    PATH_DRAIN,
+    PATH_HEALTH,
+    PATH_LOAD,
+    PATH_METRICS,
+    PATH_READY,
+    REQUEST_ID_HEADER,
+    LoadReport,
+)
 from pypto_serving.engine.api_errors import APIError, BodyLimit, install_error_handlers, unavailable
 from pypto_serving.engine.async_engine import AsyncEngine, State
 from pypto_serving.engine.metrics import CONTENT_TYPE, EngineMetrics
@@ -35,7 +44,6 @@ from pypto_serving.engine.protocol import (
 )
 
 log = logging.getLogger("pypto_serving.engine")
-REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID_LEN = 128
 
 
@@ -206,13 +214,13 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.add_middleware(RequestId)  # added last: the outermost, so a 413 carries the id too
     install_error_handlers(app)
 
-    @app.get("/health")
+    @app.get(PATH_HEALTH)
     async def health() -> JSONResponse:
         ok = engine.healthy()
         return JSONResponse({"status": "ok" if ok else "unhealthy", "state": engine.state.value},
                             status_code=200 if ok else 503)
 
-    @app.get("/ready")
+    @app.get(PATH_READY)
     async def ready() -> JSONResponse:
         if state.draining:
             status = "draining"
@@ -222,22 +230,21 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             status = "ready" if engine.ready else engine.state.value
         return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
-    @app.get("/load")
+    @app.get(PATH_LOAD)
     async def load() -> JSONResponse:
         snapshot, _ = engine.snapshot()
-        load = {"running": int(snapshot.get("running", 0)), "waiting": int(snapshot.get("waiting", 0)),
-                "pending_tokens": int(snapshot.get("pending_tokens", 0)),
-                "kv_cache_usage": float(snapshot.get("kv_cache_usage", 0.0)), "draining": state.draining}
-        if "max_num_seqs" in snapshot:  # once the engine is loaded
-            load["max_num_seqs"] = int(snapshot["max_num_seqs"])
-        return JSONResponse(load)
+        report = LoadReport(running=int(snapshot.get("running", 0)), waiting=int(snapshot.get("waiting", 0)),
+                            pending_tokens=int(snapshot.get("pending_tokens", 0)),
+                            kv_cache_usage=float(snapshot.get("kv_cache_usage", 0.0)), draining=state.draining,
+                            max_num_seqs=snapshot.get("max_num_seqs"))  # None until the engine is loaded
+        return JSONResponse(report.to_json())
 
-    @app.post("/drain")
+    @app.post(PATH_DRAIN)
     async def drain() -> JSONResponse:
         state.drain()
         return JSONResponse({"draining": True, "inflight": state.inflight})
 
-    @app.get("/metrics")
+    @app.get(PATH_METRICS)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 

@@ -12,6 +12,14 @@ from collections.abc import Awaitable
 
 import orjson
 
+from pypto_serving.contract import (
+    PATH_HEALTH,
+    PATH_METRICS,
+    PATH_READY,
+    REQUEST_ID_HEADER,
+    ROUTING_HEADER,
+    SESSION_HEADER,
+)
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.discovery import Discovery
 from pypto_serving.gateway.errors import error_response
@@ -19,16 +27,14 @@ from pypto_serving.gateway.http_server import Answer, Handler, Request, json_ans
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import POLICIES, Policy, make_policy
 from pypto_serving.gateway.poller import Poller
-from pypto_serving.gateway.proxy import REQUEST_ID_HEADER, Proxy, new_request_id
+from pypto_serving.gateway.proxy import Proxy, new_request_id
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.request import RequestInfo, request_info
 from pypto_serving.gateway.upstream import UpstreamError
 
-ROUTING_HEADER = "x-pypto-routing"
 # The gateway's own endpoints in its OpenAPI document (the /v1 routes come from the engines').
-GATEWAY_PATHS = {"/health": "The gateway process is alive.", "/ready": "200 while a replica can take traffic.",
-                 "/replicas": "Each replica's address, state and last load.", "/metrics": "Prometheus metrics."}
-SESSION_HEADER = "x-session-id"
+GATEWAY_PATHS = {PATH_HEALTH: "The gateway process is alive.", PATH_READY: "200 while a replica can take traffic.",
+                 "/replicas": "Each replica's address, state and last load.", PATH_METRICS: "Prometheus metrics."}
 OPENAPI_TIMEOUT_S = 10.0
 NO_KEY = "missing or invalid API key (Authorization: Bearer <key>)"
 
@@ -188,8 +194,8 @@ class Gateway:
     def routes(self) -> dict[str, dict[str, Handler]]:
         """Path -> method -> handler (HEAD is served by a GET handler without its body)."""
         return {"/v1/completions": {"POST": self.generate}, "/v1/chat/completions": {"POST": self.generate},
-                "/v1/models": {"GET": self.models}, "/health": {"GET": self.health}, "/ready": {"GET": self.ready},
-                "/replicas": {"GET": self.replicas}, "/metrics": {"GET": self.metrics_text},
+                "/v1/models": {"GET": self.models}, PATH_HEALTH: {"GET": self.health}, PATH_READY: {"GET": self.ready},
+                "/replicas": {"GET": self.replicas}, PATH_METRICS: {"GET": self.metrics_text},
                 "/openapi.json": {"GET": self.openapi}}
 
     def dispatch(self, request: Request) -> Answer | Awaitable[Answer | None] | None:

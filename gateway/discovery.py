@@ -20,13 +20,12 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from pypto_serving.contract import ENGINE_PORT, ENGINE_PORT_NAME, ENV_POD_NAMESPACE, L_DRAINING
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.upstream import Origin
 
 log = logging.getLogger(__name__)
 
-DRAINING_LABEL = "serving.pypto.io/draining"
-ENGINE_PORT_NAME = "http"
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -53,7 +52,7 @@ class StaticDiscovery(Discovery):
         registry.replace((url, url, "ready") for url in self.endpoints)
 
 
-def pod_entry(pod: dict[str, Any], default_port: int = 8000) -> tuple[str, str, str] | None:
+def pod_entry(pod: dict[str, Any], default_port: int = ENGINE_PORT) -> tuple[str, str, str] | None:
     """(name, url, state) of an engine pod, or None while it has no IP. State is ``ready`` (eligible: Ready,
     Running, not terminating, not labelled draining), ``draining``, ``terminating`` or ``not-ready``."""
     meta = pod.get("metadata") or {}
@@ -69,7 +68,7 @@ def pod_entry(pod: dict[str, Any], default_port: int = 8000) -> tuple[str, str, 
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     if meta.get("deletionTimestamp"):
         state = "terminating"
-    elif (meta.get("labels") or {}).get(DRAINING_LABEL, "").lower() == "true":
+    elif (meta.get("labels") or {}).get(L_DRAINING, "").lower() == "true":
         state = "draining"
     elif not ready or status.get("phase") != "Running":
         state = "not-ready"
@@ -86,8 +85,8 @@ class Gone(Exception):
 class KubernetesDiscovery(Discovery):
     """List+watch of the pods matching ``selector`` in ``namespace``."""
 
-    def __init__(self, namespace: str | None, selector: str, kubeconfig: str | None = None, default_port: int = 8000,
-                 watch_timeout_s: int = 300, max_backoff_s: float = 30.0) -> None:
+    def __init__(self, namespace: str | None, selector: str, kubeconfig: str | None = None,
+                 default_port: int = ENGINE_PORT, watch_timeout_s: int = 300, max_backoff_s: float = 30.0) -> None:
         self.namespace = namespace or default_namespace()
         self.selector = selector
         self.kubeconfig = kubeconfig
@@ -224,9 +223,9 @@ class KubernetesDiscovery(Discovery):
 
 
 def default_namespace() -> str:
-    """The pod's own namespace (POD_NAMESPACE or the ServiceAccount file), else ``default``."""
-    if os.environ.get("POD_NAMESPACE"):
-        return os.environ["POD_NAMESPACE"]
+    """The pod's own namespace ($POD_NAMESPACE or the ServiceAccount file), else ``default``."""
+    if os.environ.get(ENV_POD_NAMESPACE):
+        return os.environ[ENV_POD_NAMESPACE]
     with contextlib.suppress(OSError), open(SA_NAMESPACE_FILE) as f:
         return f.read().strip()
     return "default"

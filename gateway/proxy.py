@@ -23,6 +23,7 @@ import logging
 import random
 import time
 
+from pypto_serving.contract import REPLICA_HEADER, REQUEST_ID_HEADER
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.errors import error_body, error_response
 from pypto_serving.gateway.http_server import Answer, Request, Stream
@@ -43,8 +44,6 @@ from pypto_serving.gateway.upstream import (
 
 log = logging.getLogger("pypto_serving.gateway")
 
-REPLICA_HEADER = "x-pypto-replica"
-REQUEST_ID_HEADER = "x-request-id"
 # not forwarded: hop-by-hop, framing set anew, and Expect (the gateway already read the whole body)
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect"})

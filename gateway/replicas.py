@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
+from pypto_serving.contract import LoadReport
 from pypto_serving.gateway.breaker import Breaker, BreakerConfig
 
 Clock = Callable[[], float]
@@ -43,17 +44,13 @@ class LoadReading:
     received_at: float = 0.0
 
     @classmethod
-    def from_json(cls, data: dict, requested_at: float, received_at: float) -> LoadReading:
-        """Build a reading from the engine's JSON (missing fields read as zero)."""
-        return cls(running=int(data.get("running", 0) or 0), waiting=int(data.get("waiting", 0) or 0),
-                   pending_tokens=int(data.get("pending_tokens", 0) or 0),
-                   kv_cache_usage=float(data.get("kv_cache_usage", 0.0) or 0.0),
-                   draining=bool(data.get("draining", False)), max_num_seqs=_positive_int(data.get("max_num_seqs")),
+    def from_json(cls, data: object, requested_at: float, received_at: float) -> LoadReading:
+        """Build a reading from the engine's JSON, validated as the contract's ``LoadReport`` (missing fields
+        read as zero); ValueError when the engine's answer breaks the contract."""
+        report = LoadReport.parse(data)
+        return cls(running=report.running, waiting=report.waiting, pending_tokens=report.pending_tokens,
+                   kv_cache_usage=report.kv_cache_usage, draining=report.draining, max_num_seqs=report.max_num_seqs,
                    requested_at=requested_at, received_at=received_at)
-
-
-def _positive_int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 @dataclass(eq=False, slots=True)

@@ -16,18 +16,20 @@ from typing import Any
 
 import httpx
 
+from pypto_serving import contract
+from pypto_serving.contract import MANAGER, PATH_DRAIN, PATH_LOAD, LoadReport
 from pypto_serving.operator import desired as d
 from pypto_serving.operator.kube import ApiError, Kube, collection_path, object_path
-from pypto_serving.operator.state import Load, PodView, format_time
+from pypto_serving.operator.state import PodView, format_time
 from pypto_serving.operator.types import API_VERSION, KIND, PLURAL
 
 log = logging.getLogger("pypto_serving.operator.actuator")
-COMPONENT = "pypto-serving-operator"
+COMPONENT = MANAGER  # the Events' source
 GATEWAY_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
                  ("rbac.authorization.k8s.io/v1", "Role"), ("v1", "ServiceAccount"))
 NETWORK_POLICY_KINDS = (("networking.k8s.io/v1", "NetworkPolicy"),)
 # The server-side apply field manager of every object the operator writes from a desired manifest.
-FIELD_MANAGER = "pypto-serving-operator"
+FIELD_MANAGER = MANAGER
 
 
 def resource_path(namespace: str, name: str | None = None) -> str:
@@ -64,18 +66,18 @@ class Actuator:
         selector = d.selector_string(d.engine_selector(name))
         return self.kube.list(collection_path("v1", "pods", namespace), labelSelector=selector)
 
-    def _load(self, pod: PodView) -> tuple[str, Load | None]:
+    def _load(self, pod: PodView) -> tuple[str, LoadReport | None]:
         try:
-            response = self.http.get(f"http://{pod.ip}:{d.ENGINE_PORT}/load")
+            response = self.http.get(f"http://{pod.ip}:{contract.ENGINE_PORT}{PATH_LOAD}")
             response.raise_for_status()
-            return pod.name, Load.parse(response.json())
+            return pod.name, LoadReport.parse(response.json())
         except httpx.ConnectError:
-            return pod.name, Load()  # nothing listens: no request can be in flight there
+            return pod.name, LoadReport()  # nothing listens: no request can be in flight there
         except (httpx.HTTPError, ValueError) as exc:
             log.debug("GET /load of %s failed: %r", pod.name, exc)
             return pod.name, None
 
-    def fetch_loads(self, pods: Sequence[PodView]) -> dict[str, Load]:
+    def fetch_loads(self, pods: Sequence[PodView]) -> dict[str, LoadReport]:
         """`GET /load` of each pod, concurrently; pods that time out or fail are left out (unknown load), pods
         where nothing listens count as idle."""
         if not pods:
@@ -104,12 +106,12 @@ class Actuator:
     def start_drain(self, namespace: str, pod: str, reason: str, ip: str | None, now: float, restamp: bool) -> None:
         """Label the pod draining (the gateway stops routing to it) and `POST /drain` to its engine."""
         if restamp:
-            patch = {"metadata": {"labels": {d.L_DRAINING: "true"},
-                                  "annotations": {d.A_DRAIN_STARTED: format_time(now), d.A_DRAIN_REASON: reason}}}
+            annotations = {contract.A_DRAIN_STARTED: format_time(now), contract.A_DRAIN_REASON: reason}
+            patch = {"metadata": {"labels": {contract.L_DRAINING: "true"}, "annotations": annotations}}
             self.kube.merge_patch(f"{collection_path('v1', 'pods', namespace)}/{pod}", patch, ok_missing=True)
         if ip:
             try:
-                self.http.post(f"http://{ip}:{d.ENGINE_PORT}/drain").raise_for_status()
+                self.http.post(f"http://{ip}:{contract.ENGINE_PORT}{PATH_DRAIN}").raise_for_status()
             except httpx.HTTPError as exc:  # retried by the next reconcile (the load shows draining=false)
                 log.info("POST /drain to %s failed: %r", pod, exc)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import kopf
 
+from pypto_serving.contract import ENV_POD_NAMESPACE, MANAGER
 from pypto_serving.operator import types as t
 from pypto_serving.operator import webhook as wh
 from pypto_serving.operator.actuator import Actuator
@@ -56,11 +57,11 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--webhook-port", type=int, default=9443, help="webhook server port (TLS)")
     w.add_argument("--webhook-host", default=None,
                    help="url mode: host the apiserver dials (default: $POD_IP, else 127.0.0.1)")
-    w.add_argument("--webhook-service-name", default="pypto-serving-operator-webhook", help="service mode")
+    w.add_argument("--webhook-service-name", default=f"{MANAGER}-webhook", help="service mode")
     w.add_argument("--webhook-service-namespace", default=None, help="service mode (default: own namespace)")
     w.add_argument("--webhook-secret", default=None,
                    help="keep the CA and certificate in this Secret (own namespace), shared by all replicas")
-    w.add_argument("--webhook-config-name", default="pypto-serving-operator",
+    w.add_argument("--webhook-config-name", default=MANAGER,
                    help="name of the ValidatingWebhookConfiguration")
     w.add_argument("--webhook-failure-policy", choices=["Fail", "Ignore"], default="Fail")
     w.add_argument("--webhook-cert-dir", default=None, help="where to write the certificate files (default: temp)")
@@ -68,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     le.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
                     help="hold a Lease before reconciling, so several replicas are safe")
     le.add_argument("--leader-election-namespace", default=None, help="Lease namespace (default: own namespace)")
-    le.add_argument("--leader-election-id", default="pypto-serving-operator", help="Lease name")
+    le.add_argument("--leader-election-id", default=MANAGER, help="Lease name")
     le.add_argument("--lease-duration", type=int, default=15, help="seconds before a dead leader is replaced")
     le.add_argument("--lease-retry", type=float, default=2.0, help="seconds between renewals / attempts")
     dg = p.add_argument_group("defaults for PyptoServing resources",
@@ -99,8 +100,8 @@ def operator_defaults(args: argparse.Namespace) -> OperatorDefaults:
 
 def own_namespace(args: argparse.Namespace) -> str:
     """The operator's namespace: $POD_NAMESPACE, the service account's, the first watched one, or default."""
-    if os.environ.get("POD_NAMESPACE"):
-        return os.environ["POD_NAMESPACE"]
+    if os.environ.get(ENV_POD_NAMESPACE):
+        return os.environ[ENV_POD_NAMESPACE]
     if SA_NAMESPACE_FILE.exists():
         return SA_NAMESPACE_FILE.read_text().strip()
     return args.namespace[0] if args.namespace else "default"

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from pypto_serving.contract import APP, L_NAME
 from pypto_serving.operator import types as t
 
 CRD_NAME = f"{t.PLURAL}.{t.GROUP}"
@@ -119,7 +120,7 @@ def build_crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/name": "pypto-serving"}},
+        "metadata": {"name": CRD_NAME, "labels": {L_NAME: APP}},
         "spec": {
             "group": t.GROUP,
             "scope": "Namespaced",

@@ -14,28 +14,39 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pypto_serving.contract import (  # the names every part shares (CONTRACT.md)
+    APP,
+    ENGINE,
+    ENGINE_PORT,
+    ENGINE_PORT_NAME,
+    ENV_DP_RANK,
+    ENV_DP_SIZE,
+    ENV_HCCL_IF_IP,
+    ENV_POD_IP,
+    ENV_POD_NAME,
+    ENV_POD_NAMESPACE,
+    ENV_PP_SIZE,
+    ENV_TP_SIZE,
+    GATEWAY,
+    GATEWAY_PORT,
+    L_COMPONENT,
+    L_HASH,
+    L_INSTANCE,
+    L_MANAGED_BY,
+    L_NAME,
+    L_RANK,
+    MANAGER,
+    OPERATOR,
+    PATH_HEALTH,
+    PATH_READY,
+)
 from pypto_serving.operator.types import API_VERSION, KIND, PyptoServingSpec
 
-# Labels and annotations (CONTRACT.md).
-L_NAME = "app.kubernetes.io/name"
-L_INSTANCE = "app.kubernetes.io/instance"
-L_COMPONENT = "app.kubernetes.io/component"
-L_MANAGED_BY = "app.kubernetes.io/managed-by"
-L_RANK = "serving.pypto.io/dp-rank"
-L_HASH = "serving.pypto.io/spec-hash"
-L_DRAINING = "serving.pypto.io/draining"
-A_DRAIN_STARTED = "serving.pypto.io/drain-started"
-A_DRAIN_REASON = "serving.pypto.io/drain-reason"
-A_REAL_DEVICES = "huawei.com/AscendReal"
-APP = "pypto-serving"
-MANAGER = "pypto-serving-operator"
-ENGINE, GATEWAY = "engine", "gateway"
-ENGINE_PORT, GATEWAY_PORT = 8000, 8080
 DRAIN_GRACE_SLACK = 30  # seconds of terminationGracePeriod beyond drain.timeoutSeconds
 PROBE_PERIOD = 2
 API_KEY_DIR = "/etc/pypto-serving/api-key"
 # Labels of the operator's pods (the helm chart's selector labels), allowed to reach the engines' /load and /drain.
-OPERATOR_POD_LABELS = {L_NAME: APP, L_COMPONENT: "operator"}
+OPERATOR_POD_LABELS = {L_NAME: APP, L_COMPONENT: OPERATOR}
 # Engine container default: no privilege escalation. It keeps the image's user: Ascend device nodes
 # (/dev/davinci*) are usually root:HwHiAiUser 0660 with ids that differ per node, so running as non-root needs
 # the node's HwHiAiUser ids in spec.engine.securityContext / podSecurityContext (docs/reliability.md, Security).
@@ -131,14 +142,14 @@ def engine_env(spec: PyptoServingSpec, rank: int) -> list[dict[str, Any]]:
     """Env of an engine container: DP/TP/PP identity, downward API, HCCL_IF_IP from the pod IP, user env."""
     par = spec.parallel
     env: list[dict[str, Any]] = [
-        {"name": "PYPTO_DP_RANK", "value": str(rank)},
-        {"name": "PYPTO_DP_SIZE", "value": str(spec.replicas)},
-        {"name": "PYPTO_TP_SIZE", "value": str(par.tensor_parallel_size)},
-        {"name": "PYPTO_PP_SIZE", "value": str(par.pipeline_parallel_size)},
-        _field_env("POD_NAME", "metadata.name"),
-        _field_env("POD_NAMESPACE", "metadata.namespace"),
-        _field_env("POD_IP", "status.podIP"),
-        {"name": "HCCL_IF_IP", "value": "$(POD_IP)"},
+        {"name": ENV_DP_RANK, "value": str(rank)},
+        {"name": ENV_DP_SIZE, "value": str(spec.replicas)},
+        {"name": ENV_TP_SIZE, "value": str(par.tensor_parallel_size)},
+        {"name": ENV_PP_SIZE, "value": str(par.pipeline_parallel_size)},
+        _field_env(ENV_POD_NAME, "metadata.name"),
+        _field_env(ENV_POD_NAMESPACE, "metadata.namespace"),
+        _field_env(ENV_POD_IP, "status.podIP"),
+        {"name": ENV_HCCL_IF_IP, "value": f"$({ENV_POD_IP})"},
     ]
     if par.expert_parallel.enabled:
         env += [{"name": "PYPTO_EP_ENABLED", "value": "1"},
@@ -193,18 +204,18 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
         "imagePullPolicy": eng.image_pull_policy,
         "command": ["pypto-serving", "engine"],
         "args": engine_args(spec),
-        "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
+        "ports": [{"name": ENGINE_PORT_NAME, "containerPort": ENGINE_PORT, "protocol": "TCP"}],
         "env": engine_env(spec, rank),
         "resources": _resources(eng.resources, {dev.resource_name: devices}),
-        "readinessProbe": _http_probe("/ready", ENGINE_PORT, PROBE_PERIOD, 2),
-        "livenessProbe": _http_probe("/health", ENGINE_PORT, 10, 3, timeout=5),
+        "readinessProbe": _http_probe(PATH_READY, ENGINE_PORT, PROBE_PERIOD, 2),
+        "livenessProbe": _http_probe(PATH_HEALTH, ENGINE_PORT, 10, 3, timeout=5),
         "volumeMounts": mounts,
         "securityContext": copy.deepcopy(eng.security_context if eng.security_context is not None
                                          else ENGINE_SECURITY_CONTEXT),
     }
     if eng.startup_timeout_seconds > 0:
         container["startupProbe"] = _http_probe(
-            "/ready", ENGINE_PORT, PROBE_PERIOD, max(1, -(-eng.startup_timeout_seconds // PROBE_PERIOD)))
+            PATH_READY, ENGINE_PORT, PROBE_PERIOD, max(1, -(-eng.startup_timeout_seconds // PROBE_PERIOD)))
     pod_spec: dict[str, Any] = {
         "hostname": name,
         "subdomain": engine_service_name(owner.name),
@@ -235,7 +246,8 @@ def engine_service(owner: Owner) -> dict[str, Any]:
             "metadata": {"name": engine_service_name(owner.name), "namespace": owner.namespace,
                          "labels": _common_labels(owner.name, ENGINE), "ownerReferences": [owner.reference()]},
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": engine_selector(owner.name),
-                     "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": ENGINE_PORT, "protocol": "TCP"}]}}
+                     "ports": [{"name": ENGINE_PORT_NAME, "port": ENGINE_PORT, "targetPort": ENGINE_PORT,
+                                "protocol": "TCP"}]}}
 
 
 def gateway_selector(name: str) -> dict[str, str]:
@@ -261,9 +273,9 @@ def gateway_objects(owner: Owner, spec: PyptoServingSpec) -> list[dict[str, Any]
         "name": GATEWAY, "image": gw.image or spec.engine.image, "imagePullPolicy": spec.engine.image_pull_policy,
         "command": ["pypto-serving", "gateway"], "args": gateway_args(owner, spec),
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
-        "env": [_field_env("POD_NAMESPACE", "metadata.namespace"), _field_env("POD_IP", "status.podIP")],
-        "readinessProbe": _http_probe("/ready", GATEWAY_PORT, PROBE_PERIOD, 2),
-        "livenessProbe": _http_probe("/health", GATEWAY_PORT, 10, 3, timeout=5),
+        "env": [_field_env(ENV_POD_NAMESPACE, "metadata.namespace"), _field_env(ENV_POD_IP, "status.podIP")],
+        "readinessProbe": _http_probe(PATH_READY, GATEWAY_PORT, PROBE_PERIOD, 2),
+        "livenessProbe": _http_probe(PATH_HEALTH, GATEWAY_PORT, 10, 3, timeout=5),
         "securityContext": copy.deepcopy(GATEWAY_SECURITY_CONTEXT),
     }
     if gw.resources:

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from pypto_serving.operator import desired as d
+from pypto_serving import contract
 from pypto_serving.operator.controller import Controller
 from pypto_serving.operator.defaults import BUILTIN, OperatorDefaults
 from pypto_serving.operator.kube import Kube
@@ -76,17 +76,18 @@ def build_registry(controller: Controller, kube: Kube, on_startup: Callable[[], 
             controller.resource_seen(key, str(meta.get("uid")), int(meta.get("generation") or 0),
                                      force=bool(meta.get("deletionTimestamp")))
 
-    @kopf.on.event("", "v1", "pods", labels={d.L_NAME: d.APP, d.L_COMPONENT: d.ENGINE}, registry=registry)
+    @kopf.on.event("", "v1", "pods", labels={contract.L_NAME: contract.APP, contract.L_COMPONENT: contract.ENGINE},
+                   registry=registry)
     async def engine_pod_event(body: kopf.Body, **_: Any) -> None:
         meta = body.get("metadata") or {}
-        controller.trigger((meta.get("namespace"), (meta.get("labels") or {}).get(d.L_INSTANCE)))
+        controller.trigger((meta.get("namespace"), (meta.get("labels") or {}).get(contract.L_INSTANCE)))
 
-    @kopf.on.event("apps", "v1", "deployments", labels={d.L_NAME: d.APP, d.L_COMPONENT: d.GATEWAY},
-                   registry=registry)
+    @kopf.on.event("apps", "v1", "deployments",
+                   labels={contract.L_NAME: contract.APP, contract.L_COMPONENT: contract.GATEWAY}, registry=registry)
     async def gateway_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         if type in ("DELETED", "MODIFIED"):
             meta = body.get("metadata") or {}
-            controller.trigger((meta.get("namespace"), (meta.get("labels") or {}).get(d.L_INSTANCE)))
+            controller.trigger((meta.get("namespace"), (meta.get("labels") or {}).get(contract.L_INSTANCE)))
 
     if webhook:
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from pypto_serving.contract import ENV_POD_NAME
 from pypto_serving.operator.kube import ApiError, Kube
 
 log = logging.getLogger("pypto_serving.operator.leader")
@@ -50,7 +51,7 @@ def identity(environ: Mapping[str, str] | None = None, hostname: str | None = No
     """
     env = os.environ if environ is None else environ
     suffix = suffix or uuid.uuid4().hex[:8]
-    pod = env.get("POD_NAME", "").strip()
+    pod = env.get(ENV_POD_NAME, "").strip()
     if pod:
         return f"{pod}_{suffix}"
     return f"{hostname or socket.gethostname()}_{pid if pid is not None else os.getpid()}_{suffix}"

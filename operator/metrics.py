@@ -9,6 +9,8 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pypto_serving.contract import PATH_METRICS
+
 
 class Metrics:
     """The operator's metrics, in a registry of its own (no process-global state)."""
@@ -69,7 +71,7 @@ class HealthServer:
         """Listen (returns once bound)."""
         app = web.Application()
         app.add_routes([web.get("/healthz", self._healthz), web.get("/readyz", self._healthz),
-                        web.get("/metrics", self._metrics)])
+                        web.get(PATH_METRICS, self._metrics)])
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()

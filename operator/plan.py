@@ -20,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pypto_serving.contract import LoadReport
 from pypto_serving.operator import desired as d
-from pypto_serving.operator.state import Load, PodView, format_time
+from pypto_serving.operator.state import PodView, format_time
 from pypto_serving.operator.types import (
     Condition,
     ConditionType,
@@ -86,7 +87,7 @@ class Observed:
     spec: PyptoServingSpec | None
     problems: Sequence[Problem]
     pods: Sequence[PodView]
-    loads: Mapping[str, Load]
+    loads: Mapping[str, LoadReport]
     now: float
     previous_status: Mapping[str, Any] = field(default_factory=dict)
 
@@ -112,14 +113,14 @@ def loads_needed(spec: PyptoServingSpec | None, pods: Sequence[PodView]) -> list
             and (p.draining or (choosing and p.active and p.ready))]
 
 
-def _in_flight(pod: PodView, loads: Mapping[str, Load]) -> int:
+def _in_flight(pod: PodView, loads: Mapping[str, LoadReport]) -> int:
     load = loads.get(pod.name)
     if load is not None:
         return load.in_flight
     return UNKNOWN_LOAD if pod.ready else 0
 
 
-def victim_order(pods: Sequence[PodView], current_hash: str, loads: Mapping[str, Load]) -> list[PodView]:
+def victim_order(pods: Sequence[PodView], current_hash: str, loads: Mapping[str, LoadReport]) -> list[PodView]:
     """Pods sorted best-victim first: not Ready, old spec, least in-flight work, highest rank."""
     return sorted(pods, key=lambda p: (p.ready, p.spec_hash == current_hash, _in_flight(p, loads), -p.rank))
 

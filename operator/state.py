@@ -1,4 +1,5 @@
-"""Observed state as plain values: engine pods (`PodView`) and engine load (`Load`), parsed by pure functions.
+"""Observed state as plain values: engine pods (`PodView`), parsed by pure functions (engine load is the
+contract's `LoadReport`).
 
 The planner works on these instead of raw API objects, so it is a pure function that unit tests drive with
 hand-written pods. Everything the reconciler needs to remember lives in the pods' labels and annotations.
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from pypto_serving.operator import desired as d
+from pypto_serving import contract
 
 # Container waiting reasons that mean the replica cannot come up by itself.
 BAD_WAITING = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError",
@@ -97,7 +98,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     try:
-        rank = int(labels[d.L_RANK])
+        rank = int(labels[contract.L_RANK])
     except (KeyError, TypeError, ValueError):
         return None
     status = pod.get("status") or {}
@@ -105,30 +106,10 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     ready_cond = _condition(status, "Ready")
     problem, message = _problem(phase, status)
     return PodView(
-        name=meta.get("name", ""), rank=rank, spec_hash=labels.get(d.L_HASH), phase=phase,
+        name=meta.get("name", ""), rank=rank, spec_hash=labels.get(contract.L_HASH), phase=phase,
         ready=bool(ready_cond and ready_cond.get("status") == "True") and not meta.get("deletionTimestamp"),
-        deleting=bool(meta.get("deletionTimestamp")), draining=labels.get(d.L_DRAINING) == "true",
-        drain_started=parse_time(annotations.get(d.A_DRAIN_STARTED)), drain_reason=annotations.get(d.A_DRAIN_REASON),
+        deleting=bool(meta.get("deletionTimestamp")), draining=labels.get(contract.L_DRAINING) == "true",
+        drain_started=parse_time(annotations.get(contract.A_DRAIN_STARTED)),
+        drain_reason=annotations.get(contract.A_DRAIN_REASON),
         node=(pod.get("spec") or {}).get("nodeName"), ip=status.get("podIP"),
-        devices=annotations.get(d.A_REAL_DEVICES), problem=problem, problem_message=message)
-
-
-@dataclass(frozen=True)
-class Load:
-    """An engine's `GET /load` answer (CONTRACT.md)."""
-
-    running: int = 0
-    waiting: int = 0
-    pending_tokens: int = 0
-    draining: bool = False
-
-    @property
-    def in_flight(self) -> int:
-        """Requests not finished yet."""
-        return self.running + self.waiting
-
-    @classmethod
-    def parse(cls, data: Mapping[str, Any]) -> Load:
-        """From the JSON body of `GET /load`."""
-        return cls(running=int(data.get("running") or 0), waiting=int(data.get("waiting") or 0),
-                   pending_tokens=int(data.get("pending_tokens") or 0), draining=bool(data.get("draining")))
+        devices=annotations.get(contract.A_REAL_DEVICES), problem=problem, problem_message=message)

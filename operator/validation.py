@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pypto_serving.contract import ENGINE_POD_ENV, ENV_VISIBLE_DEVICES
 from pypto_serving.operator.defaults import BUILTIN, FLAGS, OperatorDefaults, defaulted_fields, resolve
 from pypto_serving.operator.types import ROUTING_POLICIES, SERVICE_TYPES, PyptoServingSpec
 
@@ -33,8 +34,7 @@ ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 MANAGED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--tensor-parallel-size",
                  "--pipeline-parallel-size", "--dtype", "--max-model-len", "--max-num-seqs",
                  "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching", "--no-enable-prefix-caching")
-MANAGED_ENV = ("PYPTO_DP_RANK", "PYPTO_DP_SIZE", "PYPTO_TP_SIZE", "PYPTO_PP_SIZE", "POD_NAME", "POD_NAMESPACE",
-               "POD_IP", "HCCL_IF_IP", "ASCEND_RT_VISIBLE_DEVICES")
+MANAGED_ENV = (*ENGINE_POD_ENV, ENV_VISIBLE_DEVICES)
 RESERVED_MOUNTS = ("/dev/shm", "/etc/hccn.conf")
 
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pypto_serving.contract import APP, L_MANAGED_BY, L_NAME, MANAGER
 from pypto_serving.operator.kube import ApiError, Kube
 from pypto_serving.operator.types import GROUP, PLURAL, VERSION
 
@@ -37,7 +38,7 @@ WEBHOOK_NAME = f"validate.{PLURAL}.{GROUP}"
 CERT_DAYS = 3650
 RENEW_BEFORE_DAYS = 30
 VWC_PATH = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
-MANAGED_BY, MANAGER = "app.kubernetes.io/managed-by", "pypto-serving-operator"  # on configurations it creates
+MANAGED_BY = L_MANAGED_BY  # on the configurations it creates, with the value MANAGER
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def generate(hosts: Sequence[str], days: int = CERT_DAYS) -> TLSBundle:
     """A new self-signed CA and a serving certificate for ``hosts`` (IPs and DNS names) signed by it."""
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pypto-serving-operator-ca")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{MANAGER}-ca")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
           .serial_number(x509.random_serial_number()).not_valid_before(now)
           .not_valid_after(now + dt.timedelta(days=days))
@@ -121,7 +122,7 @@ def load_or_create_secret(kube: Kube, namespace: str, name: str, hosts: Sequence
             pass
     bundle = generate(hosts)
     body = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-            "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "pypto-serving"}},
+            "metadata": {"name": name, "namespace": namespace, "labels": {L_NAME: APP}},
             "data": {k: base64.b64encode(v).decode() for k, v in
                      (("ca.crt", bundle.ca), ("tls.crt", bundle.cert), ("tls.key", bundle.key))}}
     try:
@@ -156,7 +157,7 @@ def configuration(name: str, config: dict[str, Any], failure_policy: str = "Fail
     """The ValidatingWebhookConfiguration for PyptoServing CREATE and UPDATE."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "pypto-serving"}},
+        "metadata": {"name": name, "labels": {L_NAME: APP}},
         "webhooks": [{
             "name": WEBHOOK_NAME,
             "clientConfig": config,

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
+from pypto_serving.contract import LoadReport
 from tests.support.common import wait_for
 from tests.support.engines import EngineProcess
 
@@ -203,7 +204,8 @@ def test_metrics_exposition(tiny_engine, client, model):
 def test_load_reports_the_batch_slots(tiny_engine):
     load = httpx.get(f"{tiny_engine.url}/load", timeout=10).json()
     assert load["max_num_seqs"] == 8  # TINY_ENGINE_ARGS: the gateway tells a free slot from a queue with it
-    assert {"running", "waiting", "pending_tokens", "kv_cache_usage", "draining"} <= set(load)
+    assert set(load) == set(LoadReport.model_fields)  # exactly the contract's document, and it parses as one
+    assert LoadReport.parse(load).max_num_seqs == 8
 
 
 def test_prefix_cache_hits_are_reported(client, model, tokenizer):

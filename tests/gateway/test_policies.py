@@ -55,10 +55,18 @@ def test_least_pending_tokens_prefers_a_free_batch_slot() -> None:
     assert policy.select([unknown, replica("slot", pending=70, running=0, slots=4)], RequestInfo(), NOW) is unknown
 
 
-def test_load_reading_reads_slots_leniently() -> None:
+def test_load_reading_is_checked_against_the_contract() -> None:
     assert LoadReading.from_json({"max_num_seqs": 8}, NOW, NOW).max_num_seqs == 8
-    for odd in (0, -1, "8", True, None, 2.5):
-        assert LoadReading.from_json({"max_num_seqs": odd}, NOW, NOW).max_num_seqs is None
+    assert LoadReading.from_json({"max_num_seqs": None}, NOW, NOW).max_num_seqs is None  # not loaded yet
+    for odd in (0, -1, "8", True, 2.5):
+        with pytest.raises(ValueError, match="max_num_seqs"):
+            LoadReading.from_json({"max_num_seqs": odd}, NOW, NOW)
+    for field, odd in (("running", -1), ("waiting", "3"), ("pending_tokens", 1.5), ("kv_cache_usage", 2.0),
+                       ("draining", "yes")):
+        with pytest.raises(ValueError, match=field):
+            LoadReading.from_json({field: odd}, NOW, NOW)
+    with pytest.raises(ValueError, match="JSON object"):
+        LoadReading.from_json([1, 2], NOW, NOW)
 
 
 def test_least_requests_counts_running_waiting_and_local() -> None:

@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 
+from pypto_serving import contract
+from pypto_serving.contract import LoadReport
 from pypto_serving.operator import desired as d
 from pypto_serving.operator import plan as p
 from pypto_serving.operator.defaults import resolve
-from pypto_serving.operator.state import Load, PodView, pod_view
+from pypto_serving.operator.state import PodView, pod_view
 from pypto_serving.operator.types import PyptoServingSpec
 from pypto_serving.operator.validation import validate
 from tests.operator.corpus import minimal
@@ -30,7 +32,7 @@ def pod(rank: int, spec: PyptoServingSpec | None = None, *, ready: bool = True, 
     return PodView(**fields)
 
 
-def observe(spec: PyptoServingSpec | None, pods: list[PodView], loads: dict[str, Load] | None = None,
+def observe(spec: PyptoServingSpec | None, pods: list[PodView], loads: dict[str, LoadReport] | None = None,
             now: float = NOW, previous: dict[str, Any] | None = None, problems: list[Any] | None = None) -> p.Observed:
     return p.Observed(name="demo", namespace="ns", generation=3, spec=spec, problems=problems or [], pods=pods,
                       loads=loads or {}, now=now, previous_status=previous or {})
@@ -77,8 +79,8 @@ def test_scale_up_fills_lowest_free_ranks() -> None:
 
 def test_scale_down_drains_least_loaded_then_highest_rank() -> None:
     pods = [pod(0), pod(1), pod(2), pod(3)]
-    loads = {"demo-dp-0": Load(running=0), "demo-dp-1": Load(running=3), "demo-dp-2": Load(waiting=1),
-             "demo-dp-3": Load(running=0)}
+    loads = {"demo-dp-0": LoadReport(running=0), "demo-dp-1": LoadReport(running=3), "demo-dp-2": LoadReport(waiting=1),
+             "demo-dp-3": LoadReport(running=0)}
     out = p.plan(observe(spec_of(replicas=2), pods, loads))
     assert kinds(out, p.StartDrain) == [p.StartDrain("demo-dp-3", "scale-down", "127.0.1.4"),
                                          p.StartDrain("demo-dp-0", "scale-down", "127.0.1.1")]
@@ -88,7 +90,7 @@ def test_scale_down_drains_least_loaded_then_highest_rank() -> None:
 
 def test_scale_down_prefers_not_ready_and_never_guesses_unknown_load_is_idle() -> None:
     pods = [pod(0), pod(1, ready=False), pod(2)]
-    loads = {"demo-dp-0": Load(running=1)}  # dp-2's load is unknown: assume busy
+    loads = {"demo-dp-0": LoadReport(running=1)}  # dp-2's load is unknown: assume busy
     out = p.plan(observe(spec_of(replicas=1), pods, loads))
     assert [a.pod for a in kinds(out, p.StartDrain)] == ["demo-dp-1", "demo-dp-0"]
 
@@ -96,11 +98,11 @@ def test_scale_down_prefers_not_ready_and_never_guesses_unknown_load_is_idle() -
 def test_draining_replica_waits_then_is_deleted() -> None:
     spec = spec_of(replicas=1, drain={"timeoutSeconds": 30})
     draining = pod(1, draining=True, drain_started=NOW - 10, drain_reason="scale-down")
-    busy = {"demo-dp-1": Load(running=1, draining=True)}
+    busy = {"demo-dp-1": LoadReport(running=1, draining=True)}
     out = p.plan(observe(spec, [pod(0), draining], busy))
     assert out.actions == [] and out.requeue_after == p.REQUEUE_DRAINING
     assert out.status.phase != "Ready"
-    idle = {"demo-dp-1": Load(running=0, waiting=0, draining=True)}
+    idle = {"demo-dp-1": LoadReport(running=0, waiting=0, draining=True)}
     assert p.plan(observe(spec, [pod(0), draining], idle)).actions == [p.DeletePod("demo-dp-1", "drained")]
     late = p.plan(observe(spec, [pod(0), draining], busy, now=NOW + 25))
     assert late.actions == [p.DeletePod("demo-dp-1", "drain-timeout")]
@@ -110,10 +112,10 @@ def test_draining_replica_waits_then_is_deleted() -> None:
 def test_drain_is_reposted_after_an_operator_restart() -> None:
     spec = spec_of(replicas=1)
     draining = pod(1, draining=True, drain_started=NOW - 1, drain_reason="scale-down")
-    out = p.plan(observe(spec, [pod(0), draining], {"demo-dp-1": Load(running=2, draining=False)}))
+    out = p.plan(observe(spec, [pod(0), draining], {"demo-dp-1": LoadReport(running=2, draining=False)}))
     assert out.actions == [p.StartDrain("demo-dp-1", "scale-down", "127.0.1.2", restamp=False)]
     unstamped = dataclasses.replace(draining, drain_started=None)
-    out = p.plan(observe(spec, [pod(0), unstamped], {"demo-dp-1": Load(running=2, draining=True)}))
+    out = p.plan(observe(spec, [pod(0), unstamped], {"demo-dp-1": LoadReport(running=2, draining=True)}))
     assert out.actions == [p.StartDrain("demo-dp-1", "scale-down", "127.0.1.2", restamp=True)]
 
 
@@ -167,7 +169,7 @@ def test_rollout_with_no_surge_replaces_one_at_a_time_reusing_ranks() -> None:
     assert out.actions == [p.StartDrain("demo-dp-2", "rollout", "127.0.1.3")]
     assert cond(out, "Progressing")["reason"] == "RollingUpdate" and out.status.updated_replicas == 0
     held = [old[0], old[1], dataclasses.replace(old[2], draining=True, drain_started=NOW, drain_reason="rollout")]
-    assert p.plan(observe(new, held, {"demo-dp-2": Load(running=1, draining=True)})).actions == []
+    assert p.plan(observe(new, held, {"demo-dp-2": LoadReport(running=1, draining=True)})).actions == []
     assert p.plan(observe(new, old[:2])).actions == [p.CreatePod(2, "rollout")]
     fresh = pod(2, new, ready=False)
     assert p.plan(observe(new, [*old[:2], fresh])).actions == []  # next one only after the new one is Ready
@@ -178,7 +180,8 @@ def simulate(old_spec: PyptoServingSpec, new_spec: PyptoServingSpec, steps: int 
     pods = {r: pod(r, old_spec) for r in range(old_spec.replicas)}
     trace = []
     for step in range(steps):
-        out = p.plan(observe(new_spec, list(pods.values()), {n.name: Load() for n in pods.values()}, now=NOW + step))
+        idle = {n.name: LoadReport() for n in pods.values()}
+        out = p.plan(observe(new_spec, list(pods.values()), idle, now=NOW + step))
         for action in out.actions:
             if isinstance(action, p.CreatePod):
                 assert action.rank not in pods
@@ -219,9 +222,10 @@ def test_loads_needed_only_when_a_choice_or_drain_is_pending() -> None:
 
 
 def raw_pod(**status: Any) -> dict[str, Any]:
-    return {"metadata": {"name": "demo-dp-4", "labels": {d.L_RANK: "4", d.L_HASH: "abc", d.L_DRAINING: "true"},
-                         "annotations": {d.A_DRAIN_STARTED: "2024-01-01T00:00:10Z", d.A_DRAIN_REASON: "rollout",
-                                         d.A_REAL_DEVICES: "0,1"}},
+    labels = {contract.L_RANK: "4", contract.L_HASH: "abc", contract.L_DRAINING: "true"}
+    annotations = {contract.A_DRAIN_STARTED: "2024-01-01T00:00:10Z", contract.A_DRAIN_REASON: "rollout",
+                   contract.A_REAL_DEVICES: "0,1"}
+    return {"metadata": {"name": "demo-dp-4", "labels": labels, "annotations": annotations},
             "spec": {"nodeName": "node-1"}, "status": status}
 
 

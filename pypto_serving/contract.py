@@ -1,0 +1,90 @@
+"""The names the operator, the engine and the gateway agree on (CONTRACT.md), defined once.
+
+Labels, annotations, HTTP headers and paths, ports, the engine pods' environment variable names and the
+``GET /load`` document live here and nowhere else: each part imports them. Torch-free and cheap to import
+(pydantic only), so the operator and the gateway can use it. tests/test_contract.py fails when a part
+spells one of these names on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# --- ports -------------------------------------------------------------------------------------------------------
+ENGINE_PORT = 8000
+ENGINE_PORT_NAME = "http"  # the engine container's named port; the gateway's discovery reads it
+GATEWAY_PORT = 8080
+OPERATOR_HEALTH_PORT = 8081
+WEBHOOK_PORT = 9443
+
+# --- labels and annotations on the objects the operator creates --------------------------------------------------
+L_NAME = "app.kubernetes.io/name"
+L_INSTANCE = "app.kubernetes.io/instance"
+L_COMPONENT = "app.kubernetes.io/component"
+L_MANAGED_BY = "app.kubernetes.io/managed-by"
+L_RANK = "serving.pypto.io/dp-rank"
+L_HASH = "serving.pypto.io/spec-hash"
+L_DRAINING = "serving.pypto.io/draining"  # "true" while a replica drains: the gateway stops routing to it
+A_DRAIN_STARTED = "serving.pypto.io/drain-started"
+A_DRAIN_REASON = "serving.pypto.io/drain-reason"
+A_REAL_DEVICES = "huawei.com/AscendReal"  # the Ascend device plugin's record of the devices it assigned
+APP = "pypto-serving"  # the value of L_NAME on everything we create
+ENGINE, GATEWAY, OPERATOR = "engine", "gateway", "operator"  # values of L_COMPONENT
+MANAGER = "pypto-serving-operator"  # L_MANAGED_BY, and the server-side apply field manager
+
+# --- the engine pods' environment (set by the operator, read by the engine and by people) -----------------------
+ENV_DP_RANK = "PYPTO_DP_RANK"
+ENV_DP_SIZE = "PYPTO_DP_SIZE"
+ENV_TP_SIZE = "PYPTO_TP_SIZE"
+ENV_PP_SIZE = "PYPTO_PP_SIZE"
+ENV_POD_NAME = "POD_NAME"
+ENV_POD_NAMESPACE = "POD_NAMESPACE"
+ENV_POD_IP = "POD_IP"
+ENV_HCCL_IF_IP = "HCCL_IF_IP"
+ENGINE_POD_ENV = (ENV_DP_RANK, ENV_DP_SIZE, ENV_TP_SIZE, ENV_PP_SIZE, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_POD_IP,
+                  ENV_HCCL_IF_IP)  # all of them: a user's spec.engine.env may not set these
+ENV_VISIBLE_DEVICES = "ASCEND_RT_VISIBLE_DEVICES"  # set by the Ascend device plugin, never by a user
+
+# --- HTTP ----------------------------------------------------------------------------------------------------------
+REQUEST_ID_HEADER = "x-request-id"  # echoed by the engine and the gateway; one id for every retry of a request
+REPLICA_HEADER = "x-pypto-replica"  # the gateway: which replica answered
+ROUTING_HEADER = "x-pypto-routing"  # the gateway: a per-request routing policy
+SESSION_HEADER = "x-session-id"  # the gateway's session policy
+PATH_HEALTH, PATH_READY, PATH_LOAD, PATH_DRAIN, PATH_METRICS = "/health", "/ready", "/load", "/drain", "/metrics"
+
+
+class LoadReport(BaseModel):
+    """An engine's ``GET /load`` document: its own work, cheap to poll. The engine writes it with
+    :meth:`to_json`; the operator and the gateway read untrusted bytes back with :meth:`parse`."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)  # "8" or true is no count
+
+    running: int = Field(default=0, ge=0, description="Requests in the running batch.")
+    waiting: int = Field(default=0, ge=0, description="Requests admitted but not scheduled yet.")
+    pending_tokens: int = Field(
+        default=0, ge=0, description="For every unfinished request: prompt tokens not computed yet + tokens still "
+        "to generate.")
+    kv_cache_usage: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of KV-cache blocks in use.")
+    draining: bool = Field(default=False, description="The engine accepts no new requests.")
+    max_num_seqs: int | None = Field(default=None, gt=0, description="Batch slots, once the model is loaded.")
+
+    @property
+    def in_flight(self) -> int:
+        """Requests not finished yet."""
+        return self.running + self.waiting
+
+    def to_json(self) -> dict[str, Any]:
+        """The document as the engine sends it (max_num_seqs only once known)."""
+        return self.model_dump(exclude_none=True)
+
+    @classmethod
+    def parse(cls, data: Any) -> LoadReport:
+        """Validate an engine's answer; ValueError names what is wrong (a negative count, a wrong type...)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"/load must be a JSON object, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(f"invalid /load document: {exc.errors(include_url=False, include_input=False)}") from None
