@@ -58,7 +58,7 @@ from benchmarks.chaos_system import (  # noqa: E402
 )
 from benchmarks.loadgen import LoadGenerator, Outcome, Window, summarize  # noqa: E402
 from hack.localkube import ClusterConfig, LocalCluster  # noqa: E402
-from pypto_serving.operator.kube import ApiError  # noqa: E402
+from pypto_serving.kube import ApiError  # noqa: E402
 
 RESULTS = REPO_ROOT / "docs" / "benchmarks" / "chaos.json"
 IN_FLIGHT_SLACK_S = 0.05  # a request that started this long after the fault was already on its way
@@ -580,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     operator_security: dict[str, Any] = {}
     try:
         system.kubectl("create", "namespace", system.namespace)
-        wait_until(lambda: system.kube.get(f"/api/v1/namespaces/{system.namespace}/serviceaccounts/default")
+        wait_until(lambda: (system.kube.get("v1", "ServiceAccount", "default", system.namespace) or {})
                    .get("secrets"), 60, "the namespace's default ServiceAccount token")
         log("installing the operator chart (2 replicas)")
         lease = install_operator_chart(system)

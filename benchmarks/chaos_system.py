@@ -20,7 +20,7 @@ import yaml  # noqa: E402
 
 from hack.localkube import LocalCluster  # noqa: E402
 from hack.localkube.tools import helm_binary, kubectl_binary  # noqa: E402
-from pypto_serving.operator.kube import Kube, load_configuration  # noqa: E402
+from pypto_serving.kube import Kube, load_config  # noqa: E402
 from tests.support.common import wait_for  # noqa: E402
 
 CHART = REPO_ROOT / "helm" / "pypto-serving"
@@ -111,7 +111,7 @@ class System:
     kube: Kube = field(init=False)
 
     def __post_init__(self) -> None:
-        self.kube = Kube(load_configuration(str(self.kubeconfig)), timeout=10)
+        self.kube = Kube(load_config(str(self.kubeconfig)), timeout=10)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run kubectl against the cluster."""
@@ -124,7 +124,7 @@ class System:
     # -- observation ----------------------------------------------------------------------------------------------
     def pods(self, selector: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Pods matching a label selector, by name."""
-        items = self.kube.list(f"/api/v1/namespaces/{namespace or self.namespace}/pods", labelSelector=selector)
+        items = self.kube.list("v1", "Pod", namespace or self.namespace, labels=selector)
         return sorted(items, key=lambda p: p["metadata"]["name"])
 
     def engine_pods(self) -> list[dict[str, Any]]:
@@ -146,14 +146,14 @@ class System:
 
     def resource(self) -> dict[str, Any]:
         """The PyptoServing as stored."""
-        found = self.kube.get(f"/apis/serving.pypto.io/v1alpha1/namespaces/{self.namespace}/pyptoservings/{self.name}")
+        found = self.kube.get("serving.pypto.io/v1alpha1", "PyptoServing", self.name, self.namespace)
         assert found is not None
         return found
 
     def patch_spec(self, spec: dict[str, Any]) -> int:
         """Merge-patch the spec; returns the new generation."""
-        path = f"/apis/serving.pypto.io/v1alpha1/namespaces/{self.namespace}/pyptoservings/{self.name}"
-        body = self.kube.merge_patch(path, {"spec": spec}) or {}
+        body = self.kube.merge_patch("serving.pypto.io/v1alpha1", "PyptoServing", self.name, {"spec": spec},
+                                     self.namespace) or {}
         return int(body["metadata"]["generation"])
 
     def gateway_view(self, target: str) -> dict[str, str]:
@@ -191,8 +191,7 @@ class System:
 
     def lease_holder(self, lease: str) -> str | None:
         """holderIdentity of the operator's Lease: ``<pod>_<uuid8>`` for an operator pod (operator/leader.py)."""
-        body = self.kube.get(f"/apis/coordination.k8s.io/v1/namespaces/{self.operator_namespace}/leases/{lease}",
-                             ok_missing=True)
+        body = self.kube.get("coordination.k8s.io/v1", "Lease", lease, self.operator_namespace)
         return ((body or {}).get("spec") or {}).get("holderIdentity") or None
 
 

@@ -38,7 +38,7 @@ import yaml  # noqa: E402
 
 from hack.localkube import ClusterConfig, LocalCluster  # noqa: E402
 from hack.localkube.tools import kubectl_binary  # noqa: E402
-from pypto_serving.operator.kube import Kube, load_configuration  # noqa: E402
+from pypto_serving.kube import Kube, load_config  # noqa: E402
 from tests.operator.clusterkit import OperatorProcess, pod_ready  # noqa: E402
 from tests.support.common import wait_for  # noqa: E402
 from tests.support.models import tiny_model_dir  # noqa: E402
@@ -86,7 +86,7 @@ class Bench:
 
     def __init__(self, cluster: LocalCluster, workdir: Path) -> None:
         self.cluster = cluster
-        self.kube = Kube(load_configuration(str(cluster.kubeconfig)), pool=32)
+        self.kube = Kube(load_config(str(cluster.kubeconfig)))
         self.env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}
         self.namespace = f"bench-{uuid.uuid4().hex[:6]}"
         self.workdir = workdir
@@ -102,7 +102,7 @@ class Bench:
         return out.stdout
 
     def pods(self, selector: str) -> list[dict[str, Any]]:
-        return self.kube.list(f"/api/v1/namespaces/{self.namespace}/pods", labelSelector=selector)
+        return self.kube.list("v1", "Pod", self.namespace, labels=selector)
 
     def measure(self, name: str, sampler: ProcSampler) -> Any:
         bench = self
@@ -144,11 +144,11 @@ def fleet(bench: Bench, sampler: ProcSampler, model_dir: Path, count: int) -> No
     node = {"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": VIRTUAL_NODE, "labels": {"kubernetes.io/hostname": VIRTUAL_NODE}},
             "spec": {"taints": [{"key": "pypto.bench/virtual", "value": "true", "effect": "NoSchedule"}]}}
-    if bench.kube.get(f"/api/v1/nodes/{VIRTUAL_NODE}", ok_missing=True) is None:
-        bench.kube.create("/api/v1/nodes", node)
+    if bench.kube.get("v1", "Node", VIRTUAL_NODE) is None:
+        bench.kube.create(node)
     capacity = {"huawei.com/Ascend910": "1000", "cpu": "1000", "memory": "1000Gi", "pods": "1000"}
-    bench.kube.merge_patch(f"/api/v1/nodes/{VIRTUAL_NODE}/status",
-                           {"status": {"capacity": capacity, "allocatable": capacity}})
+    bench.kube.merge_patch("v1", "Node", VIRTUAL_NODE, {"status": {"capacity": capacity, "allocatable": capacity}},
+                           status=True)
     tolerations = [{"operator": "Exists", "effect": "NoSchedule"}]
     docs = [{"apiVersion": "serving.pypto.io/v1alpha1", "kind": "PyptoServing",
              "metadata": {"name": f"fleet-{i:02d}", "namespace": bench.namespace},
@@ -167,7 +167,7 @@ def fleet(bench: Bench, sampler: ProcSampler, model_dir: Path, count: int) -> No
                 created_at = time.monotonic()
             if scheduled_at is None and len(pods) == 2 * count and all(p["spec"].get("nodeName") for p in pods):
                 scheduled_at = time.monotonic()
-            listed = bench.kube.list(f"/apis/serving.pypto.io/v1alpha1/namespaces/{bench.namespace}/pyptoservings")
+            listed = bench.kube.list("serving.pypto.io/v1alpha1", "PyptoServing", bench.namespace)
             converged = [r for r in listed if r["metadata"]["name"] in names
                          and (r.get("status") or {}).get("replicas") == 2
                          and len((r.get("status") or {}).get("replicaStatuses") or []) == 2
@@ -186,10 +186,10 @@ def fleet(bench: Bench, sampler: ProcSampler, model_dir: Path, count: int) -> No
     for name in sorted(names):
         bench.kubectl("delete", "pps", name, "-n", bench.namespace, "--wait=false")
     # nothing runs on the virtual node to confirm deletions: force them, then drop the node
-    wait_for(lambda: not bench.kube.list(f"/apis/serving.pypto.io/v1alpha1/namespaces/{bench.namespace}/pyptoservings"),
+    wait_for(lambda: not bench.kube.list("serving.pypto.io/v1alpha1", "PyptoServing", bench.namespace),
              60, "fleet resources deleted")
     bench.kubectl("delete", "pods", "-n", bench.namespace, "--all", "--grace-period=0", "--force")
-    bench.kube.delete(f"/api/v1/nodes/{VIRTUAL_NODE}")
+    bench.kube.delete("v1", "Node", VIRTUAL_NODE)
 
 
 def apply_and_scale(bench: Bench, sampler: ProcSampler, model_dir: Path, replicas: int) -> None:
@@ -243,10 +243,10 @@ def apply_and_scale(bench: Bench, sampler: ProcSampler, model_dir: Path, replica
     with bench.measure("scale", sampler) as out:
         started = time.monotonic()
         bench.kubectl("scale", "pps", "bench", "-n", bench.namespace, f"--replicas={replicas + 1}")
-        created = wait_for(lambda: bench.kube.get(f"/api/v1/namespaces/{bench.namespace}/pods/{new_pod}",
-                                                  ok_missing=True) and time.monotonic(), 60, "the new pod")
-        ready = wait_for(lambda: pod_ready(bench.kube.get(f"/api/v1/namespaces/{bench.namespace}/pods/{new_pod}")
-                                           or {}) and time.monotonic(), 600, "the new pod Ready")
+        created = wait_for(lambda: bench.kube.get("v1", "Pod", new_pod, bench.namespace) and time.monotonic(), 60,
+                           "the new pod")
+        ready = wait_for(lambda: pod_ready(bench.kube.get("v1", "Pod", new_pod, bench.namespace) or {})
+                         and time.monotonic(), 600, "the new pod Ready")
         wait_for(lambda: new_pod in served, 120, "the new replica to receive traffic")
         out.update(new_pod_created_seconds=round(created - started, 3), new_pod_ready_seconds=round(ready - started, 2),
                    first_request_served_seconds=round(served[new_pod] - started, 2),

@@ -214,13 +214,12 @@ class AsyncEngine:
                 commands, self._commands = self._commands, []
             for command in commands:
                 self._apply(engine, command, active)
-            if engine.has_unfinished_requests():
-                outputs = self._step(engine, active)
-                active.difference_update(out.request_id for out in outputs if out.finished)
-                if outputs:
-                    self._call(self._dispatch, outputs)
+            outputs = self._step(engine, active) if engine.has_unfinished_requests() else []
+            active.difference_update(out.request_id for out in outputs if out.finished)
             busy = engine.has_unfinished_requests()
-            self._publish()
+            self._publish()  # before the outputs: whoever sees a request finish also sees the load and health after it
+            if outputs:
+                self._call(self._dispatch, outputs)
 
     def _apply(self, engine: Any, command: _Add | str, active: set[str]) -> None:
         if isinstance(command, str):

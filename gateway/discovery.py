@@ -1,28 +1,25 @@
 """Replica discovery: a static endpoint list, or a Kubernetes list+watch of engine pods by label selector.
 
-The Kubernetes watch talks to the API server directly with aiohttp (credentials from the in-cluster
-ServiceAccount, else KUBECONFIG, through the official client's config loaders): it lists the pods, applies the
-list as the whole replica set, then watches from the list's resourceVersion. A 410 Gone (or an ERROR event)
-re-lists at once; any other failure reconnects with exponential back-off. Every event is applied as it
-arrives, so a pod labelled draining stops receiving new requests with that one event.
+The Kubernetes discovery is the product's one list+watch helper (``pypto_serving.kube.ListWatch``, lightkube;
+credentials from the in-cluster ServiceAccount, else KUBECONFIG): it lists the pods, applies the list as the
+whole replica set, then watches from the list's resourceVersion. A 410 Gone re-lists at once; any other failure
+reconnects with exponential back-off. Every event is applied as it arrives, so a pod labelled draining stops
+receiving new requests with that one event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import ssl
+from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlencode
-
-import aiohttp
 
 from pypto_serving.contract import ENGINE_PORT, ENGINE_PORT_NAME, ENV_POD_NAMESPACE, L_DRAINING
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.upstream import Origin
+from pypto_serving.kube import ListWatch, load_config
 
 log = logging.getLogger(__name__)
 
@@ -78,137 +75,42 @@ def pod_entry(pod: dict[str, Any], default_port: int = ENGINE_PORT) -> tuple[str
     return meta.get("name", ip), f"http://{host}:{port}", state
 
 
-class Gone(Exception):
-    """The watch's resourceVersion is too old: list again."""
-
-
 class KubernetesDiscovery(Discovery):
-    """List+watch of the pods matching ``selector`` in ``namespace``."""
+    """List+watch of the pods matching ``selector`` in ``namespace`` (pypto_serving.kube.ListWatch)."""
 
     def __init__(self, namespace: str | None, selector: str, kubeconfig: str | None = None,
                  default_port: int = ENGINE_PORT, watch_timeout_s: int = 300, max_backoff_s: float = 30.0) -> None:
         self.namespace = namespace or default_namespace()
-        self.selector = selector
+        self.labels = dict(term.split("=", 1) for term in selector.split(",") if term)
         self.kubeconfig = kubeconfig
         self.default_port = default_port
         self.watch_timeout_s = watch_timeout_s
         self.max_backoff_s = max_backoff_s
-        self.synced = asyncio.Event()
         self.events = 0  # watch events applied (for tests and /replicas debugging)
-        self._task: asyncio.Task | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._cfg: Any = None
+        self._watch: ListWatch | None = None
 
-    # --- credentials ------------------------------------------------------------------------------------------
-    def _load_config(self) -> Any:
-        from kubernetes import client, config  # imported lazily: static mode never needs it
+    @property
+    def synced(self) -> asyncio.Event:
+        """Set once the first list is in the registry."""
+        assert self._watch is not None, "start() first"
+        return self._watch.synced
 
-        cfg = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=cfg)
-        except config.ConfigException:
-            config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
-        return cfg
-
-    def _ssl(self) -> ssl.SSLContext | bool:
-        cfg = self._cfg
-        if not cfg.host.startswith("https"):
-            return False
-        ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert else ssl.create_default_context()
-        if cfg.cert_file:
-            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-        if not cfg.verify_ssl:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-
-    def _headers(self) -> dict[str, str]:
-        """Request headers with the credentials the client config holds (the token re-read when it rotates)."""
-        cfg = self._cfg
-        headers = {"Accept": "application/json"}
-        for setting in cfg.auth_settings().values():  # bearer token under 'BearerToken' or 'authorization'
-            if setting.get("in") == "header" and setting.get("value"):
-                headers[setting["key"]] = setting["value"]
-        if "authorization" not in {k.lower() for k in headers} and cfg.username:
-            headers["Authorization"] = cfg.get_basic_auth_token()
-        return headers
-
-    # --- lifecycle --------------------------------------------------------------------------------------------
     async def start(self, registry: Registry) -> None:
-        self._cfg = await asyncio.to_thread(self._load_config)
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
-        self._task = asyncio.get_running_loop().create_task(self._run(registry))
+        config = await asyncio.to_thread(load_config, self.kubeconfig)
+
+        def listed(pods: Iterable[dict[str, Any]]) -> None:
+            registry.replace(e for e in (pod_entry(p, self.default_port) for p in pods) if e)
+
+        self._watch = ListWatch(config, "v1", "Pod", self.namespace, self.labels, listed,
+                                lambda kind, pod: self.apply(registry, kind, pod), self.watch_timeout_s,
+                                self.max_backoff_s)
+        self._watch.start()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.synced.wait(), timeout=10)  # serve after the first list when possible
+            await asyncio.wait_for(self._watch.synced.wait(), timeout=10)  # serve after the first list when possible
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._session is not None:
-            await self._session.close()
-
-    # --- list + watch -----------------------------------------------------------------------------------------
-    def _url(self, **params: Any) -> str:
-        query = urlencode({"labelSelector": self.selector, **params})
-        return f"{self._cfg.host.rstrip('/')}/api/v1/namespaces/{self.namespace}/pods?{query}"
-
-    async def _run(self, registry: Registry) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                version = await self._list(registry)
-                backoff = 0.2
-                while True:
-                    version = await self._watch(registry, version)
-            except Gone:
-                log.info("watch of pods %r: resourceVersion gone, listing again", self.selector)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as exc:
-                reason = repr(exc)
-                if isinstance(exc, aiohttp.ClientResponseError):
-                    reason = f"HTTP {exc.status}: {exc.message}"
-                log.warning("pod discovery failed (%s); reconnecting in %.1fs", reason[:300], backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff_s)
-
-    async def _list(self, registry: Registry) -> str:
-        assert self._session is not None
-        async with self._session.get(self._url(), headers=self._headers()) as resp:
-            if resp.status == 410:
-                raise Gone()
-            if resp.status != 200:
-                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status,
-                                                  message=(await resp.text())[:200])
-            data = await resp.json()
-        entries = [e for e in (pod_entry(p, self.default_port) for p in data.get("items") or []) if e]
-        registry.replace(entries)
-        self.synced.set()
-        return data["metadata"]["resourceVersion"]
-
-    async def _watch(self, registry: Registry, version: str) -> str:
-        """Watch from ``version`` until the server ends the watch; return the last resourceVersion seen."""
-        assert self._session is not None
-        url = self._url(watch="1", resourceVersion=version, allowWatchBookmarks="true",
-                        timeoutSeconds=str(self.watch_timeout_s))
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.watch_timeout_s + 30)
-        async with self._session.get(url, headers=self._headers(), timeout=timeout) as resp:
-            if resp.status == 410:
-                raise Gone()
-            if resp.status != 200:
-                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-            async for line in resp.content:
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":
-                    raise Gone() if obj.get("code") == 410 else ValueError(f"watch error: {obj.get('message')}")
-                version = (obj.get("metadata") or {}).get("resourceVersion", version)
-                if kind == "BOOKMARK":
-                    continue
-                self.apply(registry, kind, obj)
-        return version
+        if self._watch is not None:
+            await self._watch.stop()
 
     def apply(self, registry: Registry, kind: str, pod: dict[str, Any]) -> None:
         """Apply one watch event to the registry."""

@@ -18,10 +18,10 @@ import httpx
 
 from pypto_serving import contract
 from pypto_serving.contract import MANAGER, PATH_DRAIN, PATH_LOAD, LoadReport
+from pypto_serving.kube import ApiError, Kube
 from pypto_serving.operator import desired as d
-from pypto_serving.operator.kube import ApiError, Kube, collection_path, object_path
 from pypto_serving.operator.state import PodView, format_time
-from pypto_serving.operator.types import API_VERSION, KIND, PLURAL
+from pypto_serving.operator.types import API_VERSION, KIND
 
 log = logging.getLogger("pypto_serving.operator.actuator")
 COMPONENT = MANAGER  # the Events' source
@@ -30,12 +30,6 @@ GATEWAY_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("rbac.authorizat
 NETWORK_POLICY_KINDS = (("networking.k8s.io/v1", "NetworkPolicy"),)
 # The server-side apply field manager of every object the operator writes from a desired manifest.
 FIELD_MANAGER = MANAGER
-
-
-def resource_path(namespace: str, name: str | None = None) -> str:
-    """REST path of PyptoServings in a namespace (or of one)."""
-    base = collection_path(API_VERSION, PLURAL, namespace)
-    return f"{base}/{name}" if name else base
 
 
 class Actuator:
@@ -55,16 +49,15 @@ class Actuator:
     # --- observe -------------------------------------------------------------------------------------------------
     def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The PyptoServing, or None when it is gone."""
-        return self.kube.get(resource_path(namespace, name), ok_missing=True)
+        return self.kube.get(API_VERSION, KIND, name, namespace)
 
     def list_resources(self, namespace: str | None) -> list[dict[str, Any]]:
         """All PyptoServings in a namespace (or the cluster)."""
-        return self.kube.list(collection_path(API_VERSION, PLURAL, namespace))
+        return self.kube.list(API_VERSION, KIND, namespace)
 
     def list_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """The engine pods of one resource (by label)."""
-        selector = d.selector_string(d.engine_selector(name))
-        return self.kube.list(collection_path("v1", "pods", namespace), labelSelector=selector)
+        return self.kube.list("v1", "Pod", namespace, labels=d.engine_selector(name))
 
     def _load(self, pod: PodView) -> tuple[str, LoadReport | None]:
         try:
@@ -88,9 +81,8 @@ class Actuator:
     # --- engine pods ---------------------------------------------------------------------------------------------
     def create_pod(self, manifest: dict[str, Any]) -> bool:
         """Create an engine pod; False if a pod of that name already exists."""
-        collection, _ = object_path(manifest)
         try:
-            self.kube.create(collection, manifest)
+            self.kube.create(manifest)
             return True
         except ApiError as exc:
             if exc.status == 409:
@@ -108,7 +100,7 @@ class Actuator:
         if restamp:
             annotations = {contract.A_DRAIN_STARTED: format_time(now), contract.A_DRAIN_REASON: reason}
             patch = {"metadata": {"labels": {contract.L_DRAINING: "true"}, "annotations": annotations}}
-            self.kube.merge_patch(f"{collection_path('v1', 'pods', namespace)}/{pod}", patch, ok_missing=True)
+            self.kube.merge_patch("v1", "Pod", pod, patch, namespace)
         if ip:
             try:
                 self.http.post(f"http://{ip}:{contract.ENGINE_PORT}{PATH_DRAIN}").raise_for_status()
@@ -117,20 +109,20 @@ class Actuator:
 
     def delete_pod(self, namespace: str, pod: str) -> None:
         """Delete a pod (gone already is fine)."""
-        self.kube.delete(f"{collection_path('v1', 'pods', namespace)}/{pod}")
+        self.kube.delete("v1", "Pod", pod, namespace)
 
     # --- children ------------------------------------------------------------------------------------------------
     def apply(self, obj: dict[str, Any], owner_uid: str) -> str:
         """Server-side apply a child as FIELD_MANAGER, forcing our fields back (a hand edit of a field we set is
         reverted on the next reconcile); returns applied, or conflict when an object of that name exists that
         this resource does not own (it is left alone)."""
-        _, path = object_path(obj)
-        current = self.kube.get(path, ok_missing=True)
+        meta = obj["metadata"]
+        current = self.kube.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
         if current is not None:
             refs = (current.get("metadata") or {}).get("ownerReferences") or []
             if not any(ref.get("uid") == owner_uid for ref in refs):
                 return "conflict"
-        self.kube.apply(path, obj, FIELD_MANAGER)
+        self.kube.apply(obj, FIELD_MANAGER)
         return "applied"
 
     def delete_gateway(self, namespace: str, name: str, owner_uid: str) -> int:
@@ -141,19 +133,17 @@ class Actuator:
         """Delete the objects ``name`` of these (apiVersion, kind)s that this resource owns; returns how many."""
         deleted = 0
         for api_version, kind in kinds:
-            obj = {"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": namespace}}
-            _, path = object_path(obj)
-            current = self.kube.get(path, ok_missing=True)
+            current = self.kube.get(api_version, kind, name, namespace)
             refs = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
             if current is not None and any(ref.get("uid") == owner_uid for ref in refs):
-                self.kube.delete(path)
+                self.kube.delete(api_version, kind, name, namespace)
                 deleted += 1
         return deleted
 
     # --- status and events ---------------------------------------------------------------------------------------
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource (lists are replaced whole; None removes a field)."""
-        self.kube.merge_patch(f"{resource_path(namespace, name)}/status", {"status": status}, ok_missing=True)
+        self.kube.merge_patch(API_VERSION, KIND, name, {"status": status}, namespace, status=True)
 
     def event(self, body: dict[str, Any], type_: str, reason: str, message: str, now: float) -> None:
         """Post a Kubernetes Event about the PyptoServing (failures to post are only logged)."""
@@ -170,6 +160,6 @@ class Actuator:
             "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
         }
         try:
-            self.kube.create(collection_path("v1", "events", meta.get("namespace")), event)
+            self.kube.create(event)
         except Exception as exc:
             log.warning("could not post event %s on %s: %r", reason, meta.get("name"), exc)

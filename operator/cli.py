@@ -12,14 +12,14 @@ from pathlib import Path
 
 import kopf
 
-from pypto_serving.contract import ENV_POD_NAMESPACE, MANAGER
+from pypto_serving.contract import ENV_POD_IP, ENV_POD_NAMESPACE, MANAGER
+from pypto_serving.kube import Kube, load_config
 from pypto_serving.operator import types as t
 from pypto_serving.operator import webhook as wh
 from pypto_serving.operator.actuator import Actuator
 from pypto_serving.operator.controller import Controller, ControllerConfig
 from pypto_serving.operator.defaults import OperatorDefaults
 from pypto_serving.operator.handlers import build_registry
-from pypto_serving.operator.kube import Kube, load_configuration
 from pypto_serving.operator.leader import LeaderElector, identity
 from pypto_serving.operator.metrics import HealthServer, Metrics
 from pypto_serving.operator.reconciler import Reconciler
@@ -51,20 +51,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resync-seconds", type=float, default=30.0, help="periodic full resync interval")
     w = p.add_argument_group("admission webhook")
     w.add_argument("--webhook-mode", choices=["none", "url", "service"], default="none",
-                   help="url: register https://HOST:PORT (local clusters); service: a Service (real clusters)")
+                   help="service (real clusters): serve the certificate the chart mounts in --webhook-cert-dir, "
+                   "behind the chart's Service and configuration; url (the local cluster only): make a "
+                   "certificate and register https://HOST:PORT in the configuration")
     w.add_argument("--webhook-listen", default=default_host(),
                    help="address the webhook server binds (default: $POD_IP, else 127.0.0.1)")
     w.add_argument("--webhook-port", type=int, default=9443, help="webhook server port (TLS)")
     w.add_argument("--webhook-host", default=None,
                    help="url mode: host the apiserver dials (default: $POD_IP, else 127.0.0.1)")
-    w.add_argument("--webhook-service-name", default=f"{MANAGER}-webhook", help="service mode")
-    w.add_argument("--webhook-service-namespace", default=None, help="service mode (default: own namespace)")
-    w.add_argument("--webhook-secret", default=None,
-                   help="keep the CA and certificate in this Secret (own namespace), shared by all replicas")
     w.add_argument("--webhook-config-name", default=MANAGER,
-                   help="name of the ValidatingWebhookConfiguration")
-    w.add_argument("--webhook-failure-policy", choices=["Fail", "Ignore"], default="Fail")
-    w.add_argument("--webhook-cert-dir", default=None, help="where to write the certificate files (default: temp)")
+                   help="url mode: name of the ValidatingWebhookConfiguration to register in")
+    w.add_argument("--webhook-failure-policy", choices=["Fail", "Ignore"], default="Fail", help="url mode")
+    w.add_argument("--webhook-cert-dir", default=None,
+                   help="service mode: ca.crt, tls.crt and tls.key (the chart's Secret, mounted); url mode: where "
+                   "to write the generated ones (default: a temporary directory)")
     le = p.add_argument_group("leader election")
     le.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
                     help="hold a Lease before reconciling, so several replicas are safe")
@@ -107,20 +107,33 @@ def own_namespace(args: argparse.Namespace) -> str:
     return args.namespace[0] if args.namespace else "default"
 
 
-def webhook_hosts(args: argparse.Namespace, namespace: str) -> list[str]:
-    """Names the serving certificate must carry."""
+def webhook_tls(args: argparse.Namespace) -> tuple[wh.TLSBundle, Path, str | None]:
+    """The certificate to serve, the directory holding its files, and (url mode) the host to register."""
     if args.webhook_mode == "service":
-        svc, ns = args.webhook_service_name, args.webhook_service_namespace or namespace
-        return [f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local", f"{svc}.{ns}", svc]
-    host = args.webhook_host or os.environ.get("POD_IP") or "127.0.0.1"
-    return [host, "localhost", "127.0.0.1"]
+        if not args.webhook_cert_dir:
+            raise SystemExit("--webhook-mode service needs --webhook-cert-dir: the chart's webhook Secret, mounted")
+        cert_dir = Path(args.webhook_cert_dir)
+        try:
+            bundle = wh.load(cert_dir)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        if not wh.covers(bundle, []):
+            log.warning("the webhook certificate in %s expires within %d days: `helm upgrade` with a new one",
+                        cert_dir, wh.RENEW_BEFORE_DAYS)
+        return bundle, cert_dir, None
+    host = args.webhook_host or os.environ.get(ENV_POD_IP) or "127.0.0.1"
+    bundle = wh.generate([host, "localhost", "127.0.0.1"])
+    cert_dir = Path(args.webhook_cert_dir or tempfile.mkdtemp(prefix="pypto-webhook-"))
+    bundle.write(cert_dir)
+    return bundle, cert_dir, host
 
 
 async def run(args: argparse.Namespace) -> int:
     """Build everything and run kopf until a signal stops it."""
     namespace = own_namespace(args)
     defaults = operator_defaults(args)
-    kube = Kube(load_configuration(args.kubeconfig, args.context))
+    config = load_config(args.kubeconfig, args.context)
+    kube = Kube(config)
     metrics = Metrics()
     actuator = Actuator(kube)
     elector = None
@@ -139,19 +152,14 @@ async def run(args: argparse.Namespace) -> int:
     settings.watching.reconnect_backoff = 1.0
     webhook_config: dict[str, object] | None = None
     if args.webhook_mode != "none":
-        hosts = webhook_hosts(args, namespace)
-        bundle = (wh.load_or_create_secret(kube, namespace, args.webhook_secret, hosts) if args.webhook_secret
-                  else wh.generate(hosts))
-        cert_dir = Path(args.webhook_cert_dir or tempfile.mkdtemp(prefix="pypto-webhook-"))
-        ca_path, cert_path, key_path = bundle.write(cert_dir)
-        settings.admission.server = kopf.WebhookServer(addr=args.webhook_listen, port=args.webhook_port,
-                                                       host=hosts[0], certfile=str(cert_path),
-                                                       pkeyfile=str(key_path), cafile=str(ca_path))
-        settings.admission.managed = None  # registered below, with our own clientConfig
-        webhook_config = wh.configuration(args.webhook_config_name, wh.client_config(
-            args.webhook_mode, bundle.ca, url_host=hosts[0], port=args.webhook_port,
-            service_name=args.webhook_service_name,
-            service_namespace=args.webhook_service_namespace or namespace), args.webhook_failure_policy)
+        bundle, cert_dir, url_host = webhook_tls(args)
+        settings.admission.server = kopf.WebhookServer(
+            addr=args.webhook_listen, port=args.webhook_port, host=url_host, certfile=str(cert_dir / "tls.crt"),
+            pkeyfile=str(cert_dir / "tls.key"), cafile=str(cert_dir / "ca.crt"))
+        settings.admission.managed = None  # never kopf's: the chart's (service mode) or registered below (url)
+        if url_host is not None:
+            webhook_config = wh.configuration(args.webhook_config_name, wh.client_config(
+                bundle.ca, url_host, args.webhook_port), args.webhook_failure_policy)
 
     async def register_webhook() -> None:
         assert webhook_config is not None
@@ -173,12 +181,12 @@ async def run(args: argparse.Namespace) -> int:
         for task in background:
             task.cancel()
         await controller.stop()
-        if webhook_config is not None and args.webhook_mode == "url":
+        if webhook_config is not None:
             await asyncio.to_thread(wh.unregister, kube, args.webhook_config_name, webhook_config["webhooks"][0]
                                     ["clientConfig"])  # type: ignore[index]
         await health.stop()
 
-    registry = build_registry(controller, kube, on_startup, on_cleanup, webhook=webhook_config is not None,
+    registry = build_registry(controller, config, on_startup, on_cleanup, webhook=args.webhook_mode != "none",
                               defaults=defaults)
     log.info("starting: %s, leader election %s, webhook %s, defaults %s", "all namespaces" if args.all_namespaces
              else f"namespaces {args.namespace}", "on" if elector else "off", args.webhook_mode, defaults)

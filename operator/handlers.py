@@ -12,11 +12,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
+from lightkube import KubeConfig
 
 from pypto_serving import contract
+from pypto_serving.kube import credentials
 from pypto_serving.operator.controller import Controller
 from pypto_serving.operator.defaults import BUILTIN, OperatorDefaults
-from pypto_serving.operator.kube import Kube
 from pypto_serving.operator.types import GROUP, PLURAL, VERSION
 from pypto_serving.operator.validation import summary, validate
 from pypto_serving.operator.webhook import HANDLER_ID
@@ -39,23 +40,18 @@ def admission_decision(body: dict[str, Any], old: dict[str, Any] | None, operati
     return summary(problems) if problems else None
 
 
-def build_registry(controller: Controller, kube: Kube, on_startup: Callable[[], Awaitable[None]],
+def build_registry(controller: Controller, config: KubeConfig, on_startup: Callable[[], Awaitable[None]],
                    on_cleanup: Callable[[], Awaitable[None]], webhook: bool,
                    defaults: OperatorDefaults = BUILTIN) -> kopf.OperatorRegistry:
     """A kopf registry with this operator's handlers bound to ``controller`` (the validating one if ``webhook``,
     checking resources resolved with ``defaults`` like the reconciler)."""
     registry = kopf.OperatorRegistry()
-    cfg = kube._cfg  # credentials kopf uses for its watches
-
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
-        token = None
-        for key in ("authorization", "BearerToken"):
-            value = (cfg.api_key or {}).get(key)
-            if value:
-                token = value.split(" ", 1)[1] if value.lower().startswith("bearer ") else value
-        return kopf.ConnectionInfo(server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
-                                   certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+        """kopf's watches use the operator's own credentials (its --kubeconfig and --context, else in-cluster)."""
+        found = credentials(config)
+        token = found.pop("token", None)
+        return kopf.ConnectionInfo(**{k: v for k, v in found.items() if v is not None},
                                    scheme="Bearer" if token else None, token=token)
 
     @kopf.on.startup(registry=registry)

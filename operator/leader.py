@@ -21,7 +21,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pypto_serving.contract import ENV_POD_NAME
-from pypto_serving.operator.kube import ApiError, Kube
+from pypto_serving.kube import ApiError, Kube
+
+LEASE_API = "coordination.k8s.io/v1"
 
 log = logging.getLogger("pypto_serving.operator.leader")
 
@@ -71,7 +73,7 @@ def decide(lease: dict[str, Any] | None, identity: str, now: float, duration: in
     """Pure: given the current Lease (None if absent), what this candidate should write."""
     stamp = micro_time(now)
     if lease is None:
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        body = {"apiVersion": LEASE_API, "kind": "Lease",
                 "metadata": {"name": name, "namespace": namespace},
                 "spec": {"holderIdentity": identity, "leaseDurationSeconds": duration, "acquireTime": stamp,
                          "renewTime": stamp, "leaseTransitions": 0}}
@@ -106,21 +108,16 @@ class LeaderElector:
         self._last_renew = 0.0
         self._changed = asyncio.Event()
 
-    @property
-    def path(self) -> str:
-        """REST path of the Lease."""
-        return f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases/{self.name}"
-
     def try_acquire_or_renew(self) -> bool:
         """One round (blocking API calls): returns whether this replica holds the Lease now."""
         now = self.clock()
         try:
-            lease = self.kube.get(self.path, ok_missing=True)
+            lease = self.kube.get(LEASE_API, "Lease", self.name, self.namespace)
             decision = decide(lease, self.identity, now, self.lease_duration, self.namespace, self.name)
             if decision.action == "create" and decision.lease is not None:
-                self.kube.create(self.path.rsplit("/", 1)[0], decision.lease)
+                self.kube.create(decision.lease)
             elif decision.action == "update" and decision.lease is not None:
-                self.kube.replace(self.path, decision.lease)
+                self.kube.replace(decision.lease)
             if decision.leading:
                 self._last_renew = now
             return decision.leading
@@ -137,11 +134,11 @@ class LeaderElector:
         if not self.leading:
             return
         try:
-            lease = self.kube.get(self.path, ok_missing=True)
+            lease = self.kube.get(LEASE_API, "Lease", self.name, self.namespace)
             if lease and (lease.get("spec") or {}).get("holderIdentity") == self.identity:
                 lease["spec"]["holderIdentity"] = ""
                 lease["spec"]["leaseDurationSeconds"] = 1
-                self.kube.replace(self.path, lease)
+                self.kube.replace(lease)
                 log.info("released the leader lease %s/%s", self.namespace, self.name)
         except Exception as exc:
             log.warning("could not release the leader lease: %r", exc)

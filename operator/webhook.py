@@ -1,14 +1,14 @@
-"""The validating admission webhook: a self-signed CA and serving certificate, and its registration.
+"""The validating admission webhook's TLS material and, in url mode, its registration.
 
-kopf's webhook server (aiohttp, TLS) serves the `@kopf.on.validate` handler; this module creates the TLS
-material and the ValidatingWebhookConfiguration that points the apiserver at it, in one of two modes:
+kopf's webhook server (aiohttp, TLS) serves the `@kopf.on.validate` handler. One owner per mode for the
+certificate and the ValidatingWebhookConfiguration:
 
-* ``url``: ``clientConfig.url = https://<host>:<port>/<path>`` - for the local cluster, where the apiserver
-  reaches the operator by IP (there is no kube-proxy there);
-* ``service``: ``clientConfig.service`` = a Service in front of the operator pods - for real clusters.
-
-Either way the configuration carries the CA as ``caBundle``. With ``--webhook-secret`` the CA and certificate
-are kept in a Secret, so every operator replica serves the same certificate and restarts keep it.
+* ``service`` (real clusters): the helm chart owns both. It creates the CA and serving certificate (a Secret
+  that each operator pod mounts: ``load``), the Service and the configuration with the CA as ``caBundle``. The
+  operator only serves; it neither reads Secrets through the API nor writes webhook configurations.
+* ``url`` (the project's local cluster only, where the apiserver reaches pods by IP and no Service): each
+  operator pod makes its own CA and certificate in memory (``generate``) and registers
+  ``clientConfig.url = https://<its IP>:<port>/<path>`` with that CA in the configuration (``register``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pypto_serving.contract import APP, L_MANAGED_BY, L_NAME, MANAGER
-from pypto_serving.operator.kube import ApiError, Kube
+from pypto_serving.kube import ApiError, Kube
 from pypto_serving.operator.types import GROUP, PLURAL, VERSION
 
 log = logging.getLogger("pypto_serving.operator.webhook")
@@ -37,7 +37,7 @@ HANDLER_ID = "validate-pyptoserving"  # kopf routes POST /<handler id> to the ha
 WEBHOOK_NAME = f"validate.{PLURAL}.{GROUP}"
 CERT_DAYS = 3650
 RENEW_BEFORE_DAYS = 30
-VWC_PATH = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
+VWC_API, VWC_KIND = "admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration"
 MANAGED_BY = L_MANAGED_BY  # on the configurations it creates, with the value MANAGER
 
 
@@ -108,55 +108,25 @@ def covers(bundle: TLSBundle, hosts: Sequence[str], now: dt.datetime | None = No
     return all(host in names for host in hosts)
 
 
-def load_or_create_secret(kube: Kube, namespace: str, name: str, hosts: Sequence[str]) -> TLSBundle:
-    """The TLS bundle kept in Secret ``namespace/name``; generated (or renewed) when absent or unfit."""
-    path = f"/api/v1/namespaces/{namespace}/secrets/{name}"
-    secret = kube.get(path, ok_missing=True)
-    if secret is not None:
-        data = secret.get("data") or {}
-        try:
-            bundle = TLSBundle(*(base64.b64decode(data[k]) for k in ("ca.crt", "tls.crt", "tls.key")))
-            if covers(bundle, hosts):
-                return bundle
-        except (KeyError, ValueError):
-            pass
-    bundle = generate(hosts)
-    body = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-            "metadata": {"name": name, "namespace": namespace, "labels": {L_NAME: APP}},
-            "data": {k: base64.b64encode(v).decode() for k, v in
-                     (("ca.crt", bundle.ca), ("tls.crt", bundle.cert), ("tls.key", bundle.key))}}
+def load(directory: Path) -> TLSBundle:
+    """The bundle the chart mounts (its Secret's ca.crt, tls.crt and tls.key); ValueError names what is missing."""
     try:
-        if secret is None:
-            kube.create(f"/api/v1/namespaces/{namespace}/secrets", body)
-        else:
-            body["metadata"]["resourceVersion"] = secret["metadata"]["resourceVersion"]
-            kube.replace(path, body)
-        return bundle
-    except ApiError as exc:
-        if exc.status != 409:
-            raise
-        return load_or_create_secret(kube, namespace, name, hosts)  # another replica won the race: use theirs
+        return TLSBundle(*((directory / name).read_bytes() for name in ("ca.crt", "tls.crt", "tls.key")))
+    except OSError as exc:
+        raise ValueError(f"the webhook certificate is not in {directory} ({exc.strerror}: {exc.filename}); "
+                         "service mode serves the Secret the chart mounts there") from None
 
 
-def client_config(mode: str, ca: bytes, *, url_host: str = "127.0.0.1", port: int = 9443,
-                  service_name: str | None = None, service_namespace: str | None = None) -> dict[str, Any]:
-    """The webhook's clientConfig for ``url`` or ``service`` mode."""
-    bundle = base64.b64encode(ca).decode()
-    if mode == "url":
-        host = f"[{url_host}]" if ":" in url_host else url_host
-        return {"url": f"https://{host}:{port}/{HANDLER_ID}", "caBundle": bundle}
-    if mode == "service":
-        if not service_name or not service_namespace:
-            raise ValueError("service mode needs --webhook-service-name and --webhook-service-namespace")
-        return {"service": {"name": service_name, "namespace": service_namespace, "port": port,
-                            "path": f"/{HANDLER_ID}"}, "caBundle": bundle}
-    raise ValueError(f"unknown webhook mode {mode!r}")
+def client_config(ca: bytes, host: str = "127.0.0.1", port: int = 9443) -> dict[str, Any]:
+    """The url-mode clientConfig: ``https://<host>:<port>/<handler>`` trusting ``ca``."""
+    url_host = f"[{host}]" if ":" in host else host
+    return {"url": f"https://{url_host}:{port}/{HANDLER_ID}", "caBundle": base64.b64encode(ca).decode()}
 
 
 def configuration(name: str, config: dict[str, Any], failure_policy: str = "Fail") -> dict[str, Any]:
     """The ValidatingWebhookConfiguration for PyptoServing CREATE and UPDATE."""
     return {
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "apiVersion": VWC_API, "kind": VWC_KIND,
         "metadata": {"name": name, "labels": {L_NAME: APP}},
         "webhooks": [{
             "name": WEBHOOK_NAME,
@@ -205,18 +175,17 @@ def register(kube: Kube, body: dict[str, Any]) -> None:
 
     A configuration the operator creates carries ``app.kubernetes.io/managed-by: pypto-serving-operator``, so
     `unregister` knows it may delete it."""
-    path = f"{VWC_PATH}/{body['metadata']['name']}"
     for _ in range(5):
-        current = kube.get(path, ok_missing=True)
+        current = kube.get(VWC_API, VWC_KIND, body["metadata"]["name"])
         try:
             if current is None:
                 created = copy.deepcopy(body)
                 created["metadata"].setdefault("labels", {})[MANAGED_BY] = MANAGER
-                kube.create(VWC_PATH, created)
+                kube.create(created)
             else:
                 update = merged(current, body)
                 if update != current:
-                    kube.replace(path, update)  # carries current's resourceVersion: a concurrent write is a 409
+                    kube.replace(update)  # carries current's resourceVersion: a concurrent write is a 409
             return
         except ApiError as exc:
             if exc.status != 409:
@@ -227,17 +196,16 @@ def register(kube: Kube, body: dict[str, Any]) -> None:
 def unregister(kube: Kube, name: str, config: dict[str, Any]) -> None:
     """Remove this operator's webhook if it still points at ``config`` (another replica may have taken it over):
     the whole configuration when the operator created it, else (e.g. helm owns it) only its webhook entry."""
-    path = f"{VWC_PATH}/{name}"
     try:
-        current = kube.get(path, ok_missing=True)
+        current = kube.get(VWC_API, VWC_KIND, name)
         hooks = [hook for hook in (current or {}).get("webhooks") or [] if hook.get("name") == WEBHOOK_NAME]
         if current is None or not hooks or hooks[0].get("clientConfig", {}).get("url") != config.get("url"):
             return
         if ((current.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY) == MANAGER:
-            kube.delete(path)
+            kube.delete(VWC_API, VWC_KIND, name)
             log.info("removed the webhook configuration %s", name)
         else:
-            kube.replace(path, without(current, {WEBHOOK_NAME}))
+            kube.replace(without(current, {WEBHOOK_NAME}))
             log.info("removed webhook %s from the configuration %s (not the operator's to delete)", WEBHOOK_NAME,
                      name)
     except Exception as exc:

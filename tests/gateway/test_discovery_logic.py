@@ -69,7 +69,7 @@ class ScriptedPodsApi:
         from aiohttp import web
 
         self.requests.append(dict(request.query))
-        if request.query.get("watch") != "1":
+        if request.query.get("watch") not in ("1", "true"):
             items = self.lists.pop(0) if len(self.lists) > 1 else self.lists[0]
             version = str(10 * len(self.requests))
             return web.json_response({"kind": "PodList", "metadata": {"resourceVersion": version}, "items": items})
@@ -121,9 +121,9 @@ def test_a_410_gone_watch_lists_again_and_replaces_the_replica_set(tmp_path, cap
             await discovery.stop()
             await runner.cleanup()
 
-    caplog.set_level("INFO", logger="pypto_serving.gateway.discovery")
+    caplog.set_level("INFO", logger="pypto_serving.kube")
     assert asyncio.run(scenario()) == ["c"]
-    kinds = ["watch" if q.get("watch") == "1" else "list" for q in api.requests]
+    kinds = ["watch" if q.get("watch") in ("1", "true") else "list" for q in api.requests]
     assert kinds == ["list", "watch", "list", "watch", "list", "watch"]
     assert api.requests[-1]["resourceVersion"] == "50"  # the watch resumes from the latest list's version
     assert all(q["labelSelector"] == "app=x" for q in api.requests)

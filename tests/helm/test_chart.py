@@ -103,12 +103,13 @@ def test_operator_pods_are_locked_down_and_match_the_engines_network_policy() ->
     container = operator_container(docs)
     sc = container["securityContext"]
     assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
-    # the only writable path is the scratch emptyDir, which TMPDIR and the webhook certificates use
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    # the only writable path is the scratch emptyDir (TMPDIR); service mode mounts the chart's certificate
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["TMPDIR"] == mounts["scratch"]
-    assert operator_args(docs).webhook_cert_dir.startswith(mounts["scratch"] + "/")
-    assert {v["name"] for v in pod["spec"]["volumes"]} == {"scratch"}
+    assert env["TMPDIR"] == mounts["scratch"]["mountPath"]
+    assert operator_args(docs).webhook_cert_dir == mounts["webhook-tls"]["mountPath"]
+    assert mounts["webhook-tls"]["readOnly"] is True
+    assert {v["name"] for v in pod["spec"]["volumes"]} == {"scratch", "webhook-tls"}
     # the engines' NetworkPolicy admits the operator's pods by these labels (operator/desired.py)
     assert desired.OPERATOR_POD_LABELS.items() <= pod["metadata"]["labels"].items()
     assert {p["name"] for p in container["ports"]} == {"health", "webhook"}
@@ -117,34 +118,40 @@ def test_operator_pods_are_locked_down_and_match_the_engines_network_policy() ->
     assert container["resources"]["limits"]["memory"]
 
 
-def test_service_mode_webhook_is_what_the_operator_registers() -> None:
+def test_service_mode_the_chart_owns_the_webhook_certificate_and_registration() -> None:
     docs = render()
     args = operator_args(docs)
-    secret = find(docs, "Secret", args.webhook_secret)
-    service = find(docs, "Service", args.webhook_service_name)
-    config = find(docs, "ValidatingWebhookConfiguration", args.webhook_config_name)
-    ca = secret_data(secret, "ca.crt")
-    expected = wh.configuration(args.webhook_config_name, wh.client_config(
-        "service", ca, port=args.webhook_port, service_name=args.webhook_service_name,
-        service_namespace=args.webhook_service_namespace), args.webhook_failure_policy)
-    assert config["webhooks"] == expected["webhooks"]
-    # the Service reaches the operator pods' webhook port
     pod = find(docs, "Deployment")["spec"]["template"]
+    (tls,) = [v for v in pod["spec"]["volumes"] if v["name"] == "webhook-tls"]
+    secret = find(docs, "Secret", tls["secret"]["secretName"])
+    (config,) = [d for d in docs if d["kind"] == "ValidatingWebhookConfiguration"]
+    (hook,) = config["webhooks"]
+    service = find(docs, "Service", hook["clientConfig"]["service"]["name"])
+    ca = secret_data(secret, "ca.crt")
+    # the chart's configuration is the operator's webhook (rules, policies) behind the Service, trusting its CA
+    expected = wh.configuration(config["metadata"]["name"], {}, args.webhook_failure_policy)["webhooks"][0]
+    assert {k: v for k, v in hook.items() if k != "clientConfig"} == {
+        k: v for k, v in expected.items() if k != "clientConfig"}
+    assert hook["clientConfig"]["service"]["path"] == f"/{wh.HANDLER_ID}"
+    assert hook["clientConfig"]["service"]["port"] == args.webhook_port
+    assert secret_data({"data": {"c": hook["clientConfig"]["caBundle"]}}, "c") == ca
+    # the Service reaches the operator pods' webhook port
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["port"] == args.webhook_port
     assert service["spec"]["ports"][0]["targetPort"] == "webhook"
-    # the operator keeps the chart's certificate (wh.covers) instead of replacing it: same CA as the caBundle
+    # the mounted certificate names the Service and chains to the caBundle; the operator only serves it
     bundle = wh.TLSBundle(ca, secret_data(secret, "tls.crt"), secret_data(secret, "tls.key"))
-    hosts = operator_cli.webhook_hosts(args, "pypto-system")
-    assert wh.covers(bundle, hosts)
+    svc, ns = service["metadata"]["name"], service["metadata"]["namespace"]
+    assert wh.covers(bundle, [f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local"])
     cert = x509.load_pem_x509_certificate(bundle.cert)
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
+    assert args.webhook_mode == "service" and args.webhook_cert_dir
 
 
 def test_url_mode_leaves_the_webhooks_to_the_operator() -> None:
     docs = render({"webhook.mode": "url"})
     args = operator_args(docs)
-    assert args.webhook_mode == "url" and args.webhook_secret is None and args.webhook_host is None
+    assert args.webhook_mode == "url" and args.webhook_host is None
     config = find(docs, "ValidatingWebhookConfiguration", args.webhook_config_name)
     assert "webhooks" not in config  # helm owns the object (uninstall deletes it); each operator pod fills it in
     assert not [d for d in docs if d["kind"] == "Secret"]

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import yaml
 
-from pypto_serving.operator.actuator import resource_path
-from pypto_serving.operator.kube import Kube
+from pypto_serving.kube import Kube
+from pypto_serving.operator.types import API_VERSION, KIND
 from tests.support.common import free_port, wait_for
 
 OPERATOR_BIN = str(Path(sys.executable).parent / "pypto-serving")
@@ -124,15 +124,15 @@ def kubectl_apply(cluster: Any, namespace: str, body: dict[str, Any], check: boo
 
 def get_resource(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
     """The PyptoServing as stored."""
-    found = kube.get(resource_path(namespace, name))
+    found = kube.get(API_VERSION, KIND, name, namespace)
     assert found is not None
     return found
 
 
 def engine_pods(kube: Kube, namespace: str, name: str, include_terminating: bool = True) -> list[dict[str, Any]]:
     """The engine pods of a resource, by rank."""
-    pods = kube.list(f"/api/v1/namespaces/{namespace}/pods",
-                     labelSelector=f"app.kubernetes.io/instance={name},app.kubernetes.io/component=engine")
+    pods = kube.list("v1", "Pod", namespace,
+                     labels={"app.kubernetes.io/instance": name, "app.kubernetes.io/component": "engine"})
     if not include_terminating:
         pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
     return sorted(pods, key=lambda p: int(p["metadata"]["labels"]["serving.pypto.io/dp-rank"]))
@@ -175,6 +175,6 @@ def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
 
 def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     """Kubernetes Events about the PyptoServing."""
-    items = kube.list(f"/api/v1/namespaces/{namespace}/events")
+    items = kube.list("v1", "Event", namespace)
     return [e for e in items if e.get("involvedObject", {}).get("kind") == "PyptoServing"
             and e["involvedObject"].get("name") == name]

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from pypto_serving.operator.kube import Kube, load_configuration
+from pypto_serving.kube import Kube, load_config
 from tests.operator.clusterkit import OperatorProcess
 
 
 @pytest.fixture(scope="session")
 def kube(cluster: Any) -> Iterator[Kube]:
     """A REST client for fast polling from tests (user actions go through kubectl)."""
-    client = Kube(load_configuration(str(cluster.kubeconfig)))
+    client = Kube(load_config(str(cluster.kubeconfig)))
     yield client
     client.close()
 

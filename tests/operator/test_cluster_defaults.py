@@ -53,11 +53,11 @@ def test_a_resource_without_device_resource_gets_the_operators_default_in_its_po
     assert status["deviceResourceName"] == DEVICE and status["devicesPerReplica"] == 2
     cond = condition(body, "Degraded")  # type: ignore[arg-type]
     assert cond["reason"] == "Unschedulable" and f"Insufficient {DEVICE}" in cond["message"]
-    gateway = kube.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/site-gateway")
+    gateway = kube.get("apps/v1", "Deployment", "site-gateway", namespace)
     (container,) = gateway["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "registry.local/pypto-serving-gateway:site"
     assert container["args"][container["args"].index("--policy") + 1] == "round-robin"
-    service = kube.get(f"/api/v1/namespaces/{namespace}/services/site-gateway")
+    service = kube.get("v1", "Service", "site-gateway", namespace)
     assert service["spec"]["type"] == "NodePort"
 
     # kubectl get pps: every printer column shows the real state (2 wanted, 0 ready, TP 2, 2 devices each)

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pypto_serving.operator.actuator import resource_path
+from pypto_serving.operator.types import API_VERSION, KIND
 from tests.operator.clusterkit import (
     OperatorProcess,
     condition,
@@ -116,4 +116,4 @@ def test_create_scale_heal_and_garbage_collect(cluster: Any, namespace: str, kub
         return not left
 
     wait_for(all_gone, 120, "the garbage collector to delete the children")
-    assert kube.get(resource_path(namespace, "demo"), ok_missing=True) is None
+    assert kube.get(API_VERSION, KIND, "demo", namespace) is None

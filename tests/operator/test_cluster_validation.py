@@ -178,7 +178,6 @@ def test_webhook_registration_keeps_helms_metadata_and_other_webhooks(
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": config, "labels": labels, "annotations": annotations}, "webhooks": [foreign]}))
-    path = f"{wh.VWC_PATH}/{config}"
     op = start_operator("--webhook-mode", "url", "--webhook-listen", "127.0.0.1", "--webhook-port", str(port),
                         "--webhook-config-name", config)
     try:
@@ -188,7 +187,7 @@ def test_webhook_registration_keeps_helms_metadata_and_other_webhooks(
         wait_for(lambda: "denied the request" in kubectl_apply(cluster, namespace, probe.body, check=False,
                                                                dry_run=True).stderr,
                  30, "the operator's webhook to be merged into the configuration and serving")
-        stored = kube.get(path)
+        stored = kube.get(wh.VWC_API, wh.VWC_KIND, config)
         assert labels.items() <= stored["metadata"]["labels"].items()
         assert annotations.items() <= stored["metadata"]["annotations"].items()
         assert [h["name"] for h in stored["webhooks"]] == ["other.example.com", wh.WEBHOOK_NAME]
@@ -196,7 +195,7 @@ def test_webhook_registration_keeps_helms_metadata_and_other_webhooks(
         mine = stored["webhooks"][1]["clientConfig"]
         assert mine["url"] == f"https://127.0.0.1:{port}/validate-pyptoserving" and mine["caBundle"]
         assert op.stop() == 0
-        after = kube.get(path, ok_missing=True)
+        after = kube.get(wh.VWC_API, wh.VWC_KIND, config)
         assert after is not None, "the operator deleted a configuration helm owns"
         assert labels.items() <= after["metadata"]["labels"].items()
         assert annotations.items() <= after["metadata"]["annotations"].items()

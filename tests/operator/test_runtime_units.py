@@ -122,6 +122,11 @@ def test_generated_tls_is_a_ca_chain_for_the_hosts(tmp_path: Path) -> None:
     assert cert.issuer == ca.subject and cert.subject != ca.subject
     ca_path, cert_path, key_path = bundle.write(tmp_path)
     assert oct(key_path.stat().st_mode & 0o777) == "0o600"
+    assert wh.load(tmp_path) == bundle  # what service mode reads from the chart's mounted Secret
+    key_path.unlink()
+    with pytest.raises(ValueError, match=r"tls\.key"):
+        wh.load(tmp_path)
+    bundle.write(tmp_path)
 
     # a real TLS handshake verified against the CA, by IP
     class Hello(BaseHTTPRequestHandler):
@@ -148,13 +153,10 @@ def test_generated_tls_is_a_ca_chain_for_the_hosts(tmp_path: Path) -> None:
     server.server_close()
 
 
-def test_webhook_configuration_modes() -> None:
-    url = wh.client_config("url", b"CA", url_host="127.0.5.6", port=9443)
+def test_webhook_url_mode_configuration() -> None:
+    url = wh.client_config(b"CA", "127.0.5.6", 9443)
     assert url == {"url": "https://127.0.5.6:9443/validate-pyptoserving", "caBundle": "Q0E="}
-    svc = wh.client_config("service", b"CA", service_name="op-webhook", service_namespace="sys", port=443)
-    assert svc["service"] == {"name": "op-webhook", "namespace": "sys", "port": 443, "path": "/validate-pyptoserving"}
-    with pytest.raises(ValueError, match="unknown webhook mode"):
-        wh.client_config("magic", b"CA")
+    assert wh.client_config(b"CA", "fd00::1", 9443)["url"] == "https://[fd00::1]:9443/validate-pyptoserving"
     body = wh.configuration("pps-validate", url, "Ignore")
     (hook,) = body["webhooks"]
     assert hook["rules"][0]["resources"] == ["pyptoservings"] and hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
@@ -163,7 +165,7 @@ def test_webhook_configuration_modes() -> None:
 
 
 def test_webhook_registration_merges_into_a_configuration_it_does_not_own() -> None:
-    ours = wh.configuration("op", wh.client_config("url", b"NEW-CA", url_host="127.0.5.6"), "Fail")
+    ours = wh.configuration("op", wh.client_config(b"NEW-CA", "127.0.5.6"), "Fail")
     helm = {"app.kubernetes.io/managed-by": "Helm", "app.kubernetes.io/name": "pypto-serving", "helm.sh/chart": "c-1"}
     annotations = {"meta.helm.sh/release-name": "rel", "meta.helm.sh/release-namespace": "sys"}
     foreign = {"name": "other.example.com", "clientConfig": {"url": "https://127.0.0.9/x"}, "sideEffects": "None"}

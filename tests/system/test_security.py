@@ -104,8 +104,7 @@ def selected(system: System, match_labels: dict[str, str]) -> set[str]:
 
 def test_network_policy_admits_only_the_gateway_and_the_operator(serving_system: System) -> None:
     system = serving_system
-    policy = system.kube.get(f"/apis/networking.k8s.io/v1/namespaces/{system.namespace}/networkpolicies/"
-                             f"{system.name}-engines")
+    policy = system.kube.get("networking.k8s.io/v1", "NetworkPolicy", f"{system.name}-engines", system.namespace)
     assert policy is not None
     assert policy["metadata"]["ownerReferences"][0]["name"] == system.name
     spec = policy["spec"]
