@@ -125,6 +125,19 @@ def test_blocking_mode_keeps_one_micro_batch_in_flight() -> None:
         engine.shutdown()
 
 
+def test_two_micro_batches_on_one_in_process_rank() -> None:
+    """--max-num-micro-batches works without stages too: the runner thread queues the second micro-batch."""
+    engine = pp_engine("qwen3", 1, max_num_micro_batches=2)
+    try:
+        prompts, max_tokens = _workload(seed=13)
+        outputs, most = generate(engine, prompts, max_tokens)
+        assert most == 2
+        assert_matches_transformers(engine.config.model, prompts, max_tokens, outputs)
+        assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    finally:
+        engine.shutdown()
+
+
 @pytest.fixture(scope="module")
 def pp2() -> Iterator[LLMEngine]:
     engine = pp_engine("qwen3", 2, num_kv_blocks=128)
