@@ -74,7 +74,8 @@ class ParallelSpec(_Model):
     """Intra-replica parallel dimensions; one replica uses tensorParallelSize x pipelineParallelSize devices."""
 
     tensor_parallel_size: int = Field(ge=1, le=128, description="Tensor-parallel degree (devices per stage).")
-    pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description="Pipeline stages (only 1 for now).")
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description=(
+        "Pipeline stages; the engine runs tensorParallelSize x pipelineParallelSize ranks in one pod (one node)."))
     expert_parallel: ExpertParallel = Field(default=ExpertParallel(), description="Expert parallelism.")
 
 

@@ -136,9 +136,6 @@ def _source(field: str, value: object, defaulted: frozenset[str] | set[str]) -> 
 
 def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]) -> list[Problem]:
     par, out = spec.parallel, []
-    if par.pipeline_parallel_size > 1:
-        out.append(Problem("spec.parallel.pipelineParallelSize",
-                           f"pipeline parallelism (> 1) is not supported yet (got {par.pipeline_parallel_size})"))
     if par.expert_parallel.enabled and not spec.model.moe:
         out.append(Problem("spec.parallel.expertParallel.enabled",
                            "expert parallelism needs a MoE model (set spec.model.moe: true)"))
@@ -146,7 +143,8 @@ def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]
     if per_node is not None and spec.devices_per_replica > per_node:
         out.append(Problem("spec.parallel.tensorParallelSize",
                            f"tensorParallelSize x pipelineParallelSize = {spec.devices_per_replica} devices does "
-                           f"not fit on one node ({_source('spec.devices.perNode', per_node, defaulted)})"))
+                           f"not fit on one node ({_source('spec.devices.perNode', per_node, defaulted)}), and a "
+                           f"replica spanning several nodes is not supported yet"))
     return out
 
 

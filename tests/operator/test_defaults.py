@@ -86,7 +86,8 @@ def test_validation_names_the_field_when_a_given_value_is_bad_and_the_flag_for_a
     # the fit check against perNode: the spec's value, or the operator's default (named by its flag)
     _, problems = validate(minimal(parallel={"tensorParallelSize": 16}), SITE)
     assert summary(problems) == ("spec.parallel.tensorParallelSize: tensorParallelSize x pipelineParallelSize = 16 "
-                                 "devices does not fit on one node (the operator's --default-devices-per-node = 8)")
+                                 "devices does not fit on one node (the operator's --default-devices-per-node = 8), "
+                                 "and a replica spanning several nodes is not supported yet")
     _, problems = validate(minimal(parallel={"tensorParallelSize": 16}, devices={"perNode": 8}), BUILTIN)
     assert "(spec.devices.perNode = 8)" in summary(problems)
     assert validate(minimal(parallel={"tensorParallelSize": 16}), BUILTIN)[1] == []  # no default: no check
