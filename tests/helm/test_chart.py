@@ -201,6 +201,10 @@ def test_single_replica_without_leader_election() -> None:
     ({"serving.gateway.routing": "random"}, "routing"),
     ({"operater": {"replicas": 1}}, "operater"),
     ({"operator.workers": "four"}, "workers"),
+    ({"security.allowedHostPaths": ["relative/path"]}, "allowedHostPaths"),
+    ({"security.extraAllowedHostPaths": ["/a,/b"]}, "extraAllowedHostPaths"),
+    ({"security.allowedCapabilities": ["sys admin"]}, "allowedCapabilities"),
+    ({"serving.engine.cpuLimit": "lots"}, "cpuLimit"),
 ])
 def test_values_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
     result = template_text(values, check=False)
@@ -227,7 +231,8 @@ def test_serving_values_become_the_operators_defaults() -> None:
     assert defaults == OperatorDefaults(
         engine_image=chart_values["engineImage"], gateway_image=chart_values["gatewayImage"],
         device_resource_name=chart_values["deviceResourceName"], devices_per_node=chart_values["devicesPerNode"],
-        routing=chart_values["gateway"]["routing"], gateway_service_type=chart_values["gateway"]["serviceType"])
+        routing=chart_values["gateway"]["routing"], gateway_service_type=chart_values["gateway"]["serviceType"],
+        engine_cpu_request=chart_values["engine"]["cpuRequest"], engine_cpu_limit=chart_values["engine"]["cpuLimit"])
     assert check_defaults(defaults) == []
     custom = {"serving.engineImage": "registry.local:5000/pypto-serving:0.1.0-cann", "serving.gatewayImage": None,
               "serving.deviceResourceName": "huawei.com/ascend-1980", "serving.devicesPerNode": None,
@@ -235,7 +240,7 @@ def test_serving_values_become_the_operators_defaults() -> None:
     assert operator_cli.operator_defaults(operator_args(render(custom))) == OperatorDefaults(
         engine_image="registry.local:5000/pypto-serving:0.1.0-cann", gateway_image=None,
         device_resource_name="huawei.com/ascend-1980", devices_per_node=None, routing="prefix-aware",
-        gateway_service_type="NodePort")
+        gateway_service_type="NodePort", engine_cpu_request="2", engine_cpu_limit="32")
 
 
 def test_notes_tell_what_to_do_next() -> None:
@@ -269,3 +274,24 @@ def test_rendered_chart_passes_a_server_side_dry_run(cluster: Any, namespace: st
     docs = [d for d in yaml.safe_load_all(text) if d]
     assert len(applied) == len(docs), result.stdout
     assert any(line.startswith("deployment.apps/dry-pypto-serving-operator") for line in applied)
+
+
+def test_security_values_become_the_operators_policy() -> None:
+    """security.* reach the operator as its policy flags; the defaults are the operator's built-in ones."""
+    from pypto_serving.operator import security
+
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert tuple(chart_values["security"]["allowedHostPaths"]) == security.DEFAULT_ALLOWED_HOST_PATHS
+    defaults = operator_cli.operator_defaults(operator_args(render()))
+    assert (defaults.engine_cpu_request, defaults.engine_cpu_limit) == ("2", "32")
+    assert defaults.allowed_host_paths == security.DEFAULT_ALLOWED_HOST_PATHS
+    assert defaults.allowed_capabilities == () and defaults.allow_root_engines is False
+    custom = operator_cli.operator_defaults(operator_args(render({
+        "security.extraAllowedHostPaths": ["/srv/llm"], "security.allowedCapabilities": ["IPC_LOCK"],
+        "security.allowRootEngines": True, "serving.engine.cpuLimit": None, "serving.engine.cpuRequest": "500m"})))
+    assert custom.allowed_host_paths == (*security.DEFAULT_ALLOWED_HOST_PATHS, "/srv/llm")
+    assert custom.allowed_capabilities == ("IPC_LOCK",) and custom.allow_root_engines is True
+    assert (custom.engine_cpu_request, custom.engine_cpu_limit) == ("500m", None)
+    assert check_defaults(custom) == []
+    narrowed = operator_cli.operator_defaults(operator_args(render({"security.allowedHostPaths": ["/models"]})))
+    assert narrowed.allowed_host_paths == ("/models",)

@@ -15,9 +15,14 @@ import yaml
 
 from pypto_serving.operator.actuator import resource_path
 from pypto_serving.operator.kube import Kube
+from pypto_serving.operator.security import DEFAULT_ALLOWED_HOST_PATHS
 from tests.support.common import free_port, wait_for
+from tests.support.models import MODELS_DIR
 
 OPERATOR_BIN = str(Path(sys.executable).parent / "pypto-serving")
+# The built-in allow-list plus the cache's tiny models, which the tests mount by hostPath (the chart's
+# security.allowedHostPaths does the same for the demo).
+TEST_HOST_PATHS = ",".join((*DEFAULT_ALLOWED_HOST_PATHS, str(MODELS_DIR)))
 
 
 @dataclass
@@ -36,7 +41,8 @@ class OperatorProcess:
         self.health_port = free_port()
         command = [OPERATOR_BIN, "operator", "--namespace", self.namespace, "--health-host", "127.0.0.1",
                    "--health-port", str(self.health_port), "--resync-seconds", "10", "--lease-duration", "4",
-                   "--lease-retry", "1", "--leader-election-id", "op-lease", *self.extra]
+                   "--lease-retry", "1", "--leader-election-id", "op-lease", "--allowed-host-paths", TEST_HOST_PATHS,
+                   *self.extra]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after this returns
         self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
