@@ -147,4 +147,12 @@ def test_pod_security_contexts(serving_system: System) -> None:
     assert container["allowPrivilegeEscalation"] is False and container["readOnlyRootFilesystem"] is True
     assert container["capabilities"] == {"drop": ["ALL"]}
     for engine in serving_system.engine_pods():
-        assert engine["spec"]["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False}
+        assert engine["spec"]["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False,
+                                                                       "capabilities": {"drop": ["ALL"]}}
+        assert engine["spec"]["securityContext"] == {"runAsNonRoot": True,
+                                                     "seccompProfile": {"type": "RuntimeDefault"}}
+        assert engine["spec"]["automountServiceAccountToken"] is False
+        # no token was mounted (the ServiceAccount admission plugin honours the pod's setting)
+        assert not any("serviceaccount" in m["mountPath"] for m in engine["spec"]["containers"][0].get(
+            "volumeMounts", []))
+    assert gateway["spec"]["containers"][0]["resources"]["limits"]["memory"] == "1Gi"
