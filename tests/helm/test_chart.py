@@ -58,23 +58,61 @@ def test_chart_crd_is_the_generated_crd() -> None:
     assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["pyptoservings.serving.pypto.io.yaml"]
 
 
-def test_chart_cluster_role_is_operator_rbac() -> None:
+def rbac_docs() -> list[dict[str, Any]]:
+    """operator/rbac.yaml: the watched-namespace ClusterRole, the own-namespace Role, the webhook ClusterRole."""
+    return list(yaml.safe_load_all((REPO_ROOT / "operator" / "rbac.yaml").read_text()))
+
+
+def named(rules: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """``rules`` with every resourceNames replaced by ``[name]`` (the release's object names)."""
+    return [{**r, "resourceNames": [name]} if "resourceNames" in r else r for r in rules]
+
+
+def test_chart_rbac_is_operator_rbac() -> None:
     source = (REPO_ROOT / "operator" / "rbac.yaml").read_text()
     assert (CHART / "files" / "operator-rbac.yaml").read_text() == source, \
         "helm/pypto-serving/files/operator-rbac.yaml differs from operator/rbac.yaml: run `make chart-sync`"
-    rules = yaml.safe_load(source)["rules"]
-    for values in ({}, LIST_MODE):
-        role = find(render(values), "ClusterRole", "pps-pypto-serving-operator")
-        assert role["rules"] == rules
+    namespaced, own, hook = rbac_docs()
+    assert [d["kind"] for d in (namespaced, own, hook)] == ["ClusterRole", "Role", "ClusterRole"]
+    docs = render()
+    assert find(docs, "ClusterRole", "pps-pypto-serving-operator")["rules"] == namespaced["rules"]
+    lease, secret = "pps-pypto-serving-operator", "pps-pypto-serving-webhook-tls"
+    assert find(docs, "Role", "pps-pypto-serving-operator-self", "pypto-system")["rules"] == [
+        r if "resourceNames" not in r else {**r, "resourceNames": [lease if "leases" in r["resources"] else secret]}
+        for r in own["rules"]]
+    assert find(docs, "ClusterRole", "pps-pypto-serving-operator-webhook")["rules"] == named(
+        hook["rules"], "pps-pypto-serving-operator")
+
+
+def test_rbac_reads_no_secret_and_touches_no_webhook_configuration_but_its_own() -> None:
+    """The security review's findings: no Secret beyond the webhook's, by name; no configuration but its own."""
+    for doc in rbac_docs():
+        for rule in doc["rules"]:
+            if {"secrets", "validatingwebhookconfigurations"} & set(rule["resources"]):
+                assert rule["resourceNames"] and set(rule["verbs"]) <= {"get", "update", "delete"}, rule
+                assert doc["kind"] == "Role" or "secrets" not in rule["resources"], rule
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+    for values in ({}, LIST_MODE, {"webhook.mode": "url"}):
+        for doc in render(values):
+            for rule in doc.get("rules") or []:
+                if {"secrets", "validatingwebhookconfigurations"} & set(rule["resources"]):
+                    assert rule.get("resourceNames"), (values, doc["kind"], rule)
+    # url mode and no leader election: no Secret rule at all, no Lease rule, so no own-namespace Role
+    url = render({"webhook.mode": "url", "operator.leaderElection.enabled": False, "operator.replicas": 1})
+    assert not [d for d in url if d["kind"] == "Role"]
 
 
 def test_default_render_is_service_mode_watching_all_namespaces() -> None:
     docs = render()
-    assert kinds(docs) == [  # the cluster-wide binding covers the webhook configuration rule too
+    assert kinds(docs) == [
         ("ClusterRole", "pps-pypto-serving-operator", None),
+        ("ClusterRole", "pps-pypto-serving-operator-webhook", None),
         ("ClusterRoleBinding", "pps-pypto-serving-operator", None),
+        ("ClusterRoleBinding", "pps-pypto-serving-operator-webhook", None),
         ("Deployment", "pps-pypto-serving-operator", "pypto-system"),
         ("PodDisruptionBudget", "pps-pypto-serving-operator", "pypto-system"),
+        ("Role", "pps-pypto-serving-operator-self", "pypto-system"),
+        ("RoleBinding", "pps-pypto-serving-operator-self", "pypto-system"),
         ("Secret", "pps-pypto-serving-webhook-tls", "pypto-system"),
         ("Service", "pps-pypto-serving-operator-metrics", "pypto-system"),
         ("Service", "pps-pypto-serving-webhook", "pypto-system"),
@@ -159,26 +197,27 @@ def test_webhook_off() -> None:
     assert "webhook" not in {p["name"] for p in operator_container(docs)["ports"]}
 
 
-def test_namespace_list_binds_the_rules_per_namespace() -> None:
+def test_namespace_list_uses_roles_only() -> None:
     docs = render(LIST_MODE)
     args = operator_args(docs)
     assert args.namespace == ["team-a", "team-b"] and not args.all_namespaces
-    rules = yaml.safe_load((REPO_ROOT / "operator" / "rbac.yaml").read_text())["rules"]
+    namespaced = rbac_docs()[0]
     for ns in ("team-a", "team-b"):
-        binding = find(docs, "RoleBinding", namespace=ns)
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+        assert find(docs, "Role", "pps-pypto-serving-operator", ns)["rules"] == namespaced["rules"]
+        binding = find(docs, "RoleBinding", "pps-pypto-serving-operator", namespace=ns)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                       "name": "pps-pypto-serving-operator"}
-    # own namespace: only the Lease and the webhook Secret; cluster-wide: only the webhook configuration
-    own = find(docs, "Role", namespace="pypto-system")
-    assert own["rules"] == [r for r in rules if {"leases", "secrets"} & set(r["resources"])]
-    assert find(docs, "RoleBinding", namespace="pypto-system")["roleRef"]["kind"] == "Role"
-    hook = find(docs, "ClusterRole", "pps-pypto-serving-operator-webhook")
-    assert hook["rules"] == [r for r in rules if "validatingwebhookconfigurations" in r["resources"]]
+    # own namespace: only the Lease and the webhook Secret; cluster-wide: only the one webhook configuration
+    own = find(docs, "Role", "pps-pypto-serving-operator-self", "pypto-system")
+    assert {r for rule in own["rules"] for r in rule["resources"]} == {"leases", "secrets"}
+    assert find(docs, "RoleBinding", "pps-pypto-serving-operator-self", "pypto-system")["roleRef"]["kind"] == "Role"
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == ["pps-pypto-serving-operator-webhook"]
     bindings = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
     assert [b["roleRef"]["name"] for b in bindings] == ["pps-pypto-serving-operator-webhook"]
-    # watching its own namespace: that RoleBinding covers the Lease, no extra Role
+    # watching its own namespace too: a Role there for the watched rules and the -self Role, side by side
     docs = render({**LIST_MODE, "operator.watch.namespaces": ["pypto-system"]})
-    assert not [d for d in docs if d["kind"] == "Role"]
+    assert sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Role") == [
+        "pps-pypto-serving-operator", "pps-pypto-serving-operator-self"]
 
 
 def test_single_replica_without_leader_election() -> None:
