@@ -34,6 +34,28 @@ $(UV): constraints/uv.txt
 .PHONY: uv
 uv: $(UV) ## install the pinned uv into the cache
 
+# checkov (Kubernetes misconfiguration scanner) in its own venv in the cache, hash-pinned by constraints/checkov.txt
+# (`make checkov-lock`); not in uv.lock: it is a tool run on manifests, not a dependency of the code.
+CHECKOV_VERSION := $(shell sed -n 's/^checkov==\([0-9.]*\).*/\1/p' constraints/checkov.txt)
+CHECKOV_DIR := $(CACHE_DIR)/checkov-$(CHECKOV_VERSION)
+CHECKOV := $(CHECKOV_DIR)/bin/checkov
+export PYPTO_CHECKOV := $(CHECKOV)
+
+$(CHECKOV): constraints/checkov.txt
+	@echo "==> installing checkov $(CHECKOV_VERSION) (hash-pinned by constraints/checkov.txt) into $(CHECKOV_DIR)"
+	$(PYTHON) -m venv --clear $(CHECKOV_DIR)
+	$(CHECKOV_DIR)/bin/pip --isolated --disable-pip-version-check install --quiet --require-hashes --no-deps \
+		-r constraints/checkov.txt
+	@touch $@
+
+.PHONY: checkov
+checkov: $(CHECKOV) ## install the pinned checkov into the cache (tests/helm/test_checkov.py runs it)
+
+.PHONY: checkov-lock
+checkov-lock: $(UV) ## re-pin checkov (CHECKOV_PIN=checkov==X.Y.Z, default: the current version) with hashes
+	echo "$${CHECKOV_PIN:-checkov==$(CHECKOV_VERSION)}" | $(UV) pip compile - --generate-hashes --universal \
+		--python-version 3.11 --no-header --quiet -o constraints/checkov.txt
+
 $(VENV)/.installed: pyproject.toml setup.py uv.lock $(UV)
 	@echo "==> syncing $(VENV) to exactly uv.lock: pypto-serving[engine,test], hash-checked"
 	$(UV) sync --locked --python $(PYTHON) $(DEV_EXTRAS)
@@ -69,12 +91,12 @@ lint: install ## ruff
 	$(VENV)/bin/ruff check .
 
 .PHONY: test
-test: install tools ## everything CI runs: lint, unit, real-cluster integration and end-to-end tests
+test: install tools checkov ## everything CI runs: lint, unit, checkov, real-cluster integration and end-to-end tests
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
-test-unit: install ## tests that need no cluster
+test-unit: install checkov ## tests that need no cluster
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
 
 .PHONY: crds

@@ -22,6 +22,7 @@ from hack.localkube import LocalCluster  # noqa: E402
 from hack.localkube.tools import helm_binary, kubectl_binary  # noqa: E402
 from pypto_serving.kube import Kube, load_config  # noqa: E402
 from tests.support.common import wait_for  # noqa: E402
+from tests.support.models import MODELS_DIR  # noqa: E402
 
 CHART = REPO_ROOT / "helm" / "pypto-serving"
 ENGINE_SELECTOR = "app.kubernetes.io/instance={name},app.kubernetes.io/component=engine"
@@ -206,7 +207,9 @@ def install_operator_chart(system: System, release: str = "pypto-serving") -> st
                str(CHART), "-n", system.operator_namespace, "--create-namespace",
                "-f", str(REPO_ROOT / "examples" / "local" / "values.yaml"),
                "--set", f"operator.watch.namespaces={{{system.namespace}}}", "--set", "operator.replicas=2",
-               "--set", "operator.leaderElection.leaseDurationSeconds=10", "--wait", "--timeout", "300s"]
+               "--set", "operator.leaderElection.leaseDurationSeconds=10",
+               # the tiny models are mounted from the cache by hostPath: the chart's allow-list must include it
+               "--set", f"security.extraAllowedHostPaths={{{MODELS_DIR}}}", "--wait", "--timeout", "300s"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=400, check=False)
     if result.returncode != 0:
         raise ChaosError(f"helm install failed: {result.stdout}{result.stderr}")

@@ -246,10 +246,12 @@ def step_helm_install(demo: Demo) -> None:
     core = demo.core()
     if not any(ns.metadata.name == NAMESPACE for ns in core.list_namespace().items):
         core.create_namespace({"metadata": {"name": NAMESPACE}})
+    # the model directory (--model-dir) is mounted by hostPath: the chart's allow-list must include it
+    allow = f"security.extraAllowedHostPaths={{{demo.model_dir}}}"
     demo.helm("upgrade", "--install", RELEASE, CHART, "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
-              "--values", VALUES)
+              "--values", VALUES, "--set", allow)
     demo.detail(f"helm upgrade --install {RELEASE} helm/pypto-serving -n {OPERATOR_NAMESPACE} "
-                f"--create-namespace -f {VALUES.relative_to(REPO_ROOT)}")
+                f"--create-namespace -f {VALUES.relative_to(REPO_ROOT)} --set {allow}")
     apps, coordination = client.AppsV1Api(demo.api), client.CoordinationV1Api(demo.api)
     name = f"{RELEASE}-operator"
     selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"

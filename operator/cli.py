@@ -18,11 +18,12 @@ from pypto_serving.operator import types as t
 from pypto_serving.operator import webhook as wh
 from pypto_serving.operator.actuator import Actuator
 from pypto_serving.operator.controller import Controller, ControllerConfig
-from pypto_serving.operator.defaults import OperatorDefaults
+from pypto_serving.operator.defaults import DEFAULT_ENGINE_CPU_LIMIT, DEFAULT_ENGINE_CPU_REQUEST, OperatorDefaults
 from pypto_serving.operator.handlers import build_registry
 from pypto_serving.operator.leader import LeaderElector, identity
 from pypto_serving.operator.metrics import HealthServer, Metrics
 from pypto_serving.operator.reconciler import Reconciler
+from pypto_serving.operator.security import DEFAULT_ALLOWED_CAPABILITIES, DEFAULT_ALLOWED_HOST_PATHS
 from pypto_serving.operator.validation import check_defaults
 
 log = logging.getLogger("pypto_serving.operator")
@@ -86,6 +87,21 @@ def parser() -> argparse.ArgumentParser:
                     help="spec.gateway.routing (default: %(default)s)")
     dg.add_argument("--default-gateway-service-type", choices=t.SERVICE_TYPES, default=t.DEFAULT_SERVICE_TYPE,
                     help="spec.gateway.serviceType (default: %(default)s)")
+    dg.add_argument("--default-engine-cpu-request", default=DEFAULT_ENGINE_CPU_REQUEST, metavar="QUANTITY",
+                    type=_optional, help="the engine's requests.cpu when spec.engine.resources names no cpu "
+                    "(default: none)")
+    dg.add_argument("--default-engine-cpu-limit", default=DEFAULT_ENGINE_CPU_LIMIT, metavar="QUANTITY",
+                    type=_optional, help="the engine's limits.cpu when spec.engine.resources names no cpu "
+                    "(default: none; the chart sets one)")
+    sec = p.add_argument_group("security policy", "what a PyptoServing may ask of the nodes (operator/security.py); "
+                               "a resource cannot widen it")
+    sec.add_argument("--allowed-host-paths", type=_csv, default=DEFAULT_ALLOWED_HOST_PATHS, metavar="PREFIXES",
+                     help="comma-separated host path prefixes that spec.model.volume.hostPath and "
+                     f"spec.devices.hccnConfPath may use (default: {','.join(DEFAULT_ALLOWED_HOST_PATHS)})")
+    sec.add_argument("--allowed-capabilities", type=_csv, default=DEFAULT_ALLOWED_CAPABILITIES, metavar="CAPS",
+                     help="comma-separated capabilities spec.engine.securityContext may add back (default: none)")
+    sec.add_argument("--allow-root-engines", action=argparse.BooleanOptionalAction, default=False,
+                     help="let a resource run its engine as root (runAsUser 0, runAsNonRoot false)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -95,7 +111,22 @@ def operator_defaults(args: argparse.Namespace) -> OperatorDefaults:
     return OperatorDefaults(engine_image=args.default_engine_image, gateway_image=args.default_gateway_image,
                             device_resource_name=args.default_device_resource,
                             devices_per_node=args.default_devices_per_node, routing=args.default_routing,
-                            gateway_service_type=args.default_gateway_service_type)
+                            gateway_service_type=args.default_gateway_service_type,
+                            engine_cpu_request=args.default_engine_cpu_request,
+                            engine_cpu_limit=args.default_engine_cpu_limit,
+                            allowed_host_paths=tuple(args.allowed_host_paths),
+                            allowed_capabilities=tuple(args.allowed_capabilities),
+                            allow_root_engines=args.allow_root_engines)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    """``a, b,,c`` -> ('a', 'b', 'c')."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _optional(value: str) -> str | None:
+    """'' (or 'none') -> None."""
+    return None if value.strip().lower() in ("", "none") else value.strip()
 
 
 def own_namespace(args: argparse.Namespace) -> str:

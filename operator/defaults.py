@@ -12,7 +12,9 @@ see only its result. A changed default therefore reaches every resource that rel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from pypto_serving.operator.security import DEFAULT_ALLOWED_CAPABILITIES, DEFAULT_ALLOWED_HOST_PATHS
 from pypto_serving.operator.types import (
     DEFAULT_DEVICE_RESOURCE,
     DEFAULT_ENGINE_IMAGE,
@@ -31,7 +33,13 @@ FLAGS = {
     "spec.devices.perNode": "--default-devices-per-node",
     "spec.gateway.routing": "--default-routing",
     "spec.gateway.serviceType": "--default-gateway-service-type",
+    "spec.engine.resources.requests.cpu": "--default-engine-cpu-request",
+    "spec.engine.resources.limits.cpu": "--default-engine-cpu-limit",
 }
+# None: the bare operator adds no CPU request or limit, so upgrading it keeps every replica's spec hash; the chart
+# sets serving.engine.cpuRequest/cpuLimit (2 and 32 cores), which rolls the replicas once when first installed.
+DEFAULT_ENGINE_CPU_REQUEST: str | None = None
+DEFAULT_ENGINE_CPU_LIMIT: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,14 @@ class OperatorDefaults:
     devices_per_node: int | None = None  # None: no fit check
     routing: RoutingPolicy = DEFAULT_ROUTING
     gateway_service_type: ServiceType = DEFAULT_SERVICE_TYPE
+    # The engine's CPU request and limit, set when spec.engine.resources names no cpu at all (None: not set).
+    engine_cpu_request: str | None = DEFAULT_ENGINE_CPU_REQUEST
+    engine_cpu_limit: str | None = DEFAULT_ENGINE_CPU_LIMIT
+    # Cluster policy, not defaults: what a resource may ask of the nodes (operator/security.py). The chart's
+    # security.* values set them; a resource cannot widen them.
+    allowed_host_paths: tuple[str, ...] = DEFAULT_ALLOWED_HOST_PATHS
+    allowed_capabilities: tuple[str, ...] = DEFAULT_ALLOWED_CAPABILITIES
+    allow_root_engines: bool = False
 
 
 BUILTIN = OperatorDefaults()
@@ -59,12 +75,28 @@ def resolve(spec: PyptoServingSpec, defaults: OperatorDefaults = BUILTIN) -> Pyp
     devices = spec.devices.model_copy(update={
         "resource_name": spec.devices.resource_name or defaults.device_resource_name,
         "per_node": spec.devices.per_node if spec.devices.per_node is not None else defaults.devices_per_node})
-    engine = spec.engine.model_copy(update={"image": engine_image})
+    engine = spec.engine.model_copy(update={"image": engine_image,
+                                            "resources": engine_resources(spec.engine.resources, defaults)})
     gateway = spec.gateway.model_copy(update={
         "image": spec.gateway.image or defaults.gateway_image or engine_image,
         "routing": spec.gateway.routing or defaults.routing,
         "service_type": spec.gateway.service_type or defaults.gateway_service_type})
     return spec.model_copy(update={"devices": devices, "engine": engine, "gateway": gateway})
+
+
+def engine_resources(resources: dict[str, Any] | None, defaults: OperatorDefaults) -> dict[str, Any] | None:
+    """Pure: the spec's engine resources, with the default CPU request and limit when it names no cpu at all
+    (a spec that sets either keeps exactly what it says, so a default never contradicts it)."""
+    sections = {k: dict(v) for k, v in (resources or {}).items() if isinstance(v, dict)}
+    if any("cpu" in section for section in sections.values()) or not (defaults.engine_cpu_request
+                                                                        or defaults.engine_cpu_limit):
+        return resources
+    out: dict[str, Any] = {**(resources or {}), **sections}
+    if defaults.engine_cpu_request:
+        out["requests"] = {**out.get("requests", {}), "cpu": defaults.engine_cpu_request}
+    if defaults.engine_cpu_limit:
+        out["limits"] = {**out.get("limits", {}), "cpu": defaults.engine_cpu_limit}
+    return out
 
 
 def defaulted_fields(spec: PyptoServingSpec) -> set[str]:
@@ -77,4 +109,6 @@ def defaulted_fields(spec: PyptoServingSpec) -> set[str]:
         "spec.gateway.routing": spec.gateway.routing is None,
         "spec.gateway.serviceType": spec.gateway.service_type is None,
     }
+    named_cpu = any(isinstance(v, dict) and "cpu" in v for v in (spec.engine.resources or {}).values())
+    unset["spec.engine.resources.requests.cpu"] = unset["spec.engine.resources.limits.cpu"] = not named_cpu
     return {field for field, missing in unset.items() if missing}

@@ -47,10 +47,18 @@ PROBE_PERIOD = 2
 API_KEY_DIR = "/etc/pypto-serving/api-key"
 # Labels of the operator's pods (the helm chart's selector labels), allowed to reach the engines' /load and /drain.
 OPERATOR_POD_LABELS = {L_NAME: APP, L_COMPONENT: OPERATOR}
-# Engine container default: no privilege escalation. It keeps the image's user: Ascend device nodes
-# (/dev/davinci*) are usually root:HwHiAiUser 0660 with ids that differ per node, so running as non-root needs
-# the node's HwHiAiUser ids in spec.engine.securityContext / podSecurityContext (docs/reliability.md, Security).
-ENGINE_SECURITY_CONTEXT: dict[str, Any] = {"allowPrivilegeEscalation": False}
+# Engine pods, hardened (operator/security.py rejects specs that would weaken this): no capabilities (Ascend NPUs
+# need none: the device plugin grants the device nodes through cgroups), no privilege escalation, RuntimeDefault
+# seccomp, non-root, and no ServiceAccount token (engines never call the API server). A spec's securityContext
+# and podSecurityContext are merged over these. Non-root: Ascend device nodes (/dev/davinci*) are usually
+# root:HwHiAiUser 0660 with per-node ids, so the engine's user needs the HwHiAiUser group (podSecurityContext
+# supplementalGroups) or root where the cluster allows it (--allow-root-engines; docs/architecture.md, Security).
+ENGINE_SECURITY_CONTEXT: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+ENGINE_POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+# The gateway's resources for whatever its spec leaves out (a resource whose request or limit the spec names is
+# kept as given): a memory limit by default, so a leak cannot take its node's memory.
+GATEWAY_DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
+    "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}}
 # The gateway needs no privilege and no disk: non-root, read-only root filesystem, no capabilities.
 GATEWAY_POD_SECURITY_CONTEXT: dict[str, Any] = {
     "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
@@ -183,6 +191,38 @@ def _http_probe(path: str, port: int, period: int, failures: int, timeout: int =
             "failureThreshold": failures}
 
 
+def engine_security_context(user: dict[str, Any] | None) -> dict[str, Any]:
+    """The engine container's securityContext: the spec's merged over the hardened default; capabilities are
+    always ``drop: [ALL]`` plus the spec's ``add`` (validation allows only the cluster's allowed ones)."""
+    ctx = {**copy.deepcopy(ENGINE_SECURITY_CONTEXT), **copy.deepcopy(user or {})}
+    added = ((user or {}).get("capabilities") or {}).get("add")
+    ctx["capabilities"] = {"drop": ["ALL"], **({"add": list(added)} if added else {})}
+    ctx["allowPrivilegeEscalation"] = False
+    return ctx
+
+
+def engine_pod_security_context(user: dict[str, Any] | None, container: dict[str, Any] | None) -> dict[str, Any]:
+    """The engine pod's securityContext: the spec's merged over the default. An explicit uid 0 (allowed only with
+    --allow-root-engines) drops the default runAsNonRoot, which the kubelet would otherwise refuse."""
+    ctx = {**copy.deepcopy(ENGINE_POD_SECURITY_CONTEXT), **copy.deepcopy(user or {})}
+    root = 0 in ((user or {}).get("runAsUser"), (container or {}).get("runAsUser"))
+    if root and "runAsNonRoot" not in (user or {}):
+        ctx.pop("runAsNonRoot")
+    return ctx
+
+
+def gateway_resources(user: dict[str, Any] | None) -> dict[str, Any]:
+    """The gateway container's resources: the spec's, plus `GATEWAY_DEFAULT_RESOURCES` for each resource (cpu,
+    memory) whose request and limit the spec both leave out."""
+    out = copy.deepcopy(user or {})
+    named = {name for section in out.values() if isinstance(section, dict) for name in section}
+    for section, values in GATEWAY_DEFAULT_RESOURCES.items():
+        for name, quantity in values.items():
+            if name not in named:
+                out.setdefault(section, {})[name] = quantity
+    return out
+
+
 def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str | None = None) -> dict[str, Any]:
     """The engine pod of one DP rank."""
     name = pod_name(owner.name, rank)
@@ -211,8 +251,7 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
         "readinessProbe": _http_probe(PATH_READY, ENGINE_PORT, PROBE_PERIOD, 2),
         "livenessProbe": _http_probe(PATH_HEALTH, ENGINE_PORT, 10, 3, timeout=5),
         "volumeMounts": mounts,
-        "securityContext": copy.deepcopy(eng.security_context if eng.security_context is not None
-                                         else ENGINE_SECURITY_CONTEXT),
+        "securityContext": engine_security_context(eng.security_context),
     }
     if eng.startup_timeout_seconds > 0:
         container["startupProbe"] = _http_probe(
@@ -225,6 +264,8 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
         "containers": [container],
         "volumes": volumes,
         "affinity": _affinity(owner.name, eng.affinity),
+        "automountServiceAccountToken": False,
+        "securityContext": engine_pod_security_context(eng.pod_security_context, eng.security_context),
     }
     if eng.node_selector:
         pod_spec["nodeSelector"] = dict(eng.node_selector)
@@ -232,8 +273,6 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
         pod_spec["tolerations"] = copy.deepcopy(eng.tolerations)
     if eng.priority_class_name:
         pod_spec["priorityClassName"] = eng.priority_class_name
-    if eng.pod_security_context:
-        pod_spec["securityContext"] = copy.deepcopy(eng.pod_security_context)
     labels = {**_common_labels(owner.name, ENGINE), L_RANK: str(rank), L_HASH: shape_hash or spec_hash(spec)}
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": owner.namespace, "labels": labels,
@@ -278,9 +317,8 @@ def gateway_objects(owner: Owner, spec: PyptoServingSpec) -> list[dict[str, Any]
         "readinessProbe": _http_probe(PATH_READY, GATEWAY_PORT, PROBE_PERIOD, 2),
         "livenessProbe": _http_probe(PATH_HEALTH, GATEWAY_PORT, 10, 3, timeout=5),
         "securityContext": copy.deepcopy(GATEWAY_SECURITY_CONTEXT),
+        "resources": gateway_resources(gw.resources),
     }
-    if gw.resources:
-        container["resources"] = copy.deepcopy(gw.resources)
     pod_spec: dict[str, Any] = {"serviceAccountName": gname, "containers": [container],
                                 "securityContext": copy.deepcopy(GATEWAY_POD_SECURITY_CONTEXT)}
     if gw.api_key_secret is not None:

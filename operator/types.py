@@ -56,7 +56,8 @@ class ModelSource(_Model):
     name: str = Field(min_length=1, max_length=253, description='The OpenAI "model" name served.')
     path: str = Field(min_length=1, description="HF-format model directory inside the pod.")
     volume: KubeObject | None = Field(
-        default=None, description="Any corev1 VolumeSource holding the model, mounted at mountPath.")
+        default=None, description="Any corev1 VolumeSource holding the model, mounted read-only at mountPath. A "
+        "hostPath must lie under the operator's --allowed-host-paths (the chart's security.allowedHostPaths).")
     mount_path: str = Field(default="/models", min_length=1, description="Where the model volume is mounted.")
     moe: bool = Field(default=False, description="The model is a mixture-of-experts model (allows expert parallel).")
 
@@ -89,7 +90,8 @@ class DevicesSpec(_Model):
         default=None, ge=1, le=1024, description="Devices per node; lets validation reject groups that cannot fit. "
         "Defaults to the operator's --default-devices-per-node (unset: no check).")
     hccn_conf_path: str | None = Field(
-        default=None, description="Host path of hccn.conf, mounted read-only at /etc/hccn.conf when set.")
+        default=None, description="Host path of hccn.conf, mounted read-only at /etc/hccn.conf when set; must lie "
+        "under the operator's --allowed-host-paths.")
 
 
 class EngineSpec(_Model):
@@ -108,7 +110,9 @@ class EngineSpec(_Model):
     enable_prefix_caching: bool = Field(default=True, description="--enable-prefix-caching / --no-...")
     extra_args: list[str] = Field(default=[], description="Extra engine flags appended to the command.")
     env: list[KubeObject] = Field(default=[], description="Extra corev1 EnvVar entries for the engine.")
-    resources: KubeObject | None = Field(default=None, description="corev1 ResourceRequirements (cpu, memory).")
+    resources: KubeObject | None = Field(
+        default=None, description="corev1 ResourceRequirements (cpu, memory). Without any cpu entry the "
+        "operator's --default-engine-cpu-request/--default-engine-cpu-limit apply (the chart: 2 and 32).")
     node_selector: dict[str, str] | None = Field(default=None, description="Pod nodeSelector.")
     tolerations: list[KubeObject] | None = Field(default=None, description="Pod tolerations.")
     affinity: KubeObject | None = Field(
@@ -118,12 +122,14 @@ class EngineSpec(_Model):
     startup_timeout_seconds: int = Field(
         default=1800, ge=0, le=86400, description="How long model loading may take before the pod is restarted.")
     security_context: KubeObject | None = Field(
-        default=None, description="corev1 SecurityContext of the engine container (default: "
-        "allowPrivilegeEscalation false; it runs as the image's user because Ascend device nodes are usually "
-        "owned by HwHiAiUser, whose ids differ per node: set runAsUser/runAsGroup here or in podSecurityContext).")
+        default=None, description="corev1 SecurityContext of the engine container, merged over the default "
+        "(capabilities drop ALL, allowPrivilegeEscalation false). Rejected: privileged, privilege escalation, "
+        "capabilities.add beyond the operator's --allowed-capabilities, Unconfined seccomp, unmasked /proc, "
+        "SELinux type/user/role overrides, and root unless the operator allows root engines.")
     pod_security_context: KubeObject | None = Field(
-        default=None, description="corev1 PodSecurityContext of the engine pod (e.g. runAsNonRoot, runAsUser, "
-        "supplementalGroups with the HwHiAiUser group).")
+        default=None, description="corev1 PodSecurityContext of the engine pod, merged over the default "
+        "(runAsNonRoot, RuntimeDefault seccomp): e.g. runAsUser/runAsGroup and supplementalGroups with the node's "
+        "HwHiAiUser group, which owns the Ascend device nodes. Only safe sysctls.")
 
 
 class ApiKeySecret(_Model):
@@ -148,7 +154,9 @@ class GatewaySpec(_Model):
     image: str | None = Field(
         default=None, description="Gateway image. Defaults to the operator's --default-gateway-image "
         "(unset: the engine image).")
-    resources: KubeObject | None = Field(default=None, description="corev1 ResourceRequirements of the gateway.")
+    resources: KubeObject | None = Field(
+        default=None, description="corev1 ResourceRequirements of the gateway; cpu and memory left out get "
+        "requests 100m/128Mi and limits 2/1Gi.")
 
 
 class RolloutSpec(_Model):

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pypto_serving.contract import ENGINE_POD_ENV, ENV_VISIBLE_DEVICES
+from pypto_serving.operator import security
 from pypto_serving.operator.defaults import BUILTIN, FLAGS, OperatorDefaults, defaulted_fields, resolve
 from pypto_serving.operator.types import ROUTING_POLICIES, SERVICE_TYPES, PyptoServingSpec
 
@@ -29,6 +30,7 @@ EXTENDED_RESOURCE = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 QUANTITY = re.compile(
     r"^[+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+CAPABILITY = re.compile(r"^(CAP_)?[A-Z_]+$")
 ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 # Engine flags and env vars the operator sets itself; users may not override them.
 MANAGED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--tensor-parallel-size",
@@ -109,7 +111,7 @@ def check_name(name: Any) -> list[Problem]:
     return []
 
 
-def _check_model(spec: PyptoServingSpec) -> list[Problem]:
+def _check_model(spec: PyptoServingSpec, policy: OperatorDefaults) -> list[Problem]:
     model, out = spec.model, []
     if not model.name.strip():
         out.append(Problem("spec.model.name", "must not be empty"))
@@ -126,7 +128,15 @@ def _check_model(spec: PyptoServingSpec) -> list[Problem]:
     if model.volume is not None and len(model.volume) != 1:
         out.append(Problem("spec.model.volume", "must set exactly one volume source (e.g. hostPath or "
                            f"persistentVolumeClaim), got {sorted(model.volume) or 'none'}"))
+    host = (model.volume or {}).get("hostPath")
+    if host is not None:
+        path = host.get("path") if isinstance(host, Mapping) else None
+        out += _found(security.check_host_path("spec.model.volume.hostPath.path", path, policy.allowed_host_paths))
     return out
+
+
+def _found(findings: list[security.Finding]) -> list[Problem]:
+    return [Problem(field, message) for field, message in findings]
 
 
 def _source(field: str, value: object, defaulted: frozenset[str] | set[str]) -> str:
@@ -159,17 +169,18 @@ def resource_name_problem(name: str) -> str | None:
     return None
 
 
-def _check_devices(spec: PyptoServingSpec) -> list[Problem]:
+def _check_devices(spec: PyptoServingSpec, policy: OperatorDefaults) -> list[Problem]:
     dev, out = spec.devices, []
     problem = resource_name_problem(dev.resource_name or "")
     if problem is not None:
         out.append(Problem("spec.devices.resourceName", problem))
-    if dev.hccn_conf_path is not None and not dev.hccn_conf_path.startswith("/"):
-        out.append(Problem("spec.devices.hccnConfPath", f"must be an absolute host path (got {dev.hccn_conf_path!r})"))
+    if dev.hccn_conf_path is not None:
+        out += _found(security.check_host_path("spec.devices.hccnConfPath", dev.hccn_conf_path,
+                                               policy.allowed_host_paths))
     return out
 
 
-def _check_engine(spec: PyptoServingSpec) -> list[Problem]:
+def _check_engine(spec: PyptoServingSpec, policy: OperatorDefaults) -> list[Problem]:
     eng, out = spec.engine, []
     for i, arg in enumerate(eng.extra_args):
         flag = arg.split("=", 1)[0]
@@ -190,6 +201,10 @@ def _check_engine(spec: PyptoServingSpec) -> list[Problem]:
     out += _check_resources("spec.engine.resources", eng.resources, spec.devices.resource_name or "")
     if eng.priority_class_name is not None and not DNS1123_SUBDOMAIN.match(eng.priority_class_name):
         out.append(Problem("spec.engine.priorityClassName", f"{eng.priority_class_name!r} is not a valid name"))
+    out += _found(security.check_security_context("spec.engine.securityContext", eng.security_context,
+                                                  policy.allowed_capabilities, policy.allow_root_engines))
+    out += _found(security.check_pod_security_context("spec.engine.podSecurityContext", eng.pod_security_context,
+                                                      policy.allow_root_engines))
     return out
 
 
@@ -226,11 +241,13 @@ def _check_rollout(spec: PyptoServingSpec) -> list[Problem]:
     return []
 
 
-def check_spec(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str] = frozenset()) -> list[Problem]:
+def check_spec(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str] = frozenset(),
+               policy: OperatorDefaults = BUILTIN) -> list[Problem]:
     """Semantic checks on a resolved spec that passed the schema; ``defaulted`` names the fields that came from
-    the operator's defaults (messages then name the flag instead of the field)."""
-    return (_check_model(spec) + _check_parallel(spec, defaulted) + _check_devices(spec) + _check_engine(spec)
-            + _check_gateway(spec) + _check_rollout(spec))
+    the operator's defaults (messages then name the flag instead of the field); ``policy`` is the cluster's
+    security policy (allowed host paths and capabilities, root engines; operator/security.py)."""
+    return (_check_model(spec, policy) + _check_parallel(spec, defaulted) + _check_devices(spec, policy)
+            + _check_engine(spec, policy) + _check_gateway(spec) + _check_rollout(spec))
 
 
 def check_defaults(defaults: OperatorDefaults) -> list[Problem]:
@@ -249,6 +266,14 @@ def check_defaults(defaults: OperatorDefaults) -> list[Problem]:
         out.append(Problem(FLAGS["spec.gateway.routing"], f"must be one of {', '.join(ROUTING_POLICIES)}"))
     if defaults.gateway_service_type not in SERVICE_TYPES:
         out.append(Problem(FLAGS["spec.gateway.serviceType"], f"must be one of {', '.join(SERVICE_TYPES)}"))
+    for field, value in (("spec.engine.resources.requests.cpu", defaults.engine_cpu_request),
+                         ("spec.engine.resources.limits.cpu", defaults.engine_cpu_limit)):
+        if value is not None and not QUANTITY.match(value):
+            out.append(Problem(FLAGS[field], f"{value!r} is not a valid quantity (e.g. 2 or 500m)"))
+    out += [Problem("--allowed-host-paths", problem) for problem in
+            security.check_allowed_host_paths(defaults.allowed_host_paths)]
+    out += [Problem("--allowed-capabilities", f"{cap!r} is not a capability name (e.g. IPC_LOCK)")
+            for cap in defaults.allowed_capabilities if not CAPABILITY.match(cap) or cap.upper() == "ALL"]
     return out
 
 
@@ -262,7 +287,7 @@ def validate(body: Mapping[str, Any], defaults: OperatorDefaults = BUILTIN
     resolved = None
     if spec is not None:
         resolved = resolve(spec, defaults)
-        problems += check_spec(resolved, defaulted_fields(spec))
+        problems += check_spec(resolved, defaulted_fields(spec), defaults)
     return (resolved if not problems else None), problems
 
 

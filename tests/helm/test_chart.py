@@ -58,23 +58,60 @@ def test_chart_crd_is_the_generated_crd() -> None:
     assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["pyptoservings.serving.pypto.io.yaml"]
 
 
-def test_chart_cluster_role_is_operator_rbac() -> None:
+def rbac_docs() -> list[dict[str, Any]]:
+    """operator/rbac.yaml: the watched-namespace ClusterRole, the own-namespace Role, the webhook ClusterRole."""
+    return list(yaml.safe_load_all((REPO_ROOT / "operator" / "rbac.yaml").read_text()))
+
+
+def named(rules: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """``rules`` with every resourceNames replaced by ``[name]`` (the release's object names)."""
+    return [{**r, "resourceNames": [name]} if "resourceNames" in r else r for r in rules]
+
+
+def test_chart_rbac_is_operator_rbac() -> None:
     source = (REPO_ROOT / "operator" / "rbac.yaml").read_text()
     assert (CHART / "files" / "operator-rbac.yaml").read_text() == source, \
         "helm/pypto-serving/files/operator-rbac.yaml differs from operator/rbac.yaml: run `make chart-sync`"
-    rules = yaml.safe_load(source)["rules"]
-    for values in ({}, LIST_MODE):
-        role = find(render(values), "ClusterRole", "pps-pypto-serving-operator")
-        assert role["rules"] == rules
+    namespaced, own, hook = rbac_docs()
+    assert [d["kind"] for d in (namespaced, own, hook)] == ["ClusterRole", "Role", "ClusterRole"]
+    docs = render()
+    assert find(docs, "ClusterRole", "pps-pypto-serving-operator")["rules"] == namespaced["rules"]
+    assert find(docs, "Role", "pps-pypto-serving-operator-self", "pypto-system")["rules"] == named(
+        own["rules"], "pps-pypto-serving-operator")
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-webhook") and d["kind"].startswith("Cluster")]
+    url = render({"webhook.mode": "url"})  # the operator merges its webhook in only in url mode
+    assert find(url, "ClusterRole", "pps-pypto-serving-operator-webhook")["rules"] == named(
+        hook["rules"], "pps-pypto-serving-operator")
+
+
+def test_rbac_reads_no_secret_and_touches_no_webhook_configuration_but_its_own() -> None:
+    """The security review's findings: no Secret at all (the chart owns the webhook's and mounts it); no webhook
+    configuration but its own, by name."""
+    for doc in rbac_docs():
+        for rule in doc["rules"]:
+            assert "secrets" not in rule["resources"], rule
+            if "validatingwebhookconfigurations" in rule["resources"]:
+                assert rule["resourceNames"] and set(rule["verbs"]) <= {"get", "update", "delete"}, rule
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+    for values in ({}, LIST_MODE, {"webhook.mode": "url"}):
+        for doc in render(values):
+            for rule in doc.get("rules") or []:
+                if {"secrets", "validatingwebhookconfigurations"} & set(rule["resources"]):
+                    assert rule.get("resourceNames"), (values, doc["kind"], rule)
+    # no leader election: no Lease rule, so no own-namespace Role
+    url = render({"webhook.mode": "url", "operator.leaderElection.enabled": False, "operator.replicas": 1})
+    assert not [d for d in url if d["kind"] == "Role"]
 
 
 def test_default_render_is_service_mode_watching_all_namespaces() -> None:
     docs = render()
-    assert kinds(docs) == [  # the cluster-wide binding covers the webhook configuration rule too
+    assert kinds(docs) == [
         ("ClusterRole", "pps-pypto-serving-operator", None),
         ("ClusterRoleBinding", "pps-pypto-serving-operator", None),
         ("Deployment", "pps-pypto-serving-operator", "pypto-system"),
         ("PodDisruptionBudget", "pps-pypto-serving-operator", "pypto-system"),
+        ("Role", "pps-pypto-serving-operator-self", "pypto-system"),
+        ("RoleBinding", "pps-pypto-serving-operator-self", "pypto-system"),
         ("Secret", "pps-pypto-serving-webhook-tls", "pypto-system"),
         ("Service", "pps-pypto-serving-operator-metrics", "pypto-system"),
         ("Service", "pps-pypto-serving-webhook", "pypto-system"),
@@ -166,26 +203,30 @@ def test_webhook_off() -> None:
     assert "webhook" not in {p["name"] for p in operator_container(docs)["ports"]}
 
 
-def test_namespace_list_binds_the_rules_per_namespace() -> None:
+def test_namespace_list_uses_roles_only() -> None:
     docs = render(LIST_MODE)
     args = operator_args(docs)
     assert args.namespace == ["team-a", "team-b"] and not args.all_namespaces
-    rules = yaml.safe_load((REPO_ROOT / "operator" / "rbac.yaml").read_text())["rules"]
+    namespaced = rbac_docs()[0]
     for ns in ("team-a", "team-b"):
-        binding = find(docs, "RoleBinding", namespace=ns)
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+        assert find(docs, "Role", "pps-pypto-serving-operator", ns)["rules"] == namespaced["rules"]
+        binding = find(docs, "RoleBinding", "pps-pypto-serving-operator", namespace=ns)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                       "name": "pps-pypto-serving-operator"}
-    # own namespace: only the Lease and the webhook Secret; cluster-wide: only the webhook configuration
-    own = find(docs, "Role", namespace="pypto-system")
-    assert own["rules"] == [r for r in rules if {"leases", "secrets"} & set(r["resources"])]
-    assert find(docs, "RoleBinding", namespace="pypto-system")["roleRef"]["kind"] == "Role"
-    hook = find(docs, "ClusterRole", "pps-pypto-serving-operator-webhook")
-    assert hook["rules"] == [r for r in rules if "validatingwebhookconfigurations" in r["resources"]]
-    bindings = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    # own namespace: only the Lease; nothing cluster-wide in service mode (the chart owns the configuration)
+    own = find(docs, "Role", "pps-pypto-serving-operator-self", "pypto-system")
+    assert {r for rule in own["rules"] for r in rule["resources"]} == {"leases"}
+    assert find(docs, "RoleBinding", "pps-pypto-serving-operator-self", "pypto-system")["roleRef"]["kind"] == "Role"
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    # url mode: cluster-wide only the one webhook configuration, by name
+    url = render({**LIST_MODE, "webhook.mode": "url"})
+    assert [d["metadata"]["name"] for d in url if d["kind"] == "ClusterRole"] == ["pps-pypto-serving-operator-webhook"]
+    bindings = [d for d in url if d["kind"] == "ClusterRoleBinding"]
     assert [b["roleRef"]["name"] for b in bindings] == ["pps-pypto-serving-operator-webhook"]
-    # watching its own namespace: that RoleBinding covers the Lease, no extra Role
+    # watching its own namespace too: a Role there for the watched rules and the -self Role, side by side
     docs = render({**LIST_MODE, "operator.watch.namespaces": ["pypto-system"]})
-    assert not [d for d in docs if d["kind"] == "Role"]
+    assert sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Role") == [
+        "pps-pypto-serving-operator", "pps-pypto-serving-operator-self"]
 
 
 def test_single_replica_without_leader_election() -> None:
@@ -208,6 +249,10 @@ def test_single_replica_without_leader_election() -> None:
     ({"serving.gateway.routing": "random"}, "routing"),
     ({"operater": {"replicas": 1}}, "operater"),
     ({"operator.workers": "four"}, "workers"),
+    ({"security.allowedHostPaths": ["relative/path"]}, "allowedHostPaths"),
+    ({"security.extraAllowedHostPaths": ["/a,/b"]}, "extraAllowedHostPaths"),
+    ({"security.allowedCapabilities": ["sys admin"]}, "allowedCapabilities"),
+    ({"serving.engine.cpuLimit": "lots"}, "cpuLimit"),
 ])
 def test_values_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
     result = template_text(values, check=False)
@@ -234,7 +279,8 @@ def test_serving_values_become_the_operators_defaults() -> None:
     assert defaults == OperatorDefaults(
         engine_image=chart_values["engineImage"], gateway_image=chart_values["gatewayImage"],
         device_resource_name=chart_values["deviceResourceName"], devices_per_node=chart_values["devicesPerNode"],
-        routing=chart_values["gateway"]["routing"], gateway_service_type=chart_values["gateway"]["serviceType"])
+        routing=chart_values["gateway"]["routing"], gateway_service_type=chart_values["gateway"]["serviceType"],
+        engine_cpu_request=chart_values["engine"]["cpuRequest"], engine_cpu_limit=chart_values["engine"]["cpuLimit"])
     assert check_defaults(defaults) == []
     custom = {"serving.engineImage": "registry.local:5000/pypto-serving:0.1.0-cann", "serving.gatewayImage": None,
               "serving.deviceResourceName": "huawei.com/ascend-1980", "serving.devicesPerNode": None,
@@ -242,7 +288,7 @@ def test_serving_values_become_the_operators_defaults() -> None:
     assert operator_cli.operator_defaults(operator_args(render(custom))) == OperatorDefaults(
         engine_image="registry.local:5000/pypto-serving:0.1.0-cann", gateway_image=None,
         device_resource_name="huawei.com/ascend-1980", devices_per_node=None, routing="prefix-aware",
-        gateway_service_type="NodePort")
+        gateway_service_type="NodePort", engine_cpu_request="2", engine_cpu_limit="32")
 
 
 def test_notes_tell_what_to_do_next() -> None:
@@ -276,3 +322,24 @@ def test_rendered_chart_passes_a_server_side_dry_run(cluster: Any, namespace: st
     docs = [d for d in yaml.safe_load_all(text) if d]
     assert len(applied) == len(docs), result.stdout
     assert any(line.startswith("deployment.apps/dry-pypto-serving-operator") for line in applied)
+
+
+def test_security_values_become_the_operators_policy() -> None:
+    """security.* reach the operator as its policy flags; the defaults are the operator's built-in ones."""
+    from pypto_serving.operator import security
+
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert tuple(chart_values["security"]["allowedHostPaths"]) == security.DEFAULT_ALLOWED_HOST_PATHS
+    defaults = operator_cli.operator_defaults(operator_args(render()))
+    assert (defaults.engine_cpu_request, defaults.engine_cpu_limit) == ("2", "32")
+    assert defaults.allowed_host_paths == security.DEFAULT_ALLOWED_HOST_PATHS
+    assert defaults.allowed_capabilities == () and defaults.allow_root_engines is False
+    custom = operator_cli.operator_defaults(operator_args(render({
+        "security.extraAllowedHostPaths": ["/srv/llm"], "security.allowedCapabilities": ["IPC_LOCK"],
+        "security.allowRootEngines": True, "serving.engine.cpuLimit": None, "serving.engine.cpuRequest": "500m"})))
+    assert custom.allowed_host_paths == (*security.DEFAULT_ALLOWED_HOST_PATHS, "/srv/llm")
+    assert custom.allowed_capabilities == ("IPC_LOCK",) and custom.allow_root_engines is True
+    assert (custom.engine_cpu_request, custom.engine_cpu_limit) == ("500m", None)
+    assert check_defaults(custom) == []
+    narrowed = operator_cli.operator_defaults(operator_args(render({"security.allowedHostPaths": ["/models"]})))
+    assert narrowed.allowed_host_paths == ("/models",)

@@ -14,10 +14,15 @@ import httpx
 import yaml
 
 from pypto_serving.kube import Kube
+from pypto_serving.operator.security import DEFAULT_ALLOWED_HOST_PATHS
 from pypto_serving.operator.types import API_VERSION, KIND
-from tests.support.common import free_port, wait_for
+from tests.support.common import REPO_ROOT, free_port, wait_for
+from tests.support.models import MODELS_DIR
 
 OPERATOR_BIN = str(Path(sys.executable).parent / "pypto-serving")
+# The built-in allow-list plus the cache's tiny models, which the tests mount by hostPath (the chart's
+# security.allowedHostPaths does the same for the demo).
+TEST_HOST_PATHS = ",".join((*DEFAULT_ALLOWED_HOST_PATHS, str(MODELS_DIR)))
 
 
 @dataclass
@@ -36,7 +41,8 @@ class OperatorProcess:
         self.health_port = free_port()
         command = [OPERATOR_BIN, "operator", "--namespace", self.namespace, "--health-host", "127.0.0.1",
                    "--health-port", str(self.health_port), "--resync-seconds", "10", "--lease-duration", "4",
-                   "--lease-retry", "1", "--leader-election-id", "op-lease", *self.extra]
+                   "--lease-retry", "1", "--leader-election-id", "op-lease", "--allowed-host-paths", TEST_HOST_PATHS,
+                   *self.extra]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after this returns
         self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -178,3 +184,40 @@ def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     items = kube.list("v1", "Event", namespace)
     return [e for e in items if e.get("involvedObject", {}).get("kind") == "PyptoServing"
             and e["involvedObject"].get("name") == name]
+
+
+def bind_operator_rbac(cluster: Any, namespace: str, account: str, lease: str = "op-lease",
+                       webhook_config: str | None = None) -> list[tuple[str, str]]:
+    """Give ServiceAccount ``namespace/account`` exactly operator/rbac.yaml: its watched-namespace ClusterRole
+    through a RoleBinding in ``namespace``, its own-namespace Role (Lease ``lease``) there, and, with
+    ``webhook_config``, the webhook ClusterRole for that configuration. Returns the cluster-scoped objects made
+    (kind, name) for the caller to delete."""
+    watched, own, hook = yaml.safe_load_all((REPO_ROOT / "operator" / "rbac.yaml").read_text())
+    subject = [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]
+    made: list[tuple[str, str]] = []
+    watched["metadata"]["name"] = f"pypto-op-{namespace}"[:63]
+    own["metadata"]["namespace"] = namespace
+    for rule in own["rules"]:
+        if rule.get("resourceNames") and "leases" in rule["resources"]:
+            rule["resourceNames"] = [lease]
+    objects: list[dict[str, Any]] = [watched, own, _binding("RoleBinding", watched, subject, namespace),
+                                     _binding("RoleBinding", own, subject, namespace)]
+    made.append(("clusterrole", watched["metadata"]["name"]))
+    if webhook_config is not None:
+        hook["metadata"]["name"] = f"pypto-op-hook-{namespace}"[:63]
+        for rule in hook["rules"]:
+            rule["resourceNames"] = [webhook_config]
+        objects += [hook, _binding("ClusterRoleBinding", hook, subject)]
+        made += [("clusterrole", hook["metadata"]["name"]), ("clusterrolebinding", hook["metadata"]["name"])]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
+    return made
+
+
+def _binding(kind: str, role: dict[str, Any], subjects: list[dict[str, Any]],
+             namespace: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": role["metadata"]["name"]}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta, "subjects": subjects,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role["kind"],
+                        "name": role["metadata"]["name"]}}

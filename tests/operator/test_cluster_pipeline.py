@@ -29,8 +29,8 @@ def test_tp1_x_pp2_serves_through_the_gateway(cluster: Any, namespace: str, kube
     assert args[args.index("--pipeline-parallel-size") + 1] == "2"
 
     def gateway_ip() -> str | None:
-        pods = kube.list(f"/api/v1/namespaces/{namespace}/pods",
-                         labelSelector="app.kubernetes.io/instance=pipe,app.kubernetes.io/component=gateway")
+        pods = kube.list("v1", "Pod", namespace,
+                         labels={"app.kubernetes.io/instance": "pipe", "app.kubernetes.io/component": "gateway"})
         return next((p["status"]["podIP"] for p in pods if pod_ready(p)), None)
 
     url = f"http://{wait_for(gateway_ip, 120, 'a ready gateway pod')}:8080"

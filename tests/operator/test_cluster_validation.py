@@ -14,6 +14,7 @@ import yaml
 
 from tests.operator.clusterkit import (
     OperatorProcess,
+    bind_operator_rbac,
     condition,
     engine_pods,
     events,
@@ -22,7 +23,7 @@ from tests.operator.clusterkit import (
     resource,
 )
 from tests.operator.corpus import load_corpus, minimal
-from tests.support.common import REPO_ROOT, free_port, wait_for
+from tests.support.common import free_port, wait_for
 
 pytestmark = pytest.mark.cluster
 CORPUS = load_corpus()
@@ -131,13 +132,9 @@ def token_kubeconfig(cluster: Any, namespace: str, account: str, path: Path) -> 
 def test_operator_runs_with_only_the_rbac_file_permissions(
         cluster: Any, namespace: str, kube: Any, start_operator: Callable[..., OperatorProcess],
         model_volume: dict[str, Any], tmp_path: Path) -> None:
-    role = yaml.safe_load((REPO_ROOT / "operator" / "rbac.yaml").read_text())
-    role["metadata"]["name"] = f"pypto-op-test-{namespace}"[:63]
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(role))
+    cluster.kubectl("create", "serviceaccount", "operator", "-n", namespace)
+    made = bind_operator_rbac(cluster, namespace, "operator")  # the Lease "op-lease" of OperatorProcess
     try:
-        cluster.kubectl("create", "serviceaccount", "operator", "-n", namespace)
-        cluster.kubectl("create", "rolebinding", "operator", "-n", namespace,
-                        f"--clusterrole={role['metadata']['name']}", f"--serviceaccount={namespace}:operator")
         kubeconfig = token_kubeconfig(cluster, namespace, "operator", tmp_path / "operator.kubeconfig")
         op = start_operator("--kubeconfig", str(kubeconfig))
         # the engine pod cannot schedule (no node has the label): creation, status and events still happen
@@ -159,7 +156,8 @@ def test_operator_runs_with_only_the_rbac_file_permissions(
         log = op.log_tail(400)
         assert "403" not in log and "forbidden" not in log.lower(), log
     finally:
-        cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], "--ignore-not-found")
+        for kind, name in made:
+            cluster.kubectl("delete", kind, name, "--ignore-not-found")
 
 
 def test_webhook_registration_keeps_helms_metadata_and_other_webhooks(

@@ -26,7 +26,8 @@ def raw(**overrides: Any) -> PyptoServingSpec:
 def test_resolve_fills_only_what_the_spec_leaves_unset() -> None:
     spec = raw()
     assert defaulted_fields(spec) == {"spec.engine.image", "spec.gateway.image", "spec.devices.resourceName",
-                                      "spec.devices.perNode", "spec.gateway.routing", "spec.gateway.serviceType"}
+                                      "spec.devices.perNode", "spec.gateway.routing", "spec.gateway.serviceType",
+                                      "spec.engine.resources.requests.cpu", "spec.engine.resources.limits.cpu"}
     out = resolve(spec, SITE)
     assert out.engine.image == SITE.engine_image and out.gateway.image == SITE.gateway_image
     assert out.devices.resource_name == "huawei.com/ascend-1980" and out.devices.per_node == 8
@@ -34,6 +35,8 @@ def test_resolve_fills_only_what_the_spec_leaves_unset() -> None:
     assert spec.engine.image is None and spec.devices.resource_name is None  # the input is not modified
     given = raw(engine={"image": "mine:1"}, gateway={"routing": "session", "serviceType": "ClusterIP"},
                 devices={"resourceName": "huawei.com/Ascend910", "perNode": 16})
+    given = given.model_copy(update={"engine": given.engine.model_copy(update={"resources": {
+        "requests": {"cpu": "4"}}})})
     assert defaulted_fields(given) == {"spec.gateway.image"}
     kept = resolve(given, SITE)
     assert (kept.engine.image, kept.gateway.routing, kept.gateway.service_type) == ("mine:1", "session", "ClusterIP")
@@ -43,6 +46,24 @@ def test_resolve_fills_only_what_the_spec_leaves_unset() -> None:
     assert resolve(given, BUILTIN).gateway.image == "mine:1"
     assert resolve(raw(), BUILTIN).gateway.image == "pypto-serving:latest"
     assert resolve(raw(gateway={"image": "gw:2"}), SITE).gateway.image == "gw:2"
+
+
+def test_engine_cpu_defaults_fill_only_a_spec_that_names_no_cpu() -> None:
+    site = OperatorDefaults(engine_cpu_request="2", engine_cpu_limit="32")
+    assert resolve(raw(), site).engine.resources == {"requests": {"cpu": "2"}, "limits": {"cpu": "32"}}
+    memory = {"requests": {"memory": "8Gi"}, "limits": {"memory": "16Gi"}}
+    assert resolve(raw(engine={"resources": memory}), site).engine.resources == {
+        "requests": {"memory": "8Gi", "cpu": "2"}, "limits": {"memory": "16Gi", "cpu": "32"}}
+    for named in ({"requests": {"cpu": "64"}}, {"limits": {"cpu": "1"}}):  # never contradicts the spec
+        assert resolve(raw(engine={"resources": named}), site).engine.resources == named
+    assert resolve(raw(), OperatorDefaults(engine_cpu_limit="8")).engine.resources == {"limits": {"cpu": "8"}}
+    assert resolve(raw()).engine.resources is None  # built in: none (upgrading the operator rolls nothing)
+    spec, _ = validate(minimal(), site)
+    assert spec is not None
+    (container,) = d.engine_pod(d.Owner("demo", "ns1", "uid-1"), spec, 0)["spec"]["containers"]
+    assert container["resources"]["limits"]["cpu"] == "32" and container["resources"]["requests"]["cpu"] == "2"
+    assert [str(p) for p in check_defaults(OperatorDefaults(engine_cpu_limit="many"))] == [
+        "--default-engine-cpu-limit: 'many' is not a valid quantity (e.g. 2 or 500m)"]
 
 
 def test_builtin_defaults_are_the_old_crd_defaults_so_existing_pods_keep_their_hash() -> None:

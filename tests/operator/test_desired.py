@@ -190,16 +190,40 @@ def test_security_contexts() -> None:
     container = pod["containers"][0]["securityContext"]
     assert container == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                          "capabilities": {"drop": ["ALL"]}}
-    # Engines: no privilege escalation by default, the image's user (Ascend device ownership), configurable.
-    default = d.engine_pod(OWNER, spec_of(), 0)
-    assert default["spec"]["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False}
-    assert "securityContext" not in default["spec"]
-    custom = spec_of(engine={"securityContext": {"runAsUser": 1000, "capabilities": {"drop": ["ALL"]}},
-                             "podSecurityContext": {"runAsNonRoot": True, "supplementalGroups": [1001]}})
+    # Engines: no capabilities, no escalation, RuntimeDefault seccomp, non-root, no ServiceAccount token.
+    default = d.engine_pod(OWNER, spec_of(), 0)["spec"]
+    assert default["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False,
+                                                           "capabilities": {"drop": ["ALL"]}}
+    assert default["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert default["automountServiceAccountToken"] is False
+    # the spec's contexts are merged over the defaults: it can set users and groups, not drop the hardening
+    custom = spec_of(engine={"securityContext": {"runAsUser": 1000, "capabilities": {"add": ["IPC_LOCK"]},
+                                                 "readOnlyRootFilesystem": True},
+                             "podSecurityContext": {"runAsGroup": 1000, "supplementalGroups": [1001]}})
     pod = d.engine_pod(OWNER, custom, 0)
-    assert pod["spec"]["containers"][0]["securityContext"] == {"runAsUser": 1000, "capabilities": {"drop": ["ALL"]}}
-    assert pod["spec"]["securityContext"] == {"runAsNonRoot": True, "supplementalGroups": [1001]}
+    assert pod["spec"]["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False, "runAsUser": 1000, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
+    assert pod["spec"]["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
+                                              "runAsGroup": 1000, "supplementalGroups": [1001]}
+    # root (only where the operator runs with --allow-root-engines): the default runAsNonRoot would contradict it
+    root = d.engine_pod(OWNER, spec_of(engine={"podSecurityContext": {"runAsUser": 0}}), 0)["spec"]
+    assert root["securityContext"] == {"runAsUser": 0, "seccompProfile": {"type": "RuntimeDefault"}}
+    explicit = spec_of(engine={"securityContext": {"runAsUser": 0}, "podSecurityContext": {"runAsNonRoot": False}})
+    assert d.engine_pod(OWNER, explicit, 0)["spec"]["securityContext"]["runAsNonRoot"] is False
     # A security context is pod-shaping: changing it rolls the replicas.
     assert d.spec_hash(custom) != d.spec_hash(spec_of())
 
 
+def test_gateway_gets_default_requests_and_limits_for_what_its_spec_leaves_out() -> None:
+    def resources(spec: PyptoServingSpec) -> dict[str, Any]:
+        dep = next(o for o in d.gateway_objects(OWNER, spec) if o["kind"] == "Deployment")
+        return dep["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+    assert resources(spec_of()) == {"requests": {"cpu": "100m", "memory": "128Mi"},
+                                    "limits": {"cpu": "2", "memory": "1Gi"}}
+    # a resource the spec names keeps exactly what it says (no default limit below its request)
+    assert resources(spec_of(gateway={"resources": {"requests": {"memory": "2Gi"}}})) == {
+        "requests": {"memory": "2Gi", "cpu": "100m"}, "limits": {"cpu": "2"}}
+    assert resources(spec_of(gateway={"resources": {"limits": {"cpu": "500m", "memory": "256Mi"}}})) == {
+        "limits": {"cpu": "500m", "memory": "256Mi"}}

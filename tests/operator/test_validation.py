@@ -47,7 +47,7 @@ def test_minimal_resource_is_valid_and_defaulted() -> None:
 def test_full_resource_is_valid() -> None:
     body = minimal(
         replicas=4,
-        model={"name": "qwen3-moe", "path": "/models/Qwen3", "volume": {"hostPath": {"path": "/data"}},
+        model={"name": "qwen3-moe", "path": "/models/Qwen3", "volume": {"hostPath": {"path": "/data/models"}},
                "mountPath": "/models", "moe": True},
         parallel={"tensorParallelSize": 8, "pipelineParallelSize": 1,
                   "expertParallel": {"enabled": True, "placement": "round-robin", "all2allBackend": "hccl"}},

@@ -57,25 +57,54 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* The operator's rules, read from files/operator-rbac.yaml (a copy of operator/rbac.yaml; make chart-sync). */}}
-{{- define "pypto-serving.rules" -}}
-{{- (.Files.Get "files/operator-rbac.yaml" | fromYaml).rules | toYaml }}
+{{/* The documents of files/operator-rbac.yaml (a copy of operator/rbac.yaml; make chart-sync), as a list. */}}
+{{- define "pypto-serving.rbacDocs" -}}
+{{- $docs := list }}
+{{- range regexSplit "(?m)^---\\s*$" (.Files.Get "files/operator-rbac.yaml") -1 }}
+{{- $docs = append $docs (fromYaml .) }}
+{{- end }}
+{{- toYaml $docs }}
 {{- end }}
 
-{{/* The subset of the rules whose resources include any of the given names (list: [rules, names...]). */}}
-{{- define "pypto-serving.rulesFor" -}}
-{{- $rules := index . 0 }}
-{{- $names := rest . }}
+{{/* The rules in the watched namespaces (operator/rbac.yaml's first object). */}}
+{{- define "pypto-serving.rules" -}}
+{{- (index (include "pypto-serving.rbacDocs" . | fromYamlArray) 0).rules | toYaml }}
+{{- end }}
+
+{{/* The rules in the operator's own namespace (the second object), with the release's Lease name; empty without
+leader election. */}}
+{{- define "pypto-serving.selfRules" -}}
+{{- $names := dict "leases" (include "pypto-serving.operatorName" .) }}
+{{- $wanted := list }}
+{{- if .Values.operator.leaderElection.enabled }}{{ $wanted = append $wanted "leases" }}{{ end }}
+{{- $rules := (index (include "pypto-serving.rbacDocs" . | fromYamlArray) 1).rules }}
+{{- include "pypto-serving.named" (list $rules $names $wanted) }}
+{{- end }}
+
+{{/* The webhook configuration rule (the third object), with the release's configuration name. */}}
+{{- define "pypto-serving.webhookRules" -}}
+{{- $kind := "validatingwebhookconfigurations" }}
+{{- $rules := (index (include "pypto-serving.rbacDocs" . | fromYamlArray) 2).rules }}
+{{- include "pypto-serving.named" (list $rules (dict $kind (include "pypto-serving.operatorName" .)) (list $kind)) }}
+{{- end }}
+
+{{/* Rules (list: [rules, resource -> name, wanted resources]) for the wanted resources only, their resourceNames
+replaced by the release's object names. */}}
+{{- define "pypto-serving.named" -}}
+{{- $names := index . 1 }}
+{{- $wanted := index . 2 }}
 {{- $out := list }}
-{{- range $rules }}
-{{- $rule := . }}
-{{- range $names }}
-{{- if has . $rule.resources }}
+{{- range index . 0 }}
+{{- $rule := deepCopy . }}
+{{- $resource := first $rule.resources }}
+{{- if has $resource $wanted }}
+{{- if hasKey $rule "resourceNames" }}
+{{- $_ := set $rule "resourceNames" (list (get $names $resource)) }}
+{{- end }}
 {{- $out = append $out $rule }}
 {{- end }}
 {{- end }}
-{{- end }}
-{{- $out | uniq | toYaml }}
+{{- toYaml $out }}
 {{- end }}
 
 {{/* Watched namespaces (list mode), validated. */}}
