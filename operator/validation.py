@@ -142,6 +142,9 @@ def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]
     if par.expert_parallel.enabled and not spec.model.moe:
         out.append(Problem("spec.parallel.expertParallel.enabled",
                            "expert parallelism needs a MoE model (set spec.model.moe: true)"))
+    elif par.expert_parallel.enabled:
+        out.append(Problem("spec.parallel.expertParallel.enabled",
+                           "expert parallelism is not supported by the engine yet (set enabled: false)"))
     per_node = spec.devices.per_node
     if per_node is not None and spec.devices_per_replica > per_node:
         out.append(Problem("spec.parallel.tensorParallelSize",
