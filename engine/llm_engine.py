@@ -104,6 +104,7 @@ class LLMEngine:
         self._dead: str | None = None  # why the engine cannot serve any more
         self._stale_deadline: float | None = None  # a timed-out step must come back before this
         self._closed = False
+        self.expert_tokens: dict[int, list[int]] = {}  # MoE models: tokens routed to each expert, by layer
         self.counters = {"num_finished": 0, "num_aborted": 0, "num_failed": 0, "num_steps": 0,
                          "num_failed_steps": 0, "prompt_tokens_computed": 0, "generation_tokens": 0}
 
@@ -169,6 +170,10 @@ class LLMEngine:
             self._dead = str(exc)
             return self._fail_batch(batch, self._dead) + self._fail_all(self._dead)
         self.counters["num_steps"] += 1
+        for layer, counts in (result.expert_tokens or {}).items():
+            total = self.expert_tokens.setdefault(layer, [0] * len(counts))
+            for e, n in enumerate(counts):
+                total[e] += n
         return self._process(batch, sample_rows, result)
 
     def _build_step(self, batch: ScheduledBatch) -> tuple[StepInput, list[int]]:
@@ -259,7 +264,9 @@ class LLMEngine:
         return {"prefix_cache_queries": self.scheduler.prefix_cache_queries,
                 "prefix_cache_hits": self.scheduler.prefix_cache_hits,
                 "num_preemptions": self.scheduler.num_preemptions, **self.counters,
-                "num_kv_blocks": self.num_kv_blocks, "num_free_kv_blocks": self.block_manager.num_free_blocks}
+                "num_kv_blocks": self.num_kv_blocks, "num_free_kv_blocks": self.block_manager.num_free_blocks,
+                **({"moe_expert_tokens": {k: list(v) for k, v in self.expert_tokens.items()}}
+                   if self.expert_tokens else {})}
 
     def is_healthy(self) -> bool:
         """False once a worker died or a timed-out step never came back."""

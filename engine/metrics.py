@@ -57,6 +57,13 @@ class EngineCollector(Collector):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], float(stats.get(key, 0) or 0))
             yield counter
+        experts = CounterMetricFamily("pypto:moe_expert_tokens", "Tokens routed to each expert of each MoE layer "
+                                      "(load imbalance).", labels=["model_name", "layer", "expert"])
+        for layer, counts in sorted((stats.get("moe_expert_tokens") or {}).items()):
+            for expert, count in enumerate(counts):
+                experts.add_metric([self.model_name, str(layer), str(expert)], float(count))
+        if stats.get("moe_expert_tokens"):  # MoE models only
+            yield experts
         draining = GaugeMetricFamily("pypto:draining", "1 while the engine drains (admits no new requests).",
                                      labels=["model_name"])
         draining.add_metric([self.model_name], 1.0 if self.draining() else 0.0)

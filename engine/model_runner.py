@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from pypto_serving.engine import device as devices
+from pypto_serving.engine import expert_parallel
 from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from pypto_serving.engine.layers.sampler import Sampler, SampleResult, SamplingBatch
@@ -67,6 +68,8 @@ class ModelRunner:
         hf_config = load_hf_config(config.model)
         self.vocab_size = hf_config.vocab_size
         self.dtype = devices.resolve_dtype(config.dtype, checkpoint_dtype(hf_config), device_type)
+        expert_parallel.configure(expert_parallel.ExpertParallelConfig(
+            config.enable_expert_parallel, config.expert_placement_strategy, config.all2all_backend))
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -186,11 +189,15 @@ class ModelRunner:
         input_ids, positions, meta, sample_index = self.prepare(step)
         hidden = self.model(input_ids, positions, meta)
         if not step.sample_rows:
-            return SampleResult([], None) if self.rank == 0 else None
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
-        if self.rank != 0:
-            return None
-        return self.sampler(logits[:, : self.vocab_size], step.sampling)
+            result = SampleResult([], None) if self.rank == 0 else None
+        else:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
+            result = self.sampler(logits[:, : self.vocab_size], step.sampling) if self.rank == 0 else None
+        if result is not None and hasattr(self.model, "moe_layers"):  # one copy to the host for all layers
+            layers = self.model.moe_layers()
+            counts = torch.stack([moe.take_expert_tokens() for _, moe in layers]).tolist()
+            result.expert_tokens = {i: c for (i, _), c in zip(layers, counts, strict=True)}
+        return result
 
     def shutdown(self) -> None:
         """Leave the process group (when there is one)."""
