@@ -32,8 +32,10 @@ ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 # Engine flags and env vars the operator sets itself; users may not override them.
 MANAGED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--tensor-parallel-size",
                  "--pipeline-parallel-size", "--dtype", "--max-model-len", "--max-num-seqs",
-                 "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching", "--no-enable-prefix-caching")
-MANAGED_ENV = ("PYPTO_DP_RANK", "PYPTO_DP_SIZE", "PYPTO_TP_SIZE", "PYPTO_PP_SIZE", "POD_NAME", "POD_NAMESPACE",
+                 "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching", "--no-enable-prefix-caching",
+                 "--enable-expert-parallel", "--no-enable-expert-parallel", "--expert-placement-strategy",
+                 "--all2all-backend")
+MANAGED_ENV = ("PYPTO_TP_SIZE", "PYPTO_PP_SIZE", "POD_NAME", "POD_NAMESPACE",
                "POD_IP", "HCCL_IF_IP", "ASCEND_RT_VISIBLE_DEVICES")
 RESERVED_MOUNTS = ("/dev/shm", "/etc/hccn.conf")
 
@@ -142,9 +144,6 @@ def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]
     if par.expert_parallel.enabled and not spec.model.moe:
         out.append(Problem("spec.parallel.expertParallel.enabled",
                            "expert parallelism needs a MoE model (set spec.model.moe: true)"))
-    elif par.expert_parallel.enabled:
-        out.append(Problem("spec.parallel.expertParallel.enabled",
-                           "expert parallelism is not supported by the engine yet (set enabled: false)"))
     per_node = spec.devices.per_node
     if per_node is not None and spec.devices_per_replica > per_node:
         out.append(Problem("spec.parallel.tensorParallelSize",
