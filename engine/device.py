@@ -218,6 +218,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` (same shape everywhere) stacked along dim 0, in rank order."""
     out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+    # torch 2.13 calls this deprecated in favour of all_gather_single, which older torch / torch_npu lack
     dist.all_gather_into_tensor(out, x.contiguous())
     return out
 

@@ -77,6 +77,8 @@ class ModelRunner:
                 self.model = model_class(hf_config)(hf_config, self.dtype)
         finally:
             torch.set_default_dtype(default_dtype)
+        if config.enable_expert_parallel and not getattr(self.model, "moe_layers", list)():
+            raise ValueError(f"enable_expert_parallel: {hf_config.architectures} has no MoE layers to shard")
         load_weights(self.model, config.model)
         self.model.eval()
         self.num_kv_blocks = self._allocate_kv_cache(max_model_len)

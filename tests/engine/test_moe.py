@@ -91,6 +91,12 @@ def test_expert_token_counts_reach_stats_and_metrics() -> None:
     assert "pypto:moe_expert_tokens" not in dense
 
 
+def test_expert_parallel_on_a_dense_model_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: .*Qwen3ForCausalLM.* has no MoE layers"):
+        ModelRunner(EngineConfig(model=str(tiny_model_dir("qwen3")), num_kv_blocks=8, enable_expert_parallel=True),
+                    "cpu", 4096)
+
+
 def test_mlp_only_layers_stay_dense(tmp_path) -> None:
     """A config with ``mlp_only_layers`` (a dense MLP in layer 0) loads and matches transformers."""
     import json
