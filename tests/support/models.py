@@ -72,7 +72,9 @@ def hf_model(model_dir: str):  # -> transformers PreTrainedModel
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # no autograd: the MoE models keep tensors made under inference_mode (hf_greedy) that a later forward
+    # with grad enabled (the logits tests) would refuse to save for backward
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
 
 
 @functools.lru_cache(maxsize=4096)
