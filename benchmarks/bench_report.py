@@ -166,6 +166,49 @@ def pp_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[
     return lines, headline
 
 
+def moe_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## MoE expert parallelism", ""]
+    if not data:
+        return [*lines, "Not measured yet.", ""], []
+    m, w, res = data["model"], data["workload"], data["results"]
+    lines += [run_note(runs, "moe_ep"), "",
+              f"A Qwen3-MoE of {m['layers']} layers (hidden {m['hidden']}, {m['experts']} experts, top-{m['top_k']}, "
+              f"expert intermediate {m['moe_intermediate']}; {m['weight_bytes'] / 1e6:.0f} MB of float32 weights), "
+              f"{w['requests']} requests at once (prompts {w['prompt_len']} tokens, outputs {w['output_len']}; "
+              f"{w['prompt_tokens']:,} prompt and {w['output_tokens']:,} output tokens, greedy, EOS ignored), offline "
+              f"`LLMEngine`, one torch thread per rank, one contender after the other, the fastest of "
+              f"{data.get('rounds', 1)} rounds each (benchmarks/moe_ep.py). Greedy "
+              f"outputs identical across contenders: {'yes' if data['outputs_identical'] else '**no**'}.", "",
+              "| contender | wall s | CPU s (all ranks) | steps | ms / step | output tok/s | output tok / CPU s | "
+              "vs EP=1 (wall) | vs EP=1 (CPU) | hottest expert / mean |", "|---|---|---|---|---|---|---|---|---|---|"]
+    labels = {"ep1": "EP=1 (TP=1, 1 thread)", "ep1_2threads": "EP=1 (TP=1, 2 threads)",
+              "tp2_no_ep": "TP=2, no EP (experts split over I)",
+              "ep2_allgather_reducescatter": "EP=2, allgather_reducescatter", "ep2_alltoall": "EP=2, alltoall"}
+    for key, label in labels.items():
+        r = res[key]
+        lines.append(f"| {label} | {fmt(r['wall_s'])} | {fmt(r['cpu_s'])} | {r['steps']} | {fmt(r['step_ms'])} | "
+                     f"{fmt(r['output_tok_per_s'])} | {fmt(r['output_tok_per_cpu_s'])} | "
+                     f"{fmt(r['speedup_vs_ep1'], 2)}x | {fmt(r['cpu_efficiency_vs_ep1'], 2)}x | "
+                     f"{fmt(r['expert_load_max_over_mean'], 2)} |")
+    sync, layers = data["collectives_ms_per_layer"], data["moe_layers"]
+    lines += ["", f"Per-step cost of the EP collectives, two gloo ranks (median of 25, the exact calls one MoE layer "
+              f"issues, x {layers} MoE layers):", "",
+              "| tokens in the step | allgather_reducescatter (1 all-reduce) | alltoall (counts, dispatch x2, "
+              "combine, all-gather) |", "|---|---|---|"]
+    for tokens, t in sync.items():
+        lines.append(f"| {tokens} | {t['allgather_reducescatter'] * layers:.2f} ms | {t['alltoall'] * layers:.2f} ms |")
+    lines += ["", "Wall time on this shared 2-core machine is dominated by the other work on it (see the load "
+              "average); CPU seconds of all ranks are the steadier measure. Two EP ranks have the same two cores "
+              "that one EP=1 process with two threads has, so EP=2 buys no compute here: what the table shows is "
+              "the price of the exchange (the gloo collectives, plus the rank processes' own overhead). EP's "
+              "purpose, expert weights that do not fit one device, does not exist on this machine.", ""]
+    best = max(("ep2_allgather_reducescatter", "ep2_alltoall"), key=lambda k: res[k]["speedup_vs_ep1"])
+    headline = [f"| MoE: EP=2 vs EP=1 throughput (tiny Qwen3-MoE, 64 requests, CPU) | "
+                f"{res[best]['speedup_vs_ep1']:.2f}x wall, {res[best]['cpu_efficiency_vs_ep1']:.2f}x per CPU second "
+                f"({best.removeprefix('ep2_')}) | - |"]
+    return lines, headline
+
+
 def gateway_overhead_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
     lines = ["## Gateway overhead vs nginx", ""]
     if not data:
@@ -405,6 +448,7 @@ def write_report(out: Path = OUT) -> Path:
     """Render docs/benchmarks.md and the PNGs."""
     runs = json.loads((RESULTS / "runs.json").read_text()) if (RESULTS / "runs.json").exists() else {}
     engine, engine_head = engine_section(load("engine_vs_transformers"), runs)
+    moe, moe_head = moe_section(load("moe_ep"), runs)
     overhead, overhead_head = gateway_overhead_section(load("gateway_overhead"), runs)
     routing, routing_head = routing_section(load("gateway_routing"), load("gateway_prefix"), load("gateway_streams"),
                                             load("gateway_decision"), runs)
@@ -418,8 +462,8 @@ def write_report(out: Path = OUT) -> Path:
              f"Machine: {machine_line()}. Its 2 cores are shared with other work, so wall-clock numbers are noisy; "
              "each section gives the load average around its run.", "",
              "## Headlines", "", "| measure | result | target |", "|---|---|---|",
-             *engine_head, *pipeline_head, *overhead_head, *routing_head, *operator_head, "",
-             *engine, *pipeline, *overhead, *routing, *operator]
+             *engine_head, *pipeline_head, *moe_head, *overhead_head, *routing_head, *operator_head, "",
+             *engine, *pipeline, *moe, *overhead, *routing, *operator]
     out.write_text("\n".join(line for line in lines).rstrip() + "\n")
     print(f"wrote {out}", flush=True)
     return out

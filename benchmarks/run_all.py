@@ -25,6 +25,7 @@ RUNS = REPO_ROOT / "docs" / "benchmarks" / "runs.json"
 BENCHMARKS: dict[str, list[str]] = {
     "engine_vs_transformers": ["benchmarks/engine_vs_transformers.py"],
     "pp": ["benchmarks/pp_bench.py"],
+    "moe_ep": ["benchmarks/moe_ep.py"],
     "gateway_decision": ["benchmarks/gateway_decision.py"],
     "gateway_overhead": ["benchmarks/gateway_overhead.py"],
     "gateway_routing": ["benchmarks/gateway_routing.py"],

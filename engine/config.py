@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda", "npu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+PLACEMENTS = ("linear", "round_robin")  # expert_parallel.py, without importing torch here
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "alltoall")
 
 
 @dataclass
@@ -24,6 +26,10 @@ class EngineConfig:
     # micro-batches in flight at once (None: pipeline_parallel_size, one per stage); pp_blocking forces 1
     max_num_micro_batches: int | None = None
     pp_blocking: bool = False  # one micro-batch in flight: the blocking loop, kept for comparison
+    # expert parallelism of MoE models (vLLM's flags; see expert_parallel.py): EP size = tensor_parallel_size
+    enable_expert_parallel: bool = False
+    expert_placement_strategy: str = "linear"  # linear|round_robin
+    all2all_backend: str = "allgather_reducescatter"  # allgather_reducescatter|alltoall
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -81,6 +87,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory: must be > 0 (a fraction <= 1 or bytes), got {self.kv_cache_memory!r}")
         if self.step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s: must be > 0, got {self.step_timeout_s!r}")
+        if self.expert_placement_strategy not in PLACEMENTS:
+            raise ValueError(f"expert_placement_strategy: must be one of {', '.join(PLACEMENTS)}, got "
+                             f"{self.expert_placement_strategy!r}")
+        if self.all2all_backend not in ALL2ALL_BACKENDS:
+            raise ValueError(f"all2all_backend: must be one of {', '.join(ALL2ALL_BACKENDS)}, got "
+                             f"{self.all2all_backend!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads: must be >= 1, got {self.cpu_threads!r}")
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -199,3 +200,34 @@ def cpu_threads_per_rank(world_size: int, requested: int | None = None) -> int:
     if requested:
         return requested
     return max(1, usable_cpus() // world_size)
+
+
+# ------------------------------------------------------------------ collectives of the expert-parallel layers
+# The MoE layers (layers/moe.py, expert_parallel.py) exchange tokens only through these, on the tensor-parallel
+# group of the rank's pipeline stage (``group``; None: the default group of all the replica's ranks): gloo on
+# cpu, NCCL on cuda, HCCL on npu. All three implement the ops used here (gloo's all_to_all_single with uneven
+# splits and all_gather_into_tensor are exercised by tests/engine/test_moe_ep.py on the pinned torch); a backend
+# without one raises torch's own error at the first MoE step: nothing falls back.
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum ``x`` over the ranks of ``group``, in place; returns it."""
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's ``x`` (same shape everywhere) stacked along dim 0, in rank order."""
+    out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+    # torch 2.13 calls this deprecated in favour of all_gather_single, which older torch / torch_npu lack
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Rows of ``x`` cut into ``send_counts`` consecutive parts, part r to rank r of ``group``; returns the rows
+    received."""
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+    return out

@@ -127,6 +127,7 @@ class LLMEngine:
         self._dead: str | None = None  # why the engine cannot serve any more
         self._stale_deadline: float | None = None  # a timed-out step must come back before this
         self._closed = False
+        self.expert_tokens: dict[int, list[int]] = {}  # MoE models: tokens routed to each expert, by layer
         self.counters = {"num_finished": 0, "num_aborted": 0, "num_failed": 0, "num_steps": 0,
                          "num_failed_steps": 0, "prompt_tokens_computed": 0, "generation_tokens": 0}
 
@@ -204,6 +205,10 @@ class LLMEngine:
             return self._fail_all(self._dead)
         self._collected()
         self.counters["num_steps"] += 1
+        for layer, counts in (result.expert_tokens or {}).items():
+            total = self.expert_tokens.setdefault(layer, [0] * len(counts))
+            for e, n in enumerate(counts):
+                total[e] += n
         outputs = self._process(mb, result)
         if self.micro_batches > 1:  # keep every stage busy while the caller hands the outputs on
             self._refill()
@@ -343,7 +348,9 @@ class LLMEngine:
                 "num_preemptions": self.scheduler.num_preemptions, **self.counters,
                 "num_kv_blocks": self.num_kv_blocks, "num_free_kv_blocks": self.block_manager.num_free_blocks,
                 "pp_inflight_micro_batches": self._inflight_at_wait if self.has_unfinished_requests() else 0,
-                "pp_stage_idle_ratio": self.stage_idle_ratios()}
+                "pp_stage_idle_ratio": self.stage_idle_ratios(),
+                **({"moe_expert_tokens": {k: list(v) for k, v in self.expert_tokens.items()}}
+                   if self.expert_tokens else {})}
 
     def stage_idle_ratios(self) -> list[float]:
         """Per pipeline stage, the fraction of the time with work in flight that the stage did not compute (the

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
+# MoE checkpoints name each routed expert's projections (``mlp.experts.<e>.gate_proj.weight``); the model stacks
+# them per layer (layers/moe.py): gate/up into ``experts.w13_weight``, down into ``experts.w2_weight``.
+EXPERT_TENSOR = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def load_hf_config(model_dir: str):  # -> transformers.PretrainedConfig
@@ -46,7 +51,11 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
                 if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight") or not owns(name):
                     continue
                 target, shard = name, None
-                for ckpt_module, (module, shard_id) in packed.items():
+                expert = EXPERT_TENSOR.search(name)
+                if expert is not None:
+                    stacked = "w2_weight" if expert[2] == "down_proj" else "w13_weight"
+                    target, shard = f"{name[:expert.start()]}.experts.{stacked}", (int(expert[1]), expert[2])
+                for ckpt_module, (module, shard_id) in packed.items() if expert is None else ():
                     if f".{ckpt_module}." in name:
                         target, shard = name.replace(f".{ckpt_module}.", f".{module}."), shard_id
                         break

@@ -69,6 +69,13 @@ class EngineCollector(Collector):
         for stage, ratio in enumerate(stats.get("pp_stage_idle_ratio") or []):
             idle.add_metric([self.model_name, str(stage)], float(ratio))
         yield idle
+        experts = CounterMetricFamily("pypto:moe_expert_tokens", "Tokens routed to each expert of each MoE layer "
+                                      "(load imbalance).", labels=["model_name", "layer", "expert"])
+        for layer, counts in sorted((stats.get("moe_expert_tokens") or {}).items()):
+            for expert, count in enumerate(counts):
+                experts.add_metric([self.model_name, str(layer), str(expert)], float(count))
+        if stats.get("moe_expert_tokens"):  # MoE models only
+            yield experts
         draining = GaugeMetricFamily("pypto:draining", "1 while the engine drains (admits no new requests).",
                                      labels=["model_name"])
         draining.add_metric([self.model_name], 1.0 if self.draining() else 0.0)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pypto_serving.engine import device as devices
+from pypto_serving.engine import expert_parallel
 from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from pypto_serving.engine.layers.linear import set_tp_group
@@ -82,6 +83,8 @@ class ModelRunner:
         self.stage = Stage(rank // tp, config.pipeline_parallel_size, *bounds[rank // tp])
         self.vocab_size = hf_config.vocab_size
         self.dtype = devices.resolve_dtype(config.dtype, checkpoint_dtype(hf_config), device_type)
+        expert_parallel.configure(expert_parallel.ExpertParallelConfig(
+            config.enable_expert_parallel, config.expert_placement_strategy, config.all2all_backend))
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -89,6 +92,8 @@ class ModelRunner:
                 self.model = model_class(hf_config)(hf_config, self.dtype, self.stage)
         finally:
             torch.set_default_dtype(default_dtype)
+        if config.enable_expert_parallel and not getattr(self.model, "moe_layers", list)():
+            raise ValueError(f"enable_expert_parallel: {hf_config.architectures} has no MoE layers to shard")
         load_weights(self.model, config.model)
         self.model.eval()
         self.link = StageLink(self.stage, rank, tp, hf_config.hidden_size, self.dtype, self.device)
@@ -233,11 +238,15 @@ class ModelRunner:
 
     def _sample(self, step: StepInput, hidden: torch.Tensor, sample_index: list[int]) -> SampleResult | None:
         if not step.sample_rows:
-            return SampleResult([], None) if self.tp_rank == 0 else None
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
-        if self.tp_rank != 0:
-            return None
-        return self.sampler(logits[:, : self.vocab_size], step.sampling)
+            result = SampleResult([], None) if self.tp_rank == 0 else None
+        else:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
+            result = self.sampler(logits[:, : self.vocab_size], step.sampling) if self.tp_rank == 0 else None
+        if result is not None and hasattr(self.model, "moe_layers"):  # one copy to the host for all layers
+            layers = self.model.moe_layers()  # under pipeline parallelism: the last stage's MoE layers
+            counts = torch.stack([moe.take_expert_tokens() for _, moe in layers]).tolist() if layers else []
+            result.expert_tokens = {i: c for (i, _), c in zip(layers, counts, strict=True)}
+        return result
 
     def shutdown(self) -> None:
         """Leave the process group (when there is one)."""

@@ -9,7 +9,8 @@ seeds' sectioned shape::
      "cache": {"block_size": 16, "enable_prefix_caching": true}}
 
 Unknown keys and values of the wrong type are errors naming the key. Flags given on the command line override
-the file. Expert parallelism is rejected until the engine supports it.
+the file. ``parallel.expert_parallel`` takes ``{enabled, placement, all2all_backend}`` (the operator's shape) for
+the three expert-parallel flags.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ OPTIONS: dict[str, tuple[type, Any, str, str]] = {
                     "engine"),
     "data_parallel_size": (int, 1, "DP replicas of the deployment (informational: one engine is one replica)",
                            "check"),
+    "enable_expert_parallel": (bool, False, "shard the experts of MoE layers over the TP ranks (EP = TP x DP)",
+                               "engine"),
+    "expert_placement_strategy": (str, "linear", "linear|round_robin: which EP rank owns which expert", "engine"),
+    "all2all_backend": (str, "allgather_reducescatter", "allgather_reducescatter|alltoall: how tokens reach "
+                        "their experts under EP", "engine"),
     "max_model_len": (int, None, "maximum prompt + output tokens (default: the model's)", "engine"),
     "max_num_seqs": (int, 256, "maximum requests in the running batch", "engine"),
     "max_num_batched_tokens": (int, 2048, "token budget of one step", "engine"),
@@ -69,7 +75,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "engine": {k: k for k, v in OPTIONS.items() if v[3] == "engine"},
     "server": {k: k for k, v in OPTIONS.items() if v[3] == "server"},
 }
-EXPERT_PARALLEL_KEYS = {"enabled", "placement", "all2all_backend"}
+EXPERT_PARALLEL_KEYS = {"enabled": "enable_expert_parallel", "placement": "expert_placement_strategy",
+                        "all2all_backend": "all2all_backend"}
 
 
 class ConfigError(ValueError):
@@ -124,8 +131,11 @@ def _set(flat: dict[str, Any], name: str, value: Any, where: str) -> None:
     if name == "expert_parallel":
         if not isinstance(value, dict) or any(normalize(k) not in EXPERT_PARALLEL_KEYS for k in value):
             raise ConfigError(f"{where}: expected {{enabled, placement, all2allBackend}}, got {value!r}")
-        if value.get("enabled"):
-            raise ConfigError(f"{where}.enabled: expert parallelism is not supported by this engine yet")
+        for key, sub_value in value.items():
+            # the operator's spellings: all2allBackend "default" is the engine's default, "round-robin" vLLM's
+            sub_value = {"default": OPTIONS["all2all_backend"][1], "round-robin": "round_robin"}.get(sub_value,
+                                                                                                   sub_value)
+            _set(flat, EXPERT_PARALLEL_KEYS[normalize(key)], sub_value, f"{where}.{key}")
         return
     try:
         flat[name] = check_value(name, value)

@@ -1,9 +1,10 @@
-"""`pypto-serving tiny-model OUT --arch qwen3|qwen2|llama`: a tiny random-weight model in Hugging Face format.
+"""`pypto-serving tiny-model OUT --arch qwen3|qwen2|llama|qwen3-moe|qwen2-moe`: a tiny random-weight model in HF format.
 
 The output directory holds config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with a jinja
 chat template) and generation_config.json, so both this engine and `transformers.AutoModelForCausalLM` /
 `AutoTokenizer` load it. The tokenizer is a real byte-level BPE trained offline on built-in English-ish text.
-Everything is deterministic for a given seed and size; nothing touches the network.
+Everything is deterministic for a given seed and size; nothing touches the network. The MoE archs write the
+per-expert tensor names of real Qwen3-MoE / Qwen1.5-MoE checkpoints (``mlp.experts.<e>.gate_proj.weight``, ...).
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from pathlib import Path
 # Bump whenever the bytes written for the same arguments change (tests key their model cache on it).
 GENERATOR_VERSION = 2  # 2: every special token is named in tokenizer_config.json (additional_special_tokens)
 
-ARCHS = ("qwen3", "qwen2", "llama")
-ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHS = ("qwen3", "qwen2", "llama", "qwen3-moe", "qwen2-moe")
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                 "qwen3-moe": "Qwen3MoeForCausalLM", "qwen2-moe": "Qwen2MoeForCausalLM"}
+MODEL_TYPES = {"qwen3-moe": "qwen3_moe", "qwen2-moe": "qwen2_moe"}  # others: the arch name
 DEFAULT_SIZES = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 1024}
+# MoE archs only: routed experts, experts per token, expert and shared-expert (qwen2-moe) intermediate sizes
+MOE_SIZES = {"experts": 8, "top_k": 2, "moe_intermediate": 32, "shared_intermediate": 64}
 
 _ENGLISH = """\
 The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
@@ -111,7 +116,7 @@ def model_config(arch: str, sizes: dict, special: dict, dtype: str, tie: bool) -
     head_dim = sizes.get("head_dim") or sizes["hidden"] // sizes["heads"]
     cfg = {
         "architectures": [ARCHITECTURES[arch]],
-        "model_type": arch,
+        "model_type": MODEL_TYPES.get(arch, arch),
         "vocab_size": sizes["vocab"],
         "hidden_size": sizes["hidden"],
         "intermediate_size": sizes["intermediate"],
@@ -128,9 +133,15 @@ def model_config(arch: str, sizes: dict, special: dict, dtype: str, tie: bool) -
         "torch_dtype": dtype,
         "use_cache": True,
     }
-    if arch == "qwen3":
+    if arch.endswith("-moe"):
+        cfg.update(num_experts=sizes["experts"], num_experts_per_tok=sizes["top_k"],
+                   moe_intermediate_size=sizes["moe_intermediate"], norm_topk_prob=arch == "qwen3-moe",
+                   decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False)
+        if arch == "qwen2-moe":
+            cfg["shared_expert_intermediate_size"] = sizes["shared_intermediate"]
+    if arch in ("qwen3", "qwen3-moe"):
         cfg.update(rope_theta=1000000.0, attention_bias=False, use_sliding_window=False, attention_dropout=0.0)
-    elif arch == "qwen2":
+    elif arch in ("qwen2", "qwen2-moe"):
         cfg.update(rope_theta=1000000.0, use_sliding_window=False, attention_dropout=0.0)
     else:
         cfg.update(rope_theta=500000.0, attention_bias=False, mlp_bias=False, rope_scaling={
@@ -159,15 +170,24 @@ def random_weights(arch: str, sizes: dict, seed: int, tie: bool):  # -> dict[str
         w[p + "post_attention_layernorm.weight"] = normal(hidden, std=0.1, mean=1.0)
         for name, dim in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
             w[p + f"self_attn.{name}.weight"] = normal(dim, hidden, std=1.0 / math.sqrt(hidden))
-            if arch == "qwen2":
+            if arch in ("qwen2", "qwen2-moe"):
                 w[p + f"self_attn.{name}.bias"] = normal(dim, std=0.1)
         w[p + "self_attn.o_proj.weight"] = normal(hidden, q_dim, std=out_std / math.sqrt(q_dim))
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3-moe"):
             w[p + "self_attn.q_norm.weight"] = normal(head_dim, std=0.1, mean=1.0)
             w[p + "self_attn.k_norm.weight"] = normal(head_dim, std=0.1, mean=1.0)
-        w[p + "mlp.gate_proj.weight"] = normal(inter, hidden, std=1.0 / math.sqrt(hidden))
-        w[p + "mlp.up_proj.weight"] = normal(inter, hidden, std=1.0 / math.sqrt(hidden))
-        w[p + "mlp.down_proj.weight"] = normal(hidden, inter, std=out_std / math.sqrt(inter))
+        mlps = [("mlp.", inter)]
+        if arch.endswith("-moe"):
+            # a router with logits of unit scale (well-separated top-k), then each expert as its own SwiGLU MLP
+            w[p + "mlp.gate.weight"] = normal(sizes["experts"], hidden, std=1.0 / math.sqrt(hidden))
+            mlps = [(f"mlp.experts.{e}.", sizes["moe_intermediate"]) for e in range(sizes["experts"])]
+            if arch == "qwen2-moe":
+                mlps.append(("mlp.shared_expert.", sizes["shared_intermediate"]))
+                w[p + "mlp.shared_expert_gate.weight"] = normal(1, hidden, std=1.0 / math.sqrt(hidden))
+        for prefix, size in mlps:
+            w[p + prefix + "gate_proj.weight"] = normal(size, hidden, std=1.0 / math.sqrt(hidden))
+            w[p + prefix + "up_proj.weight"] = normal(size, hidden, std=1.0 / math.sqrt(hidden))
+            w[p + prefix + "down_proj.weight"] = normal(hidden, size, std=out_std / math.sqrt(size))
     # random signs on the final norm: no systematic "predict the input token again" bias when embeddings are tied
     w["model.norm.weight"] = normal(hidden, std=1.0)
     if tie:
@@ -185,7 +205,7 @@ def write_tiny_model(out: str | os.PathLike, arch: str, seed: int = 0, dtype: st
 
     if arch not in ARCHS:
         raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    sizes = {**DEFAULT_SIZES, **{k: v for k, v in sizes.items() if v is not None}}
+    sizes = {**DEFAULT_SIZES, **MOE_SIZES, **{k: v for k, v in sizes.items() if v is not None}}
     if sizes["heads"] % sizes["kv_heads"]:
         raise ValueError("--heads must be a multiple of --kv-heads")
     tie = (arch == "qwen2") if tie_word_embeddings is None else tie_word_embeddings
@@ -231,12 +251,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     for name, default in DEFAULT_SIZES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, dest=name)
+    for name, default in MOE_SIZES.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, dest=name,
+                            help="MoE archs only")
     parser.add_argument("--head-dim", type=int, default=None, help="default: hidden / heads")
     parser.add_argument("--max-position", type=int, default=4096, help="max_position_embeddings")
     parser.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
                         help="default: tied for qwen2 only")
     args = parser.parse_args(argv)
-    sizes = {name: getattr(args, name) for name in DEFAULT_SIZES}
+    sizes = {name: getattr(args, name) for name in (*DEFAULT_SIZES, *MOE_SIZES)}
     # write next to the target and rename, so a reader never sees a half-written model
     out = Path(args.out)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))

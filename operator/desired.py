@@ -19,8 +19,6 @@ from pypto_serving.contract import (  # the names every part shares (CONTRACT.md
     ENGINE,
     ENGINE_PORT,
     ENGINE_PORT_NAME,
-    ENV_DP_RANK,
-    ENV_DP_SIZE,
     ENV_HCCL_IF_IP,
     ENV_POD_IP,
     ENV_POD_NAME,
@@ -140,6 +138,11 @@ def engine_args(spec: PyptoServingSpec) -> list[str]:
         if value is not None:
             args += [flag, str(value)]
     args.append("--enable-prefix-caching" if eng.enable_prefix_caching else "--no-enable-prefix-caching")
+    ep = spec.parallel.expert_parallel
+    if ep.enabled:  # EP inside the pod, over its TP ranks
+        args += ["--enable-expert-parallel", "--expert-placement-strategy", ep.placement]
+        if ep.all2all_backend != "default":
+            args += ["--all2all-backend", ep.all2all_backend]
     return args + list(eng.extra_args)
 
 
@@ -147,12 +150,11 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def engine_env(spec: PyptoServingSpec, rank: int) -> list[dict[str, Any]]:
-    """Env of an engine container: DP/TP/PP identity, downward API, HCCL_IF_IP from the pod IP, user env."""
+def engine_env(spec: PyptoServingSpec) -> list[dict[str, Any]]:
+    """Env of an engine container: TP/PP sizes, downward API, HCCL_IF_IP from the pod IP, user env. (The replica's
+    rank is in the pod name and the dp-rank label; expert parallelism goes as engine flags, see `engine_args`.)"""
     par = spec.parallel
     env: list[dict[str, Any]] = [
-        {"name": ENV_DP_RANK, "value": str(rank)},
-        {"name": ENV_DP_SIZE, "value": str(spec.replicas)},
         {"name": ENV_TP_SIZE, "value": str(par.tensor_parallel_size)},
         {"name": ENV_PP_SIZE, "value": str(par.pipeline_parallel_size)},
         _field_env(ENV_POD_NAME, "metadata.name"),
@@ -160,10 +162,6 @@ def engine_env(spec: PyptoServingSpec, rank: int) -> list[dict[str, Any]]:
         _field_env(ENV_POD_IP, "status.podIP"),
         {"name": ENV_HCCL_IF_IP, "value": f"$({ENV_POD_IP})"},
     ]
-    if par.expert_parallel.enabled:
-        env += [{"name": "PYPTO_EP_ENABLED", "value": "1"},
-                {"name": "PYPTO_EP_PLACEMENT", "value": par.expert_parallel.placement},
-                {"name": "PYPTO_EP_ALL2ALL_BACKEND", "value": par.expert_parallel.all2all_backend}]
     return env + [copy.deepcopy(var) for var in spec.engine.env]
 
 
@@ -246,7 +244,7 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
         "command": ["pypto-serving", "engine"],
         "args": engine_args(spec),
         "ports": [{"name": ENGINE_PORT_NAME, "containerPort": ENGINE_PORT, "protocol": "TCP"}],
-        "env": engine_env(spec, rank),
+        "env": engine_env(spec),
         "resources": _resources(eng.resources, {dev.resource_name: devices}),
         "readinessProbe": _http_probe(PATH_READY, ENGINE_PORT, PROBE_PERIOD, 2),
         "livenessProbe": _http_probe(PATH_HEALTH, ENGINE_PORT, 10, 3, timeout=5),

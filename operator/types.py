@@ -63,12 +63,15 @@ class ModelSource(_Model):
 
 
 class ExpertParallel(_Model):
-    """Expert parallelism for MoE models (inside one replica)."""
+    """Expert parallelism for MoE models inside one replica: the experts are sharded over its TP ranks."""
 
-    enabled: bool = Field(default=False, description="Shard experts across the replica's devices.")
-    placement: Literal["linear", "round-robin"] = Field(default="linear", description="Expert placement.")
-    all2all_backend: str = Field(
-        default="default", min_length=1, alias="all2allBackend", description="All-to-all backend for experts.")
+    enabled: bool = Field(default=False, description="Shard the MoE experts across the replica's tensor-parallel "
+                          "ranks (engine --enable-expert-parallel; EP size = tensorParallelSize).")
+    placement: Literal["linear", "round_robin"] = Field(
+        default="linear", description="Which rank owns which expert (--expert-placement-strategy).")
+    all2all_backend: Literal["default", "allgather_reducescatter", "alltoall"] = Field(
+        default="default", alias="all2allBackend", description="How tokens reach their experts (--all2all-backend); "
+        "default: the engine's (allgather_reducescatter).")
 
 
 class ParallelSpec(_Model):

@@ -35,7 +35,9 @@ ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 # Engine flags and env vars the operator sets itself; users may not override them.
 MANAGED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--tensor-parallel-size",
                  "--pipeline-parallel-size", "--dtype", "--max-model-len", "--max-num-seqs",
-                 "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching", "--no-enable-prefix-caching")
+                 "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching", "--no-enable-prefix-caching",
+                 "--enable-expert-parallel", "--no-enable-expert-parallel", "--expert-placement-strategy",
+                 "--all2all-backend")
 MANAGED_ENV = (*ENGINE_POD_ENV, ENV_VISIBLE_DEVICES)
 RESERVED_MOUNTS = ("/dev/shm", "/etc/hccn.conf")
 

@@ -35,15 +35,13 @@ ENGINE, GATEWAY, OPERATOR = "engine", "gateway", "operator"  # values of L_COMPO
 MANAGER = "pypto-serving-operator"  # L_MANAGED_BY, and the server-side apply field manager
 
 # --- the engine pods' environment (set by the operator, read by the engine and by people) -----------------------
-ENV_DP_RANK = "PYPTO_DP_RANK"
-ENV_DP_SIZE = "PYPTO_DP_SIZE"
 ENV_TP_SIZE = "PYPTO_TP_SIZE"
 ENV_PP_SIZE = "PYPTO_PP_SIZE"
 ENV_POD_NAME = "POD_NAME"
 ENV_POD_NAMESPACE = "POD_NAMESPACE"
 ENV_POD_IP = "POD_IP"
 ENV_HCCL_IF_IP = "HCCL_IF_IP"
-ENGINE_POD_ENV = (ENV_DP_RANK, ENV_DP_SIZE, ENV_TP_SIZE, ENV_PP_SIZE, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_POD_IP,
+ENGINE_POD_ENV = (ENV_TP_SIZE, ENV_PP_SIZE, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_POD_IP,
                   ENV_HCCL_IF_IP)  # all of them: a user's spec.engine.env may not set these
 ENV_VISIBLE_DEVICES = "ASCEND_RT_VISIBLE_DEVICES"  # set by the Ascend device plugin, never by a user
 

@@ -39,7 +39,7 @@ def string_literals(path: Path) -> set[str]:
 
 
 def test_the_contract_names_are_spelled_only_in_the_contract() -> None:
-    assert {"serving.pypto.io/draining", "x-request-id", "PYPTO_DP_RANK", "huawei.com/AscendReal"} <= SHARED
+    assert {"serving.pypto.io/draining", "x-request-id", "PYPTO_TP_SIZE", "huawei.com/AscendReal"} <= SHARED
     offenders = []
     for part in PARTS:
         for path in sorted((REPO_ROOT / part).rglob("*.py")):

@@ -38,6 +38,7 @@ class SampleResult:
 
     token_ids: list[int]
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None
+    expert_tokens: dict[int, list[int]] | None = None  # MoE models: tokens per expert this step, by layer index
 
 
 def seed_for(seed: int, position: int) -> int:

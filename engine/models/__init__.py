@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pypto_serving.engine.models.llama import LlamaFamilyForCausalLM
+from pypto_serving.engine.models.qwen_moe import QwenMoeForCausalLM
 
 MODELS = {
     "LlamaForCausalLM": LlamaFamilyForCausalLM,
     "Qwen2ForCausalLM": LlamaFamilyForCausalLM,
     "Qwen3ForCausalLM": LlamaFamilyForCausalLM,
+    "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
+    "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
 }
 
 

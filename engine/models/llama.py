@@ -1,5 +1,7 @@
 """The Llama family in one decoder: Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
 
+The MoE variants (models/qwen_moe.py) reuse it and only swap the MLP of each layer (``make_mlp``).
+
 The forward pass takes the step's tokens flattened across sequences ([T]), their positions and the paged
 attention metadata; projections are tensor-parallel (q/k/v and gate/up merged into one matmul each). Under
 pipeline parallelism the model holds one `Stage`'s layers (the others are empty placeholders that keep the
@@ -7,6 +9,8 @@ checkpoint's layer numbering): the first stage embeds, the last one normalises a
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +34,14 @@ class DecoderAttention(nn.Module):
         arch = cfg.model_type
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         bias = getattr(cfg, "attention_bias", False)
+        qkv_bias = bias or arch == "qwen2" or getattr(cfg, "qkv_bias", False)  # qwen2_moe: qkv_bias
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, bias=bias or arch == "qwen2")
+                                          cfg.num_key_value_heads, bias=qkv_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size,
                                         bias=bias and arch != "qwen2")
-        self.qk_norm = arch == "qwen3"
+        self.qk_norm = arch in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
@@ -59,11 +64,12 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x)) with gate and up in one matmul."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, intermediate_size: int | None = None) -> None:
         super().__init__()
         bias = getattr(cfg, "mlp_bias", False)
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=bias)
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (silu only)")
 
@@ -75,10 +81,10 @@ class DecoderMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the next norm."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = DecoderAttention(cfg)
-        self.mlp = DecoderMLP(cfg)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -96,7 +102,8 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embedding, the decoder layers and the final norm (of one pipeline stage: ``stage``)."""
 
-    def __init__(self, cfg, dtype: torch.dtype, stage: Stage, tied: bool) -> None:
+    def __init__(self, cfg, dtype: torch.dtype, stage: Stage, tied: bool,
+                 make_mlp: Callable[[object, int], nn.Module]) -> None:
         super().__init__()
         self.stage = stage
         # a tied LM head on the last stage reuses the embedding weights, so that stage loads them too
@@ -104,7 +111,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if embed else None
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.rotary = RotaryEmbedding(cfg, head_dim, cfg.max_position_embeddings, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) if stage.owns_layer(i) else nn.Identity()
+        self.layers = nn.ModuleList(DecoderLayer(cfg, make_mlp(cfg, i)) if stage.owns_layer(i) else nn.Identity()
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.last else None
 
@@ -137,10 +144,15 @@ class LlamaFamilyForCausalLM(nn.Module):
             raise ValueError("sliding-window attention is not supported")
         self.stage = stage or Stage(0, 1, 0, cfg.num_hidden_layers)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.model = DecoderModel(cfg, dtype, self.stage, self.tie_word_embeddings)
+        self.model = DecoderModel(cfg, dtype, self.stage, self.tie_word_embeddings, self.make_mlp)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if self.stage.last else None
         if self.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def make_mlp(cfg, layer_index: int) -> nn.Module:
+        """The MLP of decoder layer ``layer_index``: the dense SwiGLU (MoE models override this)."""
+        return DecoderMLP(cfg)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 intermediate: Activations | None = None) -> torch.Tensor | Activations:

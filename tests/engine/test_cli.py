@@ -33,7 +33,8 @@ def test_contract_flags_map_to_engine_and_server_options():
                       "max_num_micro_batches": None, "pp_blocking": False, "max_model_len": 512, "max_num_seqs": 8,
                       "max_num_batched_tokens": 256, "long_prefill_token_threshold": 64, "block_size": 8,
                       "num_kv_blocks": 100, "enable_prefix_caching": False, "kv_cache_memory": None, "seed": 0,
-                      "step_timeout_s": 120.0, "cpu_threads": None}
+                      "step_timeout_s": 120.0, "cpu_threads": None, "enable_expert_parallel": False,
+                      "expert_placement_strategy": "linear", "all2all_backend": "allgather_reducescatter"}
     assert server["host"] == "10.0.0.7" and server["port"] == 8001
 
 
@@ -65,13 +66,33 @@ def test_flat_names_in_any_spelling(tmp_path):
     options = parse_options(["--config", path])
     assert (options["max_num_seqs"], options["max_num_batched_tokens"], options["tensor_parallel_size"]) == (3, 64, 2)
     assert options["drain_timeout"] == 5.0
+    assert options["enable_expert_parallel"] is False and options["all2all_backend"] == "allgather_reducescatter"
+
+
+def test_expert_parallel_section_and_flags(tmp_path):
+    """The operator's {enabled, placement, all2allBackend} shape maps onto vLLM's three flags; flags win."""
+    path = write(tmp_path, {"model": "/m", "parallel": {"expertParallel": {
+        "enabled": True, "placement": "round-robin", "all2allBackend": "alltoall"}}})
+    options = parse_options(["--config", path])
+    assert options["enable_expert_parallel"] is True
+    assert (options["expert_placement_strategy"], options["all2all_backend"]) == ("round_robin", "alltoall")
+    options = parse_options(["--config", path, "--no-enable-expert-parallel", "--all2all-backend",
+                             "allgather_reducescatter", "--expert-placement-strategy", "linear"])
+    assert options["enable_expert_parallel"] is False and options["expert_placement_strategy"] == "linear"
+    assert options["all2all_backend"] == "allgather_reducescatter"
+    from pypto_serving.engine.config import EngineConfig
+
+    for field, bad in (("expert_placement_strategy", "random"), ("all2all_backend", "deepep")):
+        with pytest.raises(ValueError, match=f"{field}: must be one of"):
+            EngineConfig(model="/m", **{field: bad})
 
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"model": "/m", "max_num_seq": 3}, "max_num_seq"),
     ({"model": "/m", "scheduler": {"max_num_seqs": 3, "bogus": 1}}, "scheduler.bogus"),
     ({"model": "/m", "parallel": {"pipeline_parallel_size": "2"}}, "parallel.pipeline_parallel_size: expected int"),
-    ({"model": "/m", "parallel": {"expert_parallel": {"enabled": True}}}, "expert parallelism is not supported"),
+    ({"model": "/m", "parallel": {"expert_parallel": {"enabled": 1}}}, "expert_parallel.enabled: expected bool"),
+    ({"model": "/m", "parallel": {"expert_parallel": {"mode": "x"}}}, "expected {enabled, placement, all2allBackend}"),
     ({"model": "/m", "max_num_seqs": "8"}, "max_num_seqs: expected int"),
     ({"model": "/m", "cache": {"enable_prefix_caching": 1}}, "cache.enable_prefix_caching: expected bool"),
     ([1, 2], "must hold a JSON object"),

@@ -15,7 +15,7 @@ from pypto_serving.engine.llm_engine import LLMEngine
 from pypto_serving.engine.sampling_params import SamplingParams
 from tests.support.models import hf_greedy, tiny_model_dir
 
-ARCHS = ["qwen3", "qwen2", "llama"]
+ARCHS = ["qwen3", "qwen2", "llama", "qwen3-moe", "qwen2-moe"]
 
 
 def random_prompts(n: int, lengths: tuple[int, int], seed: int, vocab: int = 1000) -> list[list[int]]:

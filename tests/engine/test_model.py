@@ -9,7 +9,7 @@ from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.model_runner import ModelRunner, StepInput
 from tests.support.models import hf_model, tiny_model_dir
 
-ARCHS = ["qwen3", "qwen2", "llama"]
+ARCHS = ["qwen3", "qwen2", "llama", "qwen3-moe", "qwen2-moe"]
 PROMPT = [(7 * i + 3) % 1000 + 5 for i in range(45)]
 
 

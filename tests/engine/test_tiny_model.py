@@ -84,3 +84,23 @@ def test_tiny_model_dir_generates_once(monkeypatch: pytest.MonkeyPatch, tmp_path
     other = tiny_model_dir("llama", seed=6, layers=1, hidden=32, heads=2, kv_heads=1, intermediate=48, vocab=600)
     assert other != first and other.parent == tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted([first.name, other.name])
+
+
+@pytest.mark.parametrize(("arch", "model_type"), [("qwen3-moe", "qwen3_moe"), ("qwen2-moe", "qwen2_moe")])
+def test_cli_writes_moe_models_with_real_checkpoint_names(tmp_path: Path, arch: str, model_type: str) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "m"
+    assert cli_main(["tiny-model", str(out), "--arch", arch, "--layers", "1", "--experts", "4", "--top-k", "2",
+                     "--moe-intermediate", "16", "--shared-intermediate", "24", "--seed", "3"]) == 0
+    cfg = AutoConfig.from_pretrained(out)
+    assert (cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (
+        model_type, 4, 2, 16)
+    assert cfg.norm_topk_prob is (arch == "qwen3-moe")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert {"model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.3.down_proj.weight"} <= names
+    assert ("model.layers.0.mlp.shared_expert_gate.weight" in names) is (arch == "qwen2-moe")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(model).__name__ == cfg.architectures[0]
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()

@@ -50,7 +50,7 @@ def test_create_scale_heal_and_garbage_collect(cluster: Any, namespace: str, kub
         assert container["resources"]["limits"]["huawei.com/Ascend910"] == "2"
         assert container["resources"]["requests"]["huawei.com/Ascend910"] == "2"
         env = env_of(pod)
-        assert env["PYPTO_DP_RANK"] == str(rank) and env["PYPTO_DP_SIZE"] == "2" and env["PYPTO_TP_SIZE"] == "2"
+        assert env["PYPTO_TP_SIZE"] == "2" and "PYPTO_DP_RANK" not in env
         assert env["HCCL_IF_IP"] == "$(POD_IP)"
         assert pod["metadata"]["ownerReferences"][0]["uid"] == uid
         assert pod["metadata"]["annotations"].get("huawei.com/AscendReal")  # devices allocated by the node

@@ -47,7 +47,7 @@ def test_engine_pod_follows_the_contract() -> None:
     assert container["resources"] == {"requests": {"cpu": "4", "huawei.com/Ascend910": "4"},
                                       "limits": {"huawei.com/Ascend910": "4"}}
     env = env_map(container)
-    assert env["PYPTO_DP_RANK"] == "2" and env["PYPTO_DP_SIZE"] == "3"
+    assert "PYPTO_DP_RANK" not in env and "PYPTO_DP_SIZE" not in env  # nothing reads them: the pod name has the rank
     assert env["PYPTO_TP_SIZE"] == "4" and env["PYPTO_PP_SIZE"] == "1"
     assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
@@ -101,7 +101,10 @@ def test_ascend_scheduling_fields_and_hccn_mount() -> None:
     assert container["resources"]["limits"] == {"huawei.com/ascend-1980": "2"}
     assert "--no-enable-prefix-caching" in container["args"]
     env = env_map(container)
-    assert env["HCCL_CONNECT_TIMEOUT"] == "1200" and env["PYPTO_EP_ENABLED"] == "1"
+    assert env["HCCL_CONNECT_TIMEOUT"] == "1200" and not [k for k in env if k.startswith("PYPTO_EP")]
+    args = container["args"]
+    assert args[args.index("--enable-expert-parallel") + 1:][:2] == ["--expert-placement-strategy", "linear"]
+    assert "--all2all-backend" not in args  # "default": the engine's own
     hccn = [v for v in pspec["volumes"] if v["name"] == "hccn-conf"]
     assert hccn == [{"name": "hccn-conf", "hostPath": {"path": "/etc/hccn.conf", "type": "File"}}]
     assert {"name": "hccn-conf", "mountPath": "/etc/hccn.conf", "readOnly": True} in container["volumeMounts"]

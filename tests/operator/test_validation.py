@@ -50,7 +50,7 @@ def test_full_resource_is_valid() -> None:
         model={"name": "qwen3-moe", "path": "/models/Qwen3", "volume": {"hostPath": {"path": "/data/models"}},
                "mountPath": "/models", "moe": True},
         parallel={"tensorParallelSize": 8, "pipelineParallelSize": 1,
-                  "expertParallel": {"enabled": True, "placement": "round-robin", "all2allBackend": "hccl"}},
+                  "expertParallel": {"enabled": True, "placement": "round_robin", "all2allBackend": "alltoall"}},
         devices={"resourceName": "huawei.com/ascend-1980", "perNode": 8, "hccnConfPath": "/etc/hccn.conf"},
         engine={"dtype": "bfloat16", "maxModelLen": 8192, "maxNumSeqs": 64, "maxNumBatchedTokens": 8192,
                 "blockSize": 128, "enablePrefixCaching": False, "extraArgs": ["--enforce-eager"],

@@ -20,10 +20,11 @@ MODELS_DIR = CACHE_DIR / "models"
 
 
 def tiny_model_dir(arch: str = "qwen3", seed: int = 0, dtype: str = "float32", **sizes: int) -> Path:
-    """Return the directory of the tiny ``arch`` model (qwen3|qwen2|llama), generating it on first use.
+    """Return the directory of the tiny ``arch`` model (qwen3|qwen2|llama|qwen3-moe|qwen2-moe), made on first use.
 
     ``sizes`` override the defaults of `pypto-serving tiny-model` (layers, hidden, heads, kv_heads, intermediate,
-    vocab, head_dim, max_position). Safe to call from several processes at once (a file lock guards generation).
+    vocab, head_dim, max_position; MoE: experts, top_k, moe_intermediate, shared_intermediate). Safe to call from
+    several processes at once (a file lock guards generation).
     """
     from pypto_serving.engine import tiny_model
 
@@ -71,7 +72,9 @@ def hf_model(model_dir: str):  # -> transformers PreTrainedModel
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # no autograd: the MoE models keep tensors made under inference_mode (hf_greedy) that a later forward
+    # with grad enabled (the logits tests) would refuse to save for backward
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     # generate() fills an unset eos_token_id from the checkpoint's generation_config.json: clear it so EOS is
     # really ignored (the engine's outputs it is compared with use ignore_eos)
     model.generation_config.eos_token_id = None
