@@ -69,3 +69,10 @@ def test_ep4_uneven_experts_and_fewer_tokens_than_ranks() -> None:
             assert generate(engine, [prompt], [12])["r0"] == hf_greedy(model, prompt, 12)
         finally:
             engine.shutdown()
+
+
+def test_ep_inside_each_pipeline_stage_matches_transformers() -> None:
+    """PP=2 x TP=2 with EP: each stage's experts are sharded over that stage's TP group (not the whole world)."""
+    _, stats = _run_ep(str(tiny_model_dir("qwen3-moe")), 2, pipeline_parallel_size=2, enable_expert_parallel=True,
+                       all2all_backend="alltoall")
+    assert stats["moe_expert_tokens"]  # the last stage's MoE layers
