@@ -192,10 +192,14 @@ async def run(args: argparse.Namespace) -> int:
             webhook_config = wh.configuration(args.webhook_config_name, wh.client_config(
                 bundle.ca, url_host, args.webhook_port), args.webhook_failure_policy)
 
-    async def register_webhook() -> None:
-        assert webhook_config is not None
+    async def serve_webhook() -> None:
+        """Once the webhook server listens: register it (url mode) or say it serves the chart's (service)."""
         await wait_listening("127.0.0.1" if args.webhook_listen in ("0.0.0.0", "") else args.webhook_listen,
                              args.webhook_port)
+        if webhook_config is None:
+            log.info("serving the validating webhook with the certificate in %s (service mode: the chart registers "
+                     "it)", args.webhook_cert_dir)
+            return
         await asyncio.to_thread(wh.register, kube, webhook_config)
         log.info("registered the validating webhook %s (%s mode)", args.webhook_config_name, args.webhook_mode)
 
@@ -205,8 +209,8 @@ async def run(args: argparse.Namespace) -> int:
         if args.health_port:
             await health.start()
         controller.start()
-        if webhook_config is not None:
-            background.append(asyncio.create_task(register_webhook(), name="pypto-webhook-registration"))
+        if args.webhook_mode != "none":
+            background.append(asyncio.create_task(serve_webhook(), name="pypto-webhook-registration"))
 
     async def on_cleanup() -> None:
         for task in background:

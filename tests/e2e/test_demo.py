@@ -224,12 +224,12 @@ def test_service_mode_release_serves_the_charts_certificate(demo_run: DemoRun) -
 
     def serving_pod() -> dict[str, Any] | None:
         pods = demo_run.live_pods(ns, selector)
-        if len(pods) == 1 and ready(pods[0]) and "registered the validating webhook" in demo_run.pod_log(
+        if len(pods) == 1 and ready(pods[0]) and "serving the validating webhook" in demo_run.pod_log(
                 ns, pods[0]["metadata"]["name"]):
             return pods[0]
         return None
 
-    pod = wait_for(serving_pod, 240, "the service-mode operator to register its webhook", interval=1)
+    pod = wait_for(serving_pod, 240, "the service-mode operator to serve the chart's webhook", interval=1)
     secret = demo_run.json("secret", secret_name, "-n", ns)
     ca = base64.b64decode(secret["data"]["ca.crt"])
     hook = demo_run.json("validatingwebhookconfiguration", name)["webhooks"][0]
