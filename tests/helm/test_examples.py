@@ -17,7 +17,7 @@ from pypto_serving.operator.validation import validate
 from tests.support.common import REPO_ROOT, wait_for
 
 EXAMPLES = REPO_ROOT / "examples"
-SERVINGS = [EXAMPLES / "serving.yaml", EXAMPLES / "local" / "serving.yaml"]
+SERVINGS = [EXAMPLES / "serving.yaml", EXAMPLES / "local" / "serving.yaml", EXAMPLES / "serving-moe.yaml"]
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -67,6 +67,16 @@ def test_hpa_example_targets_the_serving_example() -> None:
     assert hpa["spec"]["minReplicas"] <= serving["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
 
 
+def test_moe_example_runs_expert_parallel_inside_the_pod() -> None:
+    from pypto_serving.operator.desired import engine_args
+
+    spec, problems = validate(load(EXAMPLES / "serving-moe.yaml"))
+    assert not problems and spec is not None and spec.model.moe
+    args = engine_args(spec)
+    assert args[args.index("--enable-expert-parallel"):][:5] == [
+        "--enable-expert-parallel", "--expert-placement-strategy", "linear", "--all2all-backend", "alltoall"]
+
+
 def for_kubernetes_1_20(hpa: dict[str, Any]) -> dict[str, Any]:
     """autoscaling/v2 -> v2beta2 (identical fields) for the 1.20 apiserver of the local cluster."""
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -78,7 +88,7 @@ def test_examples_pass_a_server_side_dry_run(cluster: Any, namespace: str, crd: 
     docs = [load(p) for p in SERVINGS] + [for_kubernetes_1_20(load(EXAMPLES / "hpa.yaml"))]
     result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
                              input=yaml.safe_dump_all(docs))
-    assert result.stdout.count("(server dry run)") == 3, result.stdout
+    assert result.stdout.count("(server dry run)") == len(docs), result.stdout
 
 
 @pytest.mark.cluster
