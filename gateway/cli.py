@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     raise_fd_limit()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx2", "httpcore2"):  # the pod watch's client logs every request at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     config, discovery = build(args)
     try:
         import uvloop  # a dependency on Linux; asyncio elsewhere

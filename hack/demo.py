@@ -280,10 +280,11 @@ def step_helm_install(demo: Demo) -> None:
 
 
 def step_webhook(demo: Demo) -> None:
-    """Show the admission webhook rejecting an invalid PyptoServing (server-side dry run)."""
+    """Show the admission webhook rejecting an invalid PyptoServing (server-side dry run): one that asks for the
+    node's root filesystem, which the operator's host-path allow-list refuses."""
     bad = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "PyptoServing", "metadata": {"name": "invalid"},
-           "spec": {"model": {"name": "x", "path": "/models/x"},
-                    "parallel": {"tensorParallelSize": 4, "pipelineParallelSize": 2}}}
+           "spec": {"model": {"name": "x", "path": "/models/x", "volume": {"hostPath": {"path": "/"}}},
+                    "parallel": {"tensorParallelSize": 1}}}
     result = demo.kubectl("apply", "--dry-run=server", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(bad),
                           check=False)
     message = (result.stdout + result.stderr).strip()

@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     kopf.configure(verbose=args.log_level == "DEBUG", log_format=kopf.LogFormat.FULL)
     logging.getLogger().setLevel(args.log_level)
     logging.getLogger("kopf").setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpx2", "httpcore2"):  # a line per API request (lightkube) otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return asyncio.run(run(args))
 
 

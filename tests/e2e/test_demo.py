@@ -130,7 +130,7 @@ def test_demo_serves_scales_and_reports_every_step(demo_run: DemoRun) -> None:
     assert len(summary["operator"]["pods"]) == 2 and summary["operator"]["leader"]
     # the Lease holder names the leading pod ($POD_NAME_<suffix>), not the host every local pod shares
     assert summary["operator"]["leader"].rsplit("_", 1)[0] in summary["operator"]["pods"], summary["operator"]
-    assert "pipelineParallelSize" in summary["webhook_rejection"]
+    assert "spec.model.volume.hostPath" in summary["webhook_rejection"]
     # OpenAI requests through the gateway
     assert summary["completion"]["tokens"] == 12 and summary["completion"]["finish_reason"] == "length"
     assert summary["completion"]["text"]
