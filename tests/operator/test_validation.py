@@ -68,7 +68,7 @@ def test_full_resource_is_valid() -> None:
 
 
 def test_problems_accumulate_and_summary_joins_them() -> None:
-    body = minimal(parallel={"tensorParallelSize": 16, "pipelineParallelSize": 2},
+    body = minimal(parallel={"tensorParallelSize": 3, "pipelineParallelSize": 3},
                    devices={"perNode": 8, "resourceName": "bad"})
     _, problems = validation.validate(body)
     fields = [p.field for p in problems]
