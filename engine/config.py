@@ -19,6 +19,11 @@ class EngineConfig:
     # auto: the checkpoint's torch_dtype, except float16 on cpu -> float32 (slow fp16 kernels on CPUs)
     dtype: str = "auto"
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1  # stages; the replica runs tensor_parallel_size x pipeline_parallel_size ranks
+    pp_layer_partition: str | None = None  # decoder layers per stage, e.g. "2,1" (None: an even split)
+    # micro-batches in flight at once (None: pipeline_parallel_size, one per stage); pp_blocking forces 1
+    max_num_micro_batches: int | None = None
+    pp_blocking: bool = False  # one micro-batch in flight: the blocking loop, kept for comparison
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -45,11 +50,27 @@ class EngineConfig:
             raise ValueError(f"device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        positive = {"tensor_parallel_size": self.tensor_parallel_size, "max_num_seqs": self.max_num_seqs,
+        positive = {"tensor_parallel_size": self.tensor_parallel_size,
+                    "pipeline_parallel_size": self.pipeline_parallel_size, "max_num_seqs": self.max_num_seqs,
                     "max_num_batched_tokens": self.max_num_batched_tokens, "block_size": self.block_size}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.max_num_micro_batches is not None:
+            if not isinstance(self.max_num_micro_batches, int) or self.max_num_micro_batches < 1:
+                raise ValueError(f"max_num_micro_batches: must be a positive integer, got "
+                                 f"{self.max_num_micro_batches!r}")
+            if self.pp_blocking and self.max_num_micro_batches != 1:
+                raise ValueError(f"max_num_micro_batches: pp_blocking runs one micro-batch at a time, got "
+                                 f"{self.max_num_micro_batches}")
+        if self.pp_layer_partition is not None:
+            parts = self.pp_layer_partition.split(",")
+            if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"pp_layer_partition: expected positive layer counts like '2,1', got "
+                                 f"{self.pp_layer_partition!r}")
+            if len(parts) != self.pipeline_parallel_size:
+                raise ValueError(f"pp_layer_partition: {self.pp_layer_partition!r} has {len(parts)} stages, "
+                                 f"pipeline_parallel_size is {self.pipeline_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len: must be a positive integer, got {self.max_model_len!r}")
         if self.long_prefill_token_threshold < 0:
@@ -62,3 +83,15 @@ class EngineConfig:
             raise ValueError(f"step_timeout_s: must be > 0, got {self.step_timeout_s!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads: must be >= 1, got {self.cpu_threads!r}")
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches the engine keeps in flight."""
+        if self.pp_blocking:
+            return 1
+        return self.max_num_micro_batches or self.pipeline_parallel_size
+
+    @property
+    def world_size(self) -> int:
+        """Ranks (devices) of the replica: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size

@@ -1,14 +1,20 @@
 """The engine core: requests in, one scheduling + model step at a time, token outputs out.
 
 Single-threaded by design: the server's engine loop thread is its only caller (``is_healthy``, ``load`` and
-``stats`` only read counters). The model runs in an executor (see worker.py): in this process for
-tensor_parallel_size 1, in one process per rank otherwise.
+``stats`` only read counters). The model runs in an executor (see worker.py): in this process for one rank, in
+one process per rank (TP x PP) otherwise.
+
+Micro-batches: `step` first fills the pipeline, scheduling and submitting batches from sequences not in flight
+until ``micro_batches`` are out (one per pipeline stage by default; 1 is the plain blocking loop), then waits for
+the oldest one only and processes its tokens. So while batch k is on the last stage, k+1 runs on the one before,
+and the next `step` schedules k+N from the sequences k brought back.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from pypto_serving.engine import device as devices
 from pypto_serving.engine.block_manager import BlockManager
@@ -18,7 +24,7 @@ from pypto_serving.engine.loader import load_hf_config
 from pypto_serving.engine.model_runner import StepInput
 from pypto_serving.engine.sampling_params import SamplingParamError, SamplingParams
 from pypto_serving.engine.scheduler import ScheduledBatch, Scheduler
-from pypto_serving.engine.sequence import Sequence
+from pypto_serving.engine.sequence import Sequence, SequenceStatus
 from pypto_serving.engine.worker import InProcessExecutor, MultiprocExecutor, StepFailed, StepTimeout, WorkerDied
 
 STALE_POLL_S = 0.5  # how long one step() waits for a timed-out step's late reply before returning
@@ -45,6 +51,18 @@ class RequestOutput:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class MicroBatch:
+    """A batch handed to the executor and not collected yet."""
+
+    batch: ScheduledBatch
+    step_id: int
+    slot: int
+    sample_rows: list[int]
+    submitted: float = field(default_factory=time.monotonic)
+    stale: bool = False  # timed out: its requests already got an error, its late result is only drained
 
 
 def resolve_max_model_len(hf_config, requested: int | None) -> int:
@@ -84,15 +102,15 @@ class LLMEngine:
 
         self.config = config
         self.device_type = devices.resolve_device(config.device)
-        tp = config.tensor_parallel_size
-        if tp > devices.device_count(self.device_type):
-            raise ValueError(f"tensor_parallel_size: {tp} exceeds the {devices.device_count(self.device_type)} "
-                             f"visible {self.device_type} devices")
+        tp, pp, world = config.tensor_parallel_size, config.pipeline_parallel_size, config.world_size
+        if world > devices.device_count(self.device_type):
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size: {tp} x {pp} = {world} exceeds the "
+                             f"{devices.device_count(self.device_type)} visible {self.device_type} devices")
         hf_config = load_hf_config(config.model)
         self.max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
         self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
-        executor_cls = InProcessExecutor if tp == 1 else MultiprocExecutor
+        executor_cls = InProcessExecutor if world == 1 else MultiprocExecutor
         self.executor = executor_cls(config, self.device_type, self.max_model_len)
         info = self.executor.info
         self.vocab_size, self.num_kv_blocks, self.dtype = info.vocab_size, info.num_kv_blocks, info.dtype
@@ -100,6 +118,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.long_prefill_token_threshold)
         self._requests: dict[str, Sequence] = {}
+        self.micro_batches = config.micro_batches
+        self._inflight: deque[MicroBatch] = deque()  # oldest first
+        self._inflight_since: float | None = None  # start of the current stretch with work in flight
+        self._active_s = 0.0  # time with at least one micro-batch in flight (the bubble ratio's denominator)
         self._step_id = 0
         self._dead: str | None = None  # why the engine cannot serve any more
         self._stale_deadline: float | None = None  # a timed-out step must come back before this
@@ -134,44 +156,92 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
-        """Drop a request and release its blocks now (no-op when unknown or already finished)."""
+        """Drop a request and release its blocks now, or when its micro-batch in flight comes back (no-op when
+        unknown or already finished)."""
         seq = self._requests.pop(request_id, None)
         if seq is not None:
             self.scheduler.finish(seq, "abort")
             self.counters["num_aborted"] += 1
 
     def has_unfinished_requests(self) -> bool:
-        """Whether any request waits or runs."""
-        return bool(self._requests)
+        """Whether any request waits or runs, or a micro-batch of aborted requests is still to be collected."""
+        return bool(self._requests) or any(not mb.stale for mb in self._inflight)
 
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and run one step; outputs for requests that got a token, finished or failed."""
+        """Fill the pipeline with micro-batches, then collect the oldest one; outputs for requests that got a token,
+        finished or failed."""
         if self._dead is not None:
             return self._fail_all(self._dead)
-        if self.executor.busy and not self._drain_stale_step():
+        if self._stale_deadline is not None and not self._drain_stale_steps():
             return self._fail_all(self._dead) if self._dead else []
-        batch = self.scheduler.schedule()
-        if not batch:
+        if not self._refill():
+            return self._fail_all(self._dead or "")
+        if not self._inflight:
             return []
-        self._step_id += 1
-        step, sample_rows = self._build_step(batch)
+        mb = self._inflight[0]
         try:
-            self.executor.submit(step)
-            result = self.executor.wait(self.config.step_timeout_s)
-        except StepTimeout:
+            result = self.executor.wait(max(0.0, mb.submitted + self.config.step_timeout_s - time.monotonic()))
+        except StepTimeout:  # the micro-batches behind the oldest one are stuck behind it
             self._stale_deadline = time.monotonic() + self.config.step_timeout_s
-            return self._fail_batch(batch, f"engine step timed out after {self.config.step_timeout_s:g}s")
+            error = f"engine step timed out after {self.config.step_timeout_s:g}s"
+            outputs = []
+            for stuck in self._inflight:
+                stuck.stale = True
+                outputs += self._fail_batch(stuck.batch, error)
+            return outputs
         except StepFailed as exc:
-            return self._fail_batch(batch, f"engine step failed: {exc}")
+            self._collected()
+            outputs = self._fail_batch(mb.batch, f"engine step failed: {exc}")
+            if self.micro_batches > 1:
+                self._refill()
+            return outputs
         except WorkerDied as exc:
             self._dead = str(exc)
-            return self._fail_batch(batch, self._dead) + self._fail_all(self._dead)
+            return self._fail_all(self._dead)
+        self._collected()
         self.counters["num_steps"] += 1
-        return self._process(batch, sample_rows, result)
+        outputs = self._process(mb, result)
+        if self.micro_batches > 1:  # keep every stage busy while the caller hands the outputs on
+            self._refill()
+        return outputs
 
-    def _build_step(self, batch: ScheduledBatch) -> tuple[StepInput, list[int]]:
+    def _refill(self) -> bool:
+        """`_fill`; False when a worker turned out to be gone."""
+        try:
+            self._fill()
+        except WorkerDied as exc:
+            self._dead = str(exc)
+            return False
+        return True
+
+    def _fill(self) -> None:
+        """Schedule and submit micro-batches until ``micro_batches`` are in flight or nothing is left to run."""
+        while len(self._inflight) < self.micro_batches:
+            batch = self.scheduler.schedule(self.micro_batches)
+            if not batch:
+                return
+            self._step_id += 1
+            used = {mb.slot for mb in self._inflight}
+            slot = next(s for s in range(self.micro_batches) if s not in used)
+            step, sample_rows = self._build_step(batch, slot)
+            mb = MicroBatch(batch, self._step_id, slot, sample_rows)
+            self._inflight.append(mb)
+            if self._inflight_since is None:
+                self._inflight_since = mb.submitted
+            self.executor.submit(step)
+
+    def _collected(self) -> MicroBatch:
+        """Take the oldest micro-batch off the pipeline; its sequences may be scheduled again."""
+        mb = self._inflight.popleft()
+        self.scheduler.retire(mb.batch)
+        if not self._inflight and self._inflight_since is not None:
+            self._active_s += time.monotonic() - self._inflight_since
+            self._inflight_since = None
+        return mb
+
+    def _build_step(self, batch: ScheduledBatch, slot: int) -> tuple[StepInput, list[int]]:
         input_ids: list[int] = []
         query_lens, context_lens, tables, sample_rows = [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
@@ -183,18 +253,22 @@ class LLMEngine:
             if start + n == seq.num_tokens:
                 sample_rows.append(i)
         sampling = _sampling_batch([batch.seqs[i] for i in sample_rows], self.vocab_size) if sample_rows else None
-        step = StepInput(self._step_id, input_ids, query_lens, context_lens, tables, sample_rows, sampling)
+        step = StepInput(self._step_id, input_ids, query_lens, context_lens, tables, sample_rows, sampling, slot)
         return step, sample_rows
 
-    def _process(self, batch: ScheduledBatch, sample_rows: list[int], result: SampleResult) -> list[RequestOutput]:
-        sampled = dict(zip(sample_rows, result.token_ids, strict=True))
-        prompt_tokens = sum(n for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)
-                            if seq.num_computed_tokens < seq.num_prompt_tokens)
+    def _process(self, mb: MicroBatch, result: SampleResult) -> list[RequestOutput]:
+        batch, sample_rows = mb.batch, mb.sample_rows
+        live = [seq.status is SequenceStatus.RUNNING for seq in batch.seqs]  # not aborted while in flight
+        sampled = {row: token for row, token in zip(sample_rows, result.token_ids, strict=True) if live[row]}
+        prompt_tokens = sum(n for seq, n, ok in zip(batch.seqs, batch.num_tokens, live, strict=True)
+                            if ok and seq.num_computed_tokens < seq.num_prompt_tokens)
         finished = {id(seq) for seq in self.scheduler.postprocess(batch, sampled)}
         self.counters["prompt_tokens_computed"] += prompt_tokens
         self.counters["generation_tokens"] += len(sampled)
         outputs = []
         for k, row in enumerate(sample_rows):
+            if row not in sampled:
+                continue
             seq, token = batch.seqs[row], sampled[row]
             logprobs = None
             if result.logprobs is not None and result.logprobs[k] is not None:
@@ -209,20 +283,22 @@ class LLMEngine:
                                          num_cached_tokens=max(seq.num_cached_tokens, 0)))
         return outputs
 
-    def _drain_stale_step(self) -> bool:
-        """Collect a timed-out step's late reply; False while it is still out (or when it never will be)."""
-        remaining = (self._stale_deadline or 0.0) - time.monotonic()
-        try:
-            self.executor.wait(max(0.0, min(remaining, STALE_POLL_S)))
-        except StepTimeout:
-            if time.monotonic() >= (self._stale_deadline or 0.0):
-                self._dead = "a timed-out step did not complete within another step_timeout_s"
-            return False
-        except StepFailed:
-            pass
-        except WorkerDied as exc:
-            self._dead = str(exc)
-            return False
+    def _drain_stale_steps(self) -> bool:
+        """Collect timed-out micro-batches' late replies; False while one is still out (or never will be)."""
+        while self._inflight:
+            remaining = (self._stale_deadline or 0.0) - time.monotonic()
+            try:
+                self.executor.wait(max(0.0, min(remaining, STALE_POLL_S)))
+            except StepTimeout:
+                if time.monotonic() >= (self._stale_deadline or 0.0):
+                    self._dead = "a timed-out step did not complete within another step_timeout_s"
+                return False
+            except StepFailed:
+                pass
+            except WorkerDied as exc:
+                self._dead = str(exc)
+                return False
+            self._collected()
         self._stale_deadline = None
         return True
 
@@ -231,7 +307,11 @@ class LLMEngine:
         return [self._fail(seq, error) for seq in batch.seqs if seq.request_id in self._requests]
 
     def _fail_all(self, error: str) -> list[RequestOutput]:
-        return [self._fail(seq, error) for seq in list(self._requests.values())]
+        """Fail every request; the engine is dead, so the micro-batches in flight never come back."""
+        outputs = [self._fail(seq, error) for seq in list(self._requests.values())]
+        while self._inflight:
+            self._collected()
+        return outputs
 
     def _fail(self, seq: Sequence, error: str) -> RequestOutput:
         self.scheduler.finish(seq, "error")
@@ -259,7 +339,18 @@ class LLMEngine:
         return {"prefix_cache_queries": self.scheduler.prefix_cache_queries,
                 "prefix_cache_hits": self.scheduler.prefix_cache_hits,
                 "num_preemptions": self.scheduler.num_preemptions, **self.counters,
-                "num_kv_blocks": self.num_kv_blocks, "num_free_kv_blocks": self.block_manager.num_free_blocks}
+                "num_kv_blocks": self.num_kv_blocks, "num_free_kv_blocks": self.block_manager.num_free_blocks,
+                "pp_inflight_micro_batches": len(self._inflight), "pp_stage_idle_ratio": self.stage_idle_ratios()}
+
+    def stage_idle_ratios(self) -> list[float]:
+        """Per pipeline stage, the fraction of the time with work in flight that the stage did not compute (the
+        pipeline bubble, plus scheduling and transfer time), since start."""
+        active = self._active_s
+        if self._inflight_since is not None:
+            active += time.monotonic() - self._inflight_since
+        if active <= 0:
+            return [0.0] * self.config.pipeline_parallel_size
+        return [min(1.0, max(0.0, 1.0 - busy / active)) for busy in self.executor.stage_busy_s]
 
     def is_healthy(self) -> bool:
         """False once a worker died or a timed-out step never came back."""

@@ -38,11 +38,12 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules", {})
     tied = getattr(model, "tie_word_embeddings", False)
+    owns = getattr(model, "stage_owns", lambda name: True)  # pipeline parallelism: other stages' tensors are skipped
     loaded: set[str] = set()
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+                if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight") or not owns(name):
                     continue
                 target, shard = name, None
                 for ckpt_module, (module, shard_id) in packed.items():

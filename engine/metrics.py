@@ -57,6 +57,17 @@ class EngineCollector(Collector):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], float(stats.get(key, 0) or 0))
             yield counter
+        inflight = GaugeMetricFamily("pypto:pp_inflight_micro_batches",
+                                     "Micro-batches handed to the pipeline stages and not come back yet.",
+                                     labels=["model_name"])
+        inflight.add_metric([self.model_name], float(stats.get("pp_inflight_micro_batches", 0) or 0))
+        yield inflight
+        idle = GaugeMetricFamily("pypto:pp_stage_idle_ratio", "Per pipeline stage, the fraction of the time with "
+                                 "work in flight that the stage did not compute (the pipeline bubble), since start.",
+                                 labels=["model_name", "stage"])
+        for stage, ratio in enumerate(stats.get("pp_stage_idle_ratio") or []):
+            idle.add_metric([self.model_name, str(stage)], float(ratio))
+        yield idle
         draining = GaugeMetricFamily("pypto:draining", "1 while the engine drains (admits no new requests).",
                                      labels=["model_name"])
         draining.add_metric([self.model_name], 1.0 if self.draining() else 0.0)

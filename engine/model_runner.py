@@ -1,14 +1,18 @@
-"""One tensor-parallel rank: loads its shard of the model, owns its slice of the paged KV pool, runs steps.
+"""One rank (TP rank of one pipeline stage): loads its shard of the model, owns its slice of the paged KV pool
+(its stage's layers, for the same block ids on every stage), runs steps.
 
 A step arrives as a `StepInput` (plain lists, cheap to pickle to worker processes): the new tokens of every
 scheduled sequence, flattened, with their context lengths and block tables. The runner orders decodes first
 (sorted by context length, for the grouped decode attention), builds the attention metadata, runs one forward
-for the whole batch, computes logits only for the sequences that sample, and samples on rank 0.
+for the whole batch, computes logits only for the sequences that sample, and samples on rank 0 of the last stage.
+Under pipeline parallelism a stage after the first takes its input activations from the previous stage and a
+stage before the last hands its output to the next one (see pipeline.py).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,9 +22,11 @@ import torch.distributed as dist
 from pypto_serving.engine import device as devices
 from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from pypto_serving.engine.layers.linear import set_tp_group
 from pypto_serving.engine.layers.sampler import Sampler, SampleResult, SamplingBatch
 from pypto_serving.engine.loader import checkpoint_dtype, load_hf_config, load_weights
 from pypto_serving.engine.models import model_class
+from pypto_serving.engine.pipeline import Stage, StageLink, partition_layers
 
 # Decode groups: a group is split when padding it to a longer member would gather more than GROUP_PAD_BYTES of
 # unused K/V per layer (about the cost of one more gather + SDPA call), and kept under GROUP_MAX_BYTES of gathered
@@ -40,6 +46,7 @@ class StepInput:
     block_tables: list[list[int]]
     sample_rows: list[int]  # sequences (batch indices) that sample a token this step
     sampling: SamplingBatch | None
+    slot: int = 0  # micro-batch slot: the tag of its stage-to-stage messages
 
 
 @dataclass
@@ -58,26 +65,36 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, device_type: str, max_model_len: int, rank: int = 0,
                  world_size: int = 1, dist_init_method: str | None = None) -> None:
         self.config, self.rank, self.world_size = config, rank, world_size
+        tp = config.tensor_parallel_size
+        self.tp_rank = rank % tp
         self.block_size = config.block_size
         self.device = devices.init_device(device_type, rank)
         if world_size > 1:
             timeout = timedelta(seconds=max(1800.0, 4 * config.step_timeout_s))
             dist.init_process_group(devices.dist_backend(device_type), init_method=dist_init_method,
                                     world_size=world_size, rank=rank, timeout=timeout)
+            if config.pipeline_parallel_size > 1:  # every rank creates every stage's group, in the same order
+                groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(world_size // tp)]
+                set_tp_group(groups[rank // tp])
         hf_config = load_hf_config(config.model)
+        bounds = partition_layers(hf_config.num_hidden_layers, config.pipeline_parallel_size,
+                                  config.pp_layer_partition)
+        self.stage = Stage(rank // tp, config.pipeline_parallel_size, *bounds[rank // tp])
         self.vocab_size = hf_config.vocab_size
         self.dtype = devices.resolve_dtype(config.dtype, checkpoint_dtype(hf_config), device_type)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = model_class(hf_config)(hf_config, self.dtype)
+                self.model = model_class(hf_config)(hf_config, self.dtype, self.stage)
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, config.model)
         self.model.eval()
+        self.link = StageLink(self.stage, rank, tp, hf_config.hidden_size, self.dtype, self.device)
         self.num_kv_blocks = self._allocate_kv_cache(max_model_len)
         self.sampler = Sampler(config.seed, self.device)
+        self.busy_s = 0.0  # time spent computing steps (not waiting for the previous stage)
 
     def info(self) -> ModelInfo:
         """The loaded model's vocabulary, dtype and KV pool size."""
@@ -182,13 +199,43 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> SampleResult | None:
-        """Run one step; rank 0 returns the sampled tokens of ``step.sample_rows`` (other ranks None)."""
-        input_ids, positions, meta, sample_index = self.prepare(step)
-        hidden = self.model(input_ids, positions, meta)
+        """Run this stage's part of one step; rank 0 of the last stage returns the sampled tokens (others None).
+
+        A stage that fails still takes its input from the previous stage and sends (zeros) to the next one, so no
+        stage waits forever; the engine discards the step on the error this rank reports.
+        """
+        started, error, hidden = time.perf_counter(), None, None
+        try:
+            input_ids, positions, meta, sample_index = self.prepare(step)
+        except Exception as exc:
+            error = exc
+        intermediate = None
+        if not self.stage.first:
+            self.busy_s += time.perf_counter() - started
+            intermediate = self.link.recv(step.slot, len(step.input_ids))
+            started = time.perf_counter()
+        if error is None:
+            try:
+                hidden = self.model(input_ids, positions, meta, intermediate)
+            except Exception as exc:
+                error = exc
+        if not self.stage.last:
+            if error is None:
+                self.link.send(step.slot, *hidden)
+            else:
+                self.link.send_zeros(step.slot, len(step.input_ids))
+        try:
+            if error is not None:
+                raise error
+            return self._sample(step, hidden, sample_index) if self.stage.last else None
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _sample(self, step: StepInput, hidden: torch.Tensor, sample_index: list[int]) -> SampleResult | None:
         if not step.sample_rows:
-            return SampleResult([], None) if self.rank == 0 else None
+            return SampleResult([], None) if self.tp_rank == 0 else None
         logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
-        if self.rank != 0:
+        if self.tp_rank != 0:
             return None
         return self.sampler(logits[:, : self.vocab_size], step.sampling)
 

@@ -7,6 +7,14 @@ the pool has no block for a running sequence, the newest running sequence is pre
 Then, if nothing was preempted, waiting sequences are admitted in arrival order while the budget, ``max_num_seqs``
 and the pool allow, reusing cached prefix blocks. After the step, `postprocess` advances the sequences, registers
 newly full blocks, appends sampled tokens and finishes sequences (stop token, max_tokens, max_model_len).
+
+Micro-batches: several batches may be in flight (pipeline parallelism). A scheduled sequence is ``in_flight``
+until its batch comes back (`postprocess` or `retire`); the next batch takes only sequences not in flight, and at
+most ``ceil(unfinished / micro_batches)`` of them so every in-flight slot gets a share. Sequences in flight are
+never preempted: when the newest running sequence is in flight, a sequence that needs a block waits for it to
+come back (older sequences keep their priority, so preemption cannot livelock). One finished (aborted, failed)
+while in flight keeps its blocks until its batch comes back, so no block is reused while a stage may still write
+its K/V.
 """
 
 from __future__ import annotations
@@ -60,15 +68,21 @@ class Scheduler:
             n = min(n, self.long_prefill_token_threshold)
         return n
 
-    def schedule(self) -> ScheduledBatch:
-        """Pick this step's sequences and token counts, allocating their blocks (preempting if needed)."""
+    def schedule(self, micro_batches: int = 1) -> ScheduledBatch:
+        """Pick the next batch's sequences (not in flight) and token counts, allocating their blocks (preempting if
+        needed); ``micro_batches``: how many batches share the unfinished sequences. Marks them in flight."""
         bm, batch = self.block_manager, ScheduledBatch()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        cap = -(-(len(self.running) + len(self.waiting)) // micro_batches)
+        for seq in list(self.running):
+            if budget <= 0 or len(batch.seqs) >= cap:
+                break
+            if seq.in_flight or seq.status is not SequenceStatus.RUNNING:  # in flight, or preempted just now
+                continue
             n = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_grow(seq, seq.num_computed_tokens + n):
+                if self.running[-1].in_flight:  # the newest is in flight: wait for it rather than take an older one
+                    break
                 victim = self.running.pop()  # the newest running sequence
                 self._preempt(victim)
                 batch.num_preempted += 1
@@ -76,11 +90,14 @@ class Scheduler:
                     break
             else:
                 bm.grow(seq, seq.num_computed_tokens + n)
+                seq.in_flight = True
                 batch.seqs.append(seq)
                 batch.num_tokens.append(n)
                 budget -= n
-                i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.num_preempted:
+                continue
+            break  # no room for this sequence: later ones wait for the pool too
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.num_preempted
+               and len(batch.seqs) < cap):
             seq = self.waiting[0]
             cached, hashes = bm.find_cached_prefix(seq)
             num_cached = len(cached) * bm.block_size
@@ -94,6 +111,7 @@ class Scheduler:
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
+            seq.in_flight = True
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
@@ -111,6 +129,7 @@ class Scheduler:
 
         Returns the sequences that finished (already released from the pool and the running list).
         """
+        self.retire(batch)
         finished = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
             if seq.status is not SequenceStatus.RUNNING:  # aborted while the step ran
@@ -131,15 +150,25 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def retire(self, batch: ScheduledBatch) -> None:
+        """``batch`` came back (done or failed): its sequences may be scheduled again, and those finished while it
+        was in flight release their blocks now."""
+        for seq in batch.seqs:
+            seq.in_flight = False
+            if seq.status is SequenceStatus.FINISHED:
+                self.block_manager.free(seq)
+
     def finish(self, seq: Sequence, reason: str | None = None) -> None:
-        """Drop ``seq`` from the queues and release its blocks (idempotent)."""
+        """Drop ``seq`` from the queues and release its blocks (at once, or when its in-flight batch comes back;
+        idempotent)."""
         if seq.status is SequenceStatus.FINISHED:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        if not seq.in_flight:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         if reason is not None:
             seq.finish_reason = reason

@@ -18,8 +18,8 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """Prompt + generated tokens of one request. ``num_computed_tokens`` of them have their K/V in the pool."""
 
-    __slots__ = ("block_hashes", "block_table", "finish_reason", "num_cached_tokens", "num_computed_tokens",
-                 "num_prompt_tokens", "params", "request_id", "status", "stop_ids", "token_ids")
+    __slots__ = ("block_hashes", "block_table", "finish_reason", "in_flight", "num_cached_tokens",
+                 "num_computed_tokens", "num_prompt_tokens", "params", "request_id", "status", "stop_ids", "token_ids")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: set[int]) -> None:
@@ -33,6 +33,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the leading full blocks, for prefix caching
         self.finish_reason: str | None = None
+        self.in_flight = False  # part of a micro-batch that has not come back yet (at most one)
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
 
     @property

@@ -9,7 +9,7 @@ seeds' sectioned shape::
      "cache": {"block_size": 16, "enable_prefix_caching": true}}
 
 Unknown keys and values of the wrong type are errors naming the key. Flags given on the command line override
-the file. Pipeline parallelism and expert parallelism are rejected until the engine supports them.
+the file. Expert parallelism is rejected until the engine supports it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ OPTIONS: dict[str, tuple[type, Any, str, str]] = {
     "device": (str, "auto", "auto|cpu|cuda|npu", "engine"),
     "dtype": (str, "auto", "auto|bfloat16|float16|float32", "engine"),
     "tensor_parallel_size": (int, 1, "tensor-parallel ranks (devices) of this replica", "engine"),
-    "pipeline_parallel_size": (int, 1, "pipeline-parallel stages (only 1 is supported)", "check"),
+    "pipeline_parallel_size": (int, 1, "pipeline-parallel stages; the replica uses tensor_parallel_size x "
+                                       "pipeline_parallel_size devices", "engine"),
+    "pp_layer_partition": (str, None, "decoder layers per pipeline stage, e.g. '2,1' (default: an even split)",
+                           "engine"),
+    "max_num_micro_batches": (int, None, "micro-batches in flight at once (default: pipeline_parallel_size)",
+                              "engine"),
+    "pp_blocking": (bool, False, "run one micro-batch at a time (the blocking pipeline loop, for comparison)",
+                    "engine"),
     "data_parallel_size": (int, 1, "DP replicas of the deployment (informational: one engine is one replica)",
                            "check"),
     "max_model_len": (int, None, "maximum prompt + output tokens (default: the model's)", "engine"),
@@ -53,7 +60,9 @@ OPTIONS: dict[str, tuple[type, Any, str, str]] = {
 SECTIONS: dict[str, dict[str, str]] = {
     "model": {"path": "model", "name": "served_model_name"},
     "parallel": {"tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
-                 "data_parallel_size": "data_parallel_size", "expert_parallel": "expert_parallel"},
+                 "data_parallel_size": "data_parallel_size", "expert_parallel": "expert_parallel",
+                 "pp_layer_partition": "pp_layer_partition", "max_num_micro_batches": "max_num_micro_batches",
+                 "pp_blocking": "pp_blocking"},
     "scheduler": {k: k for k in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
                                  "max_model_len")},
     "cache": {k: k for k in ("block_size", "enable_prefix_caching", "num_kv_blocks", "kv_cache_memory")},
@@ -131,9 +140,6 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> dict[s
     options.update(cli_options)
     if not options["model"]:
         raise ConfigError("model: --model (or \"model\" in --config) is required")
-    if options["pipeline_parallel_size"] != 1:
-        raise ConfigError(f"pipeline_parallel_size: pipeline parallelism is not supported yet (got "
-                          f"{options['pipeline_parallel_size']}); use tensor_parallel_size for one replica's devices")
     if options["data_parallel_size"] < 1:
         raise ConfigError(f"data_parallel_size: must be >= 1, got {options['data_parallel_size']}")
     return options

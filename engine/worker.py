@@ -1,13 +1,16 @@
-"""Where the model runs: executors that hand steps to the tensor-parallel ranks and wait with a deadline.
+"""Where the model runs: executors that hand steps to the ranks and wait for their results with a deadline.
 
-- TP=1 (`InProcessExecutor`): the runner lives in the engine process; a dedicated thread runs each step, so a
+- one rank (`InProcessExecutor`): the runner lives in the engine process; a dedicated thread runs each step, so a
   hung step can time out without IPC or serialization.
-- TP>1 (`MultiprocExecutor`): one spawned process per rank (each binds device ``rank`` of the pod's group and
-  joins a gloo / NCCL / HCCL process group); every step is pickled once and sent to all ranks over pipes; every
-  rank replies, rank 0 with the sampled tokens. A rank process exiting is noticed at once through its sentinel.
+- TP x PP > 1 (`MultiprocExecutor`): one spawned process per rank (rank ``stage * TP + tp_rank`` binds that device
+  of the pod's group and joins a gloo / NCCL / HCCL process group); every step is pickled once and sent to all
+  ranks over pipes; every rank replies, rank 0 of the last stage with the sampled tokens. A rank process exiting
+  is noticed at once through its sentinel.
 
-Both raise `StepTimeout` (the step is still in flight: `busy` stays true until its late reply is drained),
-`StepFailed` (the step raised on the ranks; they are ready for the next one) or `WorkerDied`.
+Several steps (micro-batches) may be in flight: `submit` never waits, `wait` returns the oldest one's result
+(ranks run steps in submission order). Both raise `StepTimeout` (the oldest step is still in flight: it stays
+pending until its late reply is drained), `StepFailed` (the step raised on a rank; the ranks go on with the next
+one) or `WorkerDied`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import socket
 import threading
 import time
 import traceback
+from collections import deque
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 import torch
@@ -48,7 +53,7 @@ class WorkerDied(Exception):
 
 
 class InProcessExecutor:
-    """TP=1: one `ModelRunner` in this process, driven by a dedicated thread."""
+    """One rank: one `ModelRunner` in this process, driven by a dedicated thread."""
 
     def __init__(self, config: EngineConfig, device_type: str, max_model_len: int) -> None:
         if device_type == "cpu":
@@ -57,7 +62,7 @@ class InProcessExecutor:
         self.info: ModelInfo = self.runner.info()
         self._inbox: queue.SimpleQueue[StepInput | None] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[tuple[str, int, object]] = queue.SimpleQueue()
-        self._pending: int | None = None
+        self._pending: deque[int] = deque()
         self._thread = threading.Thread(target=self._loop, name="pypto-model-runner", daemon=True)
         self._thread.start()
 
@@ -71,23 +76,27 @@ class InProcessExecutor:
     @property
     def busy(self) -> bool:
         """A submitted step has not been collected yet."""
-        return self._pending is not None
+        return bool(self._pending)
+
+    @property
+    def stage_busy_s(self) -> list[float]:
+        """Seconds each pipeline stage spent computing (one stage here)."""
+        return [self.runner.busy_s]
 
     def submit(self, step: StepInput) -> None:
-        """Start ``step`` (the previous one must have been collected)."""
-        assert self._pending is None, "a step is still in flight"
-        self._pending = step.step_id
+        """Queue ``step`` behind the ones in flight (returns at once)."""
+        self._pending.append(step.step_id)
         self._inbox.put(step)
 
     def wait(self, timeout: float) -> SampleResult:
-        """Result of the pending step, waiting at most ``timeout`` seconds."""
+        """Result of the oldest pending step, waiting at most ``timeout`` seconds."""
         if not self._thread.is_alive():
             raise WorkerDied("the model runner thread exited")
         try:
             kind, _, payload = self._outbox.get(timeout=max(0.0, timeout))
         except queue.Empty:
             raise StepTimeout from None
-        self._pending = None
+        self._pending.popleft()
         if kind == "error":
             raise StepFailed(str(payload))
         return payload  # type: ignore[return-value]
@@ -102,22 +111,33 @@ class InProcessExecutor:
         self._thread.join(timeout=WORKER_STOP_TIMEOUT_S)
 
 
+@dataclass
+class _Replies:
+    """What the ranks answered so far for one step."""
+
+    waiting: set[int]
+    result: SampleResult | None = None
+    errors: list[str] = field(default_factory=list)
+
+
 class MultiprocExecutor:
-    """TP>1: ranks 0..N-1 as spawned processes, one device each; steps broadcast over pipes."""
+    """TP x PP > 1: ranks 0..N-1 as spawned processes, one device each; steps broadcast over pipes."""
 
     def __init__(self, config: EngineConfig, device_type: str, max_model_len: int) -> None:
-        world = config.tensor_parallel_size
+        world, tp = config.world_size, config.tensor_parallel_size
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
-        self._pending: int | None = None
-        self._waiting_for: set[int] = set()
-        self._result: SampleResult | None = None
-        self._errors: list[str] = []
+        self._pending: deque[int] = deque()  # step ids in flight, oldest first
+        self._replies: dict[int, _Replies] = {}
+        self._result_rank = world - tp  # rank 0 of the last stage samples
+        self._tp = tp
+        self.stage_busy_s = [0.0] * (world // tp)  # seconds each stage spent computing (its TP rank 0 reports)
         for rank in range(world):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, name=f"pypto-tp-rank{rank}", daemon=True,
+            name = f"pypto-pp{rank // tp}-tp{rank % tp}" if world > tp else f"pypto-tp-rank{rank}"
+            proc = ctx.Process(target=worker_main, name=name, daemon=True,
                                args=(config, device_type, max_model_len, rank, world, init_method, child))
             proc.start()
             child.close()
@@ -155,25 +175,25 @@ class MultiprocExecutor:
     @property
     def busy(self) -> bool:
         """A submitted step has not been collected from every rank yet."""
-        return self._pending is not None
+        return bool(self._pending)
 
     def submit(self, step: StepInput) -> None:
-        """Send ``step`` to every rank."""
-        assert self._pending is None, "a step is still in flight"
+        """Send ``step`` to every rank (returns at once; the ranks queue it behind the steps in flight)."""
         payload = pickle.dumps(("step", step), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             for conn in self.conns:
                 conn.send_bytes(payload)
         except OSError as exc:
-            raise WorkerDied(f"tensor-parallel worker unreachable: {exc}; {self._dead_ranks()}") from exc
-        self._pending, self._waiting_for = step.step_id, set(range(len(self.conns)))
-        self._result, self._errors = None, []
+            raise WorkerDied(f"worker unreachable: {exc}; {self._dead_ranks()}") from exc
+        self._pending.append(step.step_id)
+        self._replies[step.step_id] = _Replies(set(range(len(self.conns))))
 
     def wait(self, timeout: float) -> SampleResult:
-        """Collect the pending step from all ranks, waiting at most ``timeout`` seconds."""
+        """Collect the oldest pending step from all ranks, waiting at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while self._waiting_for:
-            conns = [self.conns[r] for r in sorted(self._waiting_for)]
+        oldest = self._replies[self._pending[0]]
+        while oldest.waiting:
+            conns = [self.conns[r] for r in sorted(oldest.waiting)]
             ready = wait(conns + self._sentinels(), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise StepTimeout
@@ -182,23 +202,26 @@ class MultiprocExecutor:
                     rank = self._sentinels().index(obj)
                     dead = self.procs[rank]
                     dead.join(timeout=1.0)
-                    raise WorkerDied(f"tensor-parallel worker died: rank {rank} (exit code {dead.exitcode})")
+                    raise WorkerDied(f"worker died: {self.procs[rank].name} (rank {rank}, exit code {dead.exitcode})")
                 rank = self.conns.index(obj)
                 try:
-                    kind, step_id, payload = obj.recv()
+                    kind, step_id, payload, busy_s = obj.recv()
                 except (EOFError, OSError) as exc:
-                    raise WorkerDied(f"lost tensor-parallel rank {rank}: {exc}") from exc
-                if step_id != self._pending:
+                    raise WorkerDied(f"lost rank {rank}: {exc}") from exc
+                replies = self._replies.get(step_id)
+                if replies is None:
                     continue
-                self._waiting_for.discard(rank)
+                replies.waiting.discard(rank)
+                if rank % self._tp == 0:
+                    self.stage_busy_s[rank // self._tp] = busy_s
                 if kind == "error":
-                    self._errors.append(str(payload))
-                elif rank == 0:
-                    self._result = payload
-        self._pending = None
-        if self._errors:
-            raise StepFailed("; ".join(self._errors))
-        return self._result  # type: ignore[return-value]
+                    replies.errors.append(str(payload))
+                elif rank == self._result_rank:
+                    replies.result = payload
+        del self._replies[self._pending.popleft()]
+        if oldest.errors:
+            raise StepFailed("; ".join(oldest.errors))
+        return oldest.result  # type: ignore[return-value]
 
     def alive(self) -> bool:
         """Whether every rank process is running."""
@@ -244,9 +267,11 @@ def worker_main(config: EngineConfig, device_type: str, max_model_len: int, rank
         if kind == "stop":
             break
         try:
-            conn.send(("ok", step.step_id, runner.execute(step)))
+            result = runner.execute(step)
         except Exception as exc:
-            conn.send(("error", step.step_id, f"rank {rank}: {type(exc).__name__}: {exc}"))
+            conn.send(("error", step.step_id, f"rank {rank}: {type(exc).__name__}: {exc}", runner.busy_s))
+        else:
+            conn.send(("ok", step.step_id, result, runner.busy_s))
     runner.shutdown()
 
 

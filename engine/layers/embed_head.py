@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pypto_serving.engine.layers.linear import tp_rank_size
+from pypto_serving.engine.layers.linear import tp_group, tp_rank_size
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -32,7 +32,7 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(token_ids, self.weight)
         mask = (token_ids >= self.start) & (token_ids < self.start + self.shard_size)
         y = F.embedding((token_ids - self.start) * mask, self.weight) * mask.unsqueeze(-1).to(self.weight.dtype)
-        dist.all_reduce(y)
+        dist.all_reduce(y, group=tp_group())
         return y
 
 
@@ -44,5 +44,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.tp_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-        dist.all_gather(parts, logits)
+        dist.all_gather(parts, logits, group=tp_group())
         return torch.cat(parts, dim=-1)[:, : self.vocab_size]

@@ -11,11 +11,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+_TP_GROUP: dist.ProcessGroup | None = None  # None: the default process group (the whole world is one stage)
+
+
+def set_tp_group(group: dist.ProcessGroup | None) -> None:
+    """Use ``group`` (this pipeline stage's ranks) for the tensor-parallel collectives; set before building."""
+    global _TP_GROUP
+    _TP_GROUP = group
+
+
+def tp_group() -> dist.ProcessGroup | None:
+    """The tensor-parallel group of this rank (None: the default group)."""
+    return _TP_GROUP
+
 
 def tp_rank_size() -> tuple[int, int]:
-    """(rank, world size) of the tensor-parallel group: the default process group, or (0, 1) without one."""
+    """(rank, world size) in the tensor-parallel group, or (0, 1) without a process group."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(_TP_GROUP), dist.get_world_size(_TP_GROUP)
     return 0, 1
 
 
@@ -110,5 +123,5 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
-            dist.all_reduce(y)
+            dist.all_reduce(y, group=_TP_GROUP)
         return y

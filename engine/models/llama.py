@@ -1,7 +1,9 @@
 """The Llama family in one decoder: Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
 
 The forward pass takes the step's tokens flattened across sequences ([T]), their positions and the paged
-attention metadata; projections are tensor-parallel (q/k/v and gate/up merged into one matmul each).
+attention metadata; projections are tensor-parallel (q/k/v and gate/up merged into one matmul each). Under
+pipeline parallelism the model holds one `Stage`'s layers (the others are empty placeholders that keep the
+checkpoint's layer numbering): the first stage embeds, the last one normalises and holds the LM head.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pypto_serving.engine.layers.embed_head import ParallelLMHead, VocabParallel
 from pypto_serving.engine.layers.layernorm import RMSNorm
 from pypto_serving.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pypto_serving.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from pypto_serving.engine.pipeline import Stage
+
+Activations = tuple[torch.Tensor, torch.Tensor]  # hidden states and residual passed between pipeline stages
 
 
 class DecoderAttention(nn.Module):
@@ -89,20 +94,33 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Embedding, the decoder layers and the final norm."""
+    """Embedding, the decoder layers and the final norm (of one pipeline stage: ``stage``)."""
 
-    def __init__(self, cfg, dtype: torch.dtype) -> None:
+    def __init__(self, cfg, dtype: torch.dtype, stage: Stage, tied: bool) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.stage = stage
+        # a tied LM head on the last stage reuses the embedding weights, so that stage loads them too
+        embed = stage.first or (tied and stage.last)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if embed else None
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.rotary = RotaryEmbedding(cfg, head_dim, cfg.max_position_embeddings, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) if stage.owns_layer(i) else nn.Identity()
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.last else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual, rope = self.embed_tokens(input_ids), None, self.rotary(positions)
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: Activations | None = None) -> torch.Tensor | Activations:
+        """Final hidden states on the last stage, else the activations for the next stage (``intermediate``:
+        those of the previous stage; None on the first)."""
+        if intermediate is None:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate
+        rope = self.rotary(positions)
+        for layer in self.layers[self.stage.start:self.stage.end]:
             x, residual = layer(rope, x, residual, meta)
+        if self.norm is None:
+            return x, residual
         return self.norm(x, residual)[0]
 
 
@@ -113,19 +131,31 @@ class LlamaFamilyForCausalLM(nn.Module):
     packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, cfg, dtype: torch.dtype) -> None:
+    def __init__(self, cfg, dtype: torch.dtype, stage: Stage | None = None) -> None:
         super().__init__()
         if getattr(cfg, "use_sliding_window", False):
             raise ValueError("sliding-window attention is not supported")
-        self.model = DecoderModel(cfg, dtype)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.stage = stage or Stage(0, 1, 0, cfg.num_hidden_layers)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
+        self.model = DecoderModel(cfg, dtype, self.stage, self.tie_word_embeddings)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if self.stage.last else None
+        if self.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Final hidden states [T, hidden] of the step's tokens."""
-        return self.model(input_ids, positions, meta)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: Activations | None = None) -> torch.Tensor | Activations:
+        """Final hidden states [T, hidden] of the step's tokens (on the last stage; see `DecoderModel`)."""
+        return self.model(input_ids, positions, meta, intermediate)
+
+    def stage_owns(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` belongs to this pipeline stage (the loader skips the others')."""
+        if name.startswith("model.layers."):
+            return self.stage.owns_layer(int(name.split(".")[2]))
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.stage.last
+        return True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] (on every rank; only rank 0 samples)."""
@@ -133,4 +163,4 @@ class LlamaFamilyForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         """The paged-attention modules, in layer order (the runner hands each its KV pool slice)."""
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [layer.self_attn.attn for layer in self.model.layers[self.stage.start:self.stage.end]]

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from pypto_serving.engine.cli import parse_options
+from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.serving_config import ConfigError, split
 from tests.support.common import REPO_ROOT
 
 CONTRACT_FLAGS = ["--model", "m", "--served-model-name", "svc", "--host", "10.0.0.7", "--port", "8001",
-                  "--device", "cpu", "--dtype", "float32", "--tensor-parallel-size", "2", "--max-model-len", "512",
-                  "--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--long-prefill-token-threshold", "64",
+                  "--device", "cpu", "--dtype", "float32", "--tensor-parallel-size", "2",
+                  "--pipeline-parallel-size", "2", "--max-model-len", "512", "--max-num-seqs", "8",
+                  "--max-num-batched-tokens", "256", "--long-prefill-token-threshold", "64",
                   "--block-size", "8", "--num-kv-blocks", "100", "--no-enable-prefix-caching"]
 
 
@@ -27,7 +29,8 @@ def write(tmp_path: Path, data: object) -> str:
 def test_contract_flags_map_to_engine_and_server_options():
     engine, server = split(parse_options(CONTRACT_FLAGS))
     assert engine == {"model": "m", "served_model_name": "svc", "device": "cpu", "dtype": "float32",
-                      "tensor_parallel_size": 2, "max_model_len": 512, "max_num_seqs": 8,
+                      "tensor_parallel_size": 2, "pipeline_parallel_size": 2, "pp_layer_partition": None,
+                      "max_num_micro_batches": None, "pp_blocking": False, "max_model_len": 512, "max_num_seqs": 8,
                       "max_num_batched_tokens": 256, "long_prefill_token_threshold": 64, "block_size": 8,
                       "num_kv_blocks": 100, "enable_prefix_caching": False, "kv_cache_memory": None, "seed": 0,
                       "step_timeout_s": 120.0, "cpu_threads": None}
@@ -67,7 +70,7 @@ def test_flat_names_in_any_spelling(tmp_path):
 @pytest.mark.parametrize(("data", "message"), [
     ({"model": "/m", "max_num_seq": 3}, "max_num_seq"),
     ({"model": "/m", "scheduler": {"max_num_seqs": 3, "bogus": 1}}, "scheduler.bogus"),
-    ({"model": "/m", "parallel": {"pipeline_parallel_size": 2}}, "pipeline parallelism is not supported"),
+    ({"model": "/m", "parallel": {"pipeline_parallel_size": "2"}}, "parallel.pipeline_parallel_size: expected int"),
     ({"model": "/m", "parallel": {"expert_parallel": {"enabled": True}}}, "expert parallelism is not supported"),
     ({"model": "/m", "max_num_seqs": "8"}, "max_num_seqs: expected int"),
     ({"model": "/m", "cache": {"enable_prefix_caching": 1}}, "cache.enable_prefix_caching: expected bool"),
@@ -83,9 +86,30 @@ def test_model_is_required():
         parse_options([])
 
 
-def test_pipeline_parallel_flag_rejected():
-    with pytest.raises(ConfigError, match="pipeline parallelism"):
-        parse_options(["--model", "m", "--pipeline-parallel-size", "2"])
+def test_pipeline_parallel_flags_reach_the_engine_config(tmp_path):
+    options = parse_options(["--model", "m", "--pipeline-parallel-size", "3", "--pp-layer-partition", "2,1,1",
+                             "--max-num-micro-batches", "2", "--tensor-parallel-size", "2"])
+    config = EngineConfig(**split(options)[0])
+    assert (config.pipeline_parallel_size, config.pp_layer_partition, config.micro_batches, config.world_size) == (
+        3, "2,1,1", 2, 6)
+    blocking = EngineConfig(**split(parse_options(["--model", "m", "--pipeline-parallel-size", "2",
+                                                   "--pp-blocking"]))[0])
+    assert blocking.micro_batches == 1
+    path = write(tmp_path, {"model": "/m", "parallel": {"pipelineParallelSize": 2, "ppLayerPartition": "1,1"}})
+    assert EngineConfig(**split(parse_options(["--config", path]))[0]).micro_batches == 2
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"pipeline_parallel_size": 0}, "pipeline_parallel_size: must be a positive integer"),
+    ({"pipeline_parallel_size": 2, "pp_layer_partition": "2"}, "has 1 stages, pipeline_parallel_size is 2"),
+    ({"pipeline_parallel_size": 2, "pp_layer_partition": "2,x"}, "expected positive layer counts"),
+    ({"pipeline_parallel_size": 2, "pp_layer_partition": "2,0"}, "expected positive layer counts"),
+    ({"max_num_micro_batches": 0}, "max_num_micro_batches: must be a positive integer"),
+    ({"pp_blocking": True, "max_num_micro_batches": 2}, "pp_blocking runs one micro-batch"),
+])
+def test_bad_pipeline_options_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(model="m", **kwargs)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -57,3 +57,11 @@ def test_request_timer_feeds_latency_histograms():
     assert got[("vllm:e2e_request_latency_seconds_count", label)] == 1
     assert got[("vllm:prompt_tokens_total", label)] == 9
     assert got[("vllm:request_success_total", (("finished_reason", "length"), ("model_name", "m")))] == 1
+
+
+def test_pipeline_gauges_come_from_the_stats_snapshot():
+    stats = {"pp_inflight_micro_batches": 2, "pp_stage_idle_ratio": [0.125, 0.25]}
+    got = samples(EngineMetrics("m", lambda: ({}, stats), lambda: False))
+    assert got[("pypto:pp_inflight_micro_batches", (("model_name", "m"),))] == 2
+    assert got[("pypto:pp_stage_idle_ratio", (("model_name", "m"), ("stage", "0")))] == 0.125
+    assert got[("pypto:pp_stage_idle_ratio", (("model_name", "m"), ("stage", "1")))] == 0.25

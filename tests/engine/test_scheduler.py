@@ -135,3 +135,57 @@ def test_prefix_hits_are_counted_at_admission() -> None:
     batch, _ = run_step(s)
     assert plan(batch) == [("b", 4)] and again.num_cached_tokens == 8
     assert (s.prefix_cache_queries, s.prefix_cache_hits) == (10 + 12, 8)
+
+
+# ---------------------------------------------------------------- micro-batches (pipeline parallelism)
+
+
+def finish_step(s: Scheduler, batch: ScheduledBatch, token: int = 7) -> list[Sequence]:
+    sampled = {i: token for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True))
+               if seq.num_computed_tokens + n == seq.num_tokens}
+    return s.postprocess(batch, sampled)
+
+
+def test_micro_batches_share_the_sequences_and_never_schedule_one_twice() -> None:
+    s = make(budget=64)
+    for name in "abcde":
+        add(s, name, 3)
+    first = s.schedule(micro_batches=2)
+    assert [q.request_id for q in first.seqs] == ["a", "b", "c"]  # ceil(5 / 2): the other slot gets a share
+    assert all(q.in_flight for q in first.seqs)
+    second = s.schedule(micro_batches=2)
+    assert [q.request_id for q in second.seqs] == ["d", "e"]
+    assert not s.schedule(micro_batches=2)  # everything is in flight
+    finish_step(s, first)
+    assert not any(q.in_flight for q in first.seqs)
+    third = s.schedule(micro_batches=2)
+    assert plan(third) == [("a", 1), ("b", 1), ("c", 1)]  # back from the pipeline: decodes; d, e still out
+
+
+def test_a_sequence_finished_in_flight_keeps_its_blocks_until_its_batch_returns() -> None:
+    s = make(num_blocks=8)
+    a = add(s, "a", 8)
+    batch = s.schedule(micro_batches=2)
+    s.finish(a, "abort")  # aborted while its micro-batch runs
+    assert a.status is SequenceStatus.FINISHED and a not in s.running
+    assert s.block_manager.num_free_blocks == 6  # still held: a stage may write its K/V
+    assert finish_step(s, batch) == []  # no token for an aborted sequence
+    assert s.block_manager.num_free_blocks == 8 and not a.in_flight
+
+
+def test_preemption_never_takes_a_sequence_in_flight_nor_an_older_one() -> None:
+    s = make(num_blocks=6, block_size=4, caching=False)
+    a, b, c = add(s, "a", 8), add(s, "b", 8), add(s, "c", 8)
+    finish_step(s, s.schedule())  # the pool is full
+    for seq in (a, b, c):
+        seq.token_ids += [7, 7, 7]  # each needs a third block
+    first = s.schedule(micro_batches=3)  # a: its block comes from preempting c, the newest
+    assert plan(first) == [("a", 4)] and first.num_preempted == 1 and list(s.waiting) == [c]
+    second = s.schedule(micro_batches=3)  # b takes the last free block
+    assert plan(second) == [("b", 4)] and s.block_manager.num_free_blocks == 0
+    finish_step(s, first)  # a is back and needs a fourth block; b, the newest, is in flight: a waits for it
+    third = s.schedule(micro_batches=3)
+    assert plan(third) == [] and third.num_preempted == 0 and a.block_table and b.in_flight
+    finish_step(s, second)  # b is back: now a takes b's blocks
+    fourth = s.schedule(micro_batches=3)
+    assert plan(fourth) == [("a", 1)] and fourth.num_preempted == 1 and [q.request_id for q in s.waiting] == ["b", "c"]

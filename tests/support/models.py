@@ -71,7 +71,11 @@ def hf_model(model_dir: str):  # -> transformers PreTrainedModel
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # generate() fills an unset eos_token_id from the checkpoint's generation_config.json: clear it so EOS is
+    # really ignored (the engine's outputs it is compared with use ignore_eos)
+    model.generation_config.eos_token_id = None
+    return model
 
 
 @functools.lru_cache(maxsize=4096)
