@@ -162,15 +162,21 @@ class GroupPod:
     leader_addr: str | None = None
 
 
+def group_port(rank: int) -> int:
+    """The rendezvous port of group ``rank``: distinct per group, because the local cluster's pods share one
+    network namespace and torch.distributed's store listens on every address (harmless on real nodes)."""
+    return GROUP_PORT + rank
+
+
 def group_args(spec: PyptoServingSpec, shape: GroupShape, where: GroupPod) -> list[str]:
     """Rendezvous flags of a multi-pod group's pod (vLLM's names): a large replica's leader serves and its workers
     run model ranks only (``--headless``); every rank of a DP+EP group serves."""
     addr = where.leader_addr if where.index else f"$({ENV_POD_IP})"
     if shape.all_serve:
         return ["--data-parallel-size", str(shape.pods), "--data-parallel-rank", str(where.index),
-                "--data-parallel-address", str(addr), "--data-parallel-rpc-port", str(GROUP_PORT)]
+                "--data-parallel-address", str(addr), "--data-parallel-rpc-port", str(group_port(where.rank))]
     args = ["--nnodes", str(shape.pods), "--node-rank", str(where.index), "--master-addr", str(addr),
-            "--master-port", str(GROUP_PORT)]
+            "--master-port", str(group_port(where.rank))]
     return args + (["--headless"] if where.index else [])
 
 
@@ -199,7 +205,7 @@ def group_env(owner: Owner, spec: PyptoServingSpec, shape: GroupShape, where: Gr
             {"name": ENV_GROUP_RANK, "value": str(where.index)},
             {"name": ENV_GROUP_LEADER_ADDR, "value": where.leader_addr if where.index else f"$({ENV_POD_IP})"},
             {"name": ENV_GROUP_LEADER_HOST, "value": leader_host(owner, where.rank, shape)},
-            {"name": ENV_GROUP_PORT, "value": str(GROUP_PORT)},
+            {"name": ENV_GROUP_PORT, "value": str(group_port(where.rank))},
             {"name": ENV_WORLD_SIZE, "value": str(world)}]
 
 
@@ -312,7 +318,7 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
         if serves:
             labels[L_GROUP_READY] = "false"  # set to true by the operator once every pod of the group is Ready
         if where.index == 0:
-            container["ports"].append({"name": GROUP_PORT_NAME, "containerPort": GROUP_PORT, "protocol": "TCP"})
+            container["ports"].append({"name": GROUP_PORT_NAME, "containerPort": group_port(rank), "protocol": "TCP"})
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": owner.namespace, "labels": labels,
                          "ownerReferences": [owner.reference()]},

@@ -27,19 +27,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pypto_serving.contract import A_GROUP_COMPLETE, L_GROUP_READY, ROLE_LEADER, ROLE_WORKER, LoadReport
+from pypto_serving.contract import A_GROUP_COMPLETE, L_GROUP_READY, LoadReport
 from pypto_serving.operator import desired as d
 from pypto_serving.operator.groups import GroupView, group_shape, group_views
 from pypto_serving.operator.state import PodView, format_time, parse_time
+from pypto_serving.operator.status import Event, condition, group_statuses, replica_statuses, stamp, transition_events
 from pypto_serving.operator.types import (
     Condition,
-    ConditionType,
     GatewayStatus,
     GroupStartFailure,
-    GroupStatus,
     PyptoServingSpec,
     PyptoServingStatus,
-    ReplicaStatus,
 )
 from pypto_serving.operator.validation import Problem, summary
 
@@ -87,15 +85,6 @@ class DeletePod:
 
     pod: str
     reason: str
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event to post on the PyptoServing."""
-
-    type: str
-    reason: str
-    message: str
 
 
 Action = CreatePod | StartDrain | DeletePod | LabelPod
@@ -334,79 +323,25 @@ def _plan_groups(obs: Observed, spec: PyptoServingSpec, plan: Plan) -> tuple[lis
     return active, count, len(current) + count
 
 
-def _condition(kind: ConditionType, ok: bool, reason: str, message: str = "") -> Condition:
-    # the 1.20 apiserver rejects "" for a string field in a CRD status as null: no message is None, not ""
-    return Condition(type=kind, status="True" if ok else "False", reason=reason, message=message or None)
-
-
-def _previous_conditions(previous: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    return {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, Mapping)}
-
-
-def _stamp(conditions: list[Condition], previous: Mapping[str, Any], now: float, generation: int) -> list[Condition]:
-    """Keep lastTransitionTime when a condition's status did not change."""
-    before = _previous_conditions(previous)
-    for cond in conditions:
-        old = before.get(cond.type)
-        same = old is not None and old.get("status") == cond.status and old.get("lastTransitionTime")
-        cond.last_transition_time = old["lastTransitionTime"] if same else format_time(now)
-        cond.observed_generation = generation
-    return conditions
-
-
-def _transition_events(conditions: list[Condition], previous: Mapping[str, Any]) -> list[Event]:
-    before = _previous_conditions(previous)
-    out = []
-    for cond in conditions:
-        old = before.get(cond.type) or {}
-        changed = old.get("status") != cond.status or old.get("reason") != cond.reason
-        if cond.type == "Degraded" and cond.status == "True" and changed:
-            out.append(Event("Warning", cond.reason, cond.message or cond.reason))
-        if cond.type == "SpecValid" and cond.status == "False" and changed:
-            out.append(Event("Warning", "InvalidSpec", cond.message or "invalid spec"))
-        if cond.type == "Ready" and cond.status == "True" and changed:
-            out.append(Event("Normal", "Ready", cond.message or "all replicas ready"))
-    return out
-
-
-def _pod_status(pod: PodView) -> ReplicaStatus:
-    multi = pod.group_size > 1
-    return ReplicaStatus(rank=pod.rank, pod=pod.name, node=pod.node, devices=pod.devices, phase=pod.phase,
-                         ready=pod.ready, draining=pod.draining, spec_hash=pod.spec_hash,
-                         group_pod=pod.group_pod if multi else None,
-                         role=(ROLE_WORKER if pod.group_pod else ROLE_LEADER) if multi else None)
-
-
-def _replica_statuses(pods: Sequence[PodView]) -> list[ReplicaStatus]:
-    return [_pod_status(pod) for pod in sorted(pods, key=lambda p: (p.rank, p.group_pod)) if not pod.deleting]
-
-
-def _group_statuses(pods: Sequence[PodView]) -> list[GroupStatus]:
-    return [GroupStatus(group=g.index, ready=g.ready, draining=g.draining, spec_hash=g.spec_hash,
-                        serving=[p.name for p in g.serving if not p.deleting],
-                        pods=[_pod_status(p) for p in g.pods if not p.deleting])
-            for g in group_views(pods) if not g.deleting]
-
-
 def _invalid(obs: Observed) -> Plan:
     message = summary(list(obs.problems))
-    conditions = [_condition("SpecValid", False, "InvalidSpec", message),
-                  _condition("Ready", False, "InvalidSpec", "the spec is invalid"),
-                  _condition("Progressing", False, "InvalidSpec", "the spec is invalid")]
+    conditions = [condition("SpecValid", False, "InvalidSpec", message),
+                  condition("Ready", False, "InvalidSpec", "the spec is invalid"),
+                  condition("Progressing", False, "InvalidSpec", "the spec is invalid")]
     previous = obs.previous_status
     status = PyptoServingStatus(observed_generation=obs.generation, phase="Invalid",
-                                conditions=_stamp(conditions, previous, obs.now, obs.generation),
-                                replica_statuses=_replica_statuses(obs.pods), groups=_group_statuses(obs.pods))
-    return Plan(status=status, events=_transition_events(conditions, previous))
+                                conditions=stamp(conditions, previous, obs.now, obs.generation),
+                                replica_statuses=replica_statuses(obs.pods), groups=group_statuses(obs.pods))
+    return Plan(status=status, events=transition_events(conditions, previous))
 
 
 def _degraded(obs: Observed, troubled: Sequence[PodView], failure: GroupStartFailure | None) -> Condition:
     if failure is not None:
-        return _condition("Degraded", True, START_TIMEOUT, failure.message)
+        return condition("Degraded", True, START_TIMEOUT, failure.message)
     if troubled:
-        return _condition("Degraded", True, troubled[0].problem or "Unhealthy",
+        return condition("Degraded", True, troubled[0].problem or "Unhealthy",
                           "; ".join(f"pod {p.name}: {p.problem_message or p.problem}" for p in troubled))
-    return _condition("Degraded", False, "AsExpected")
+    return condition("Degraded", False, "AsExpected")
 
 
 def plan(obs: Observed) -> Plan:
@@ -443,13 +378,13 @@ def plan(obs: Observed) -> Plan:
     else:
         progress = "WaitingForReady"
     conditions = [
-        _condition("SpecValid", True, "Valid"),
-        _condition("Ready", converged, "AllReplicasReady" if converged else "ReplicasNotReady",
+        condition("SpecValid", True, "Valid"),
+        condition("Ready", converged, "AllReplicasReady" if converged else "ReplicasNotReady",
                    f"{ready}/{n} replicas ready"),
-        _condition("Available", ready >= min_available and (n == 0 or ready > 0),
+        condition("Available", ready >= min_available and (n == 0 or ready > 0),
                    "MinimumReplicasAvailable" if ready >= min_available else "MinimumReplicasUnavailable",
                    f"{ready} ready, at least {min_available} required"),
-        _condition("Progressing", not converged, "Converged" if converged else progress),
+        condition("Progressing", not converged, "Converged" if converged else progress),
         _degraded(obs, troubled, failure),
     ]
     previous = obs.previous_status
@@ -469,14 +404,14 @@ def plan(obs: Observed) -> Plan:
         selector=d.selector_string(d.engine_selector(obs.name)),
         spec_hash=h,
         phase=phase,
-        conditions=_stamp(conditions, previous, obs.now, obs.generation),
-        replica_statuses=_replica_statuses(obs.pods),
-        groups=_group_statuses(obs.pods),
+        conditions=stamp(conditions, previous, obs.now, obs.generation),
+        replica_statuses=replica_statuses(obs.pods),
+        groups=group_statuses(obs.pods),
         last_group_start_failure=last_failure,
         gateway=(GatewayStatus(service=d.gateway_name(obs.name), url=d.gateway_url(owner))
                  if spec.gateway.enabled else None),
     )
-    out.events += _transition_events(conditions, previous)
+    out.events += transition_events(conditions, previous)
     if draining or any(isinstance(a, StartDrain) for a in out.actions):
         out.requeue_after = REQUEUE_DRAINING
     elif not converged or failure is not None:

@@ -18,7 +18,7 @@ ENGINE_PORT_NAME = "http"  # the engine container's named port; the gateway's di
 GATEWAY_PORT = 8080
 OPERATOR_HEALTH_PORT = 8081
 WEBHOOK_PORT = 9443
-GROUP_PORT = 29500  # a multi-pod serving group's rendezvous (torch.distributed store on the leader pod)
+GROUP_PORT = 29500  # + the group index: a multi-pod serving group's rendezvous (torch.distributed store, leader)
 GROUP_PORT_NAME = "rendezvous"
 
 # --- labels and annotations on the objects the operator creates --------------------------------------------------

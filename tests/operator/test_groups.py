@@ -68,17 +68,18 @@ def test_large_replica_pods_leader_and_worker() -> None:
         assert pod["spec"]["restartPolicy"] == "Never"
         assert pod["spec"]["hostname"] == pod["metadata"]["name"] and pod["spec"]["subdomain"] == "demo-engines"
     lc, wc = leader["spec"]["containers"][0], worker["spec"]["containers"][0]
+    port = str(c.GROUP_PORT + 1)  # one port per group: the local cluster's pods share the host's addresses
     assert lc["args"][-8:] == ["--nnodes", "2", "--node-rank", "0", "--master-addr", "$(POD_IP)",
-                               "--master-port", str(c.GROUP_PORT)]
+                               "--master-port", port]
     assert wc["args"][-9:] == ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.7",
-                               "--master-port", str(c.GROUP_PORT), "--headless"]
+                               "--master-port", port, "--headless"]
     assert "--tensor-parallel-size" in wc["args"] and wc["args"][wc["args"].index("--tensor-parallel-size") + 1] == "4"
     env = env_map(wc)
     assert (env[c.ENV_GROUP_SIZE], env[c.ENV_GROUP_RANK], env[c.ENV_GROUP_LEADER_ADDR]) == ("2", "1", "10.0.0.7")
     assert env[c.ENV_GROUP_LEADER_HOST] == "demo-dp-1-0.demo-engines.ns1.svc"
-    assert (env[c.ENV_GROUP_PORT], env[c.ENV_WORLD_SIZE]) == (str(c.GROUP_PORT), "4")
+    assert (env[c.ENV_GROUP_PORT], env[c.ENV_WORLD_SIZE]) == (port, "4")
     assert env_map(lc)[c.ENV_GROUP_LEADER_ADDR] == "$(POD_IP)" and env[c.ENV_HCCL_IF_IP] == "$(POD_IP)"
-    assert {"name": c.GROUP_PORT_NAME, "containerPort": c.GROUP_PORT, "protocol": "TCP"} in lc["ports"]
+    assert {"name": c.GROUP_PORT_NAME, "containerPort": c.GROUP_PORT + 1, "protocol": "TCP"} in lc["ports"]
     assert len(wc["ports"]) == 1
     # group pods reach each other on any port; a plain replica's NetworkPolicy is unchanged
     policy = d.network_policy(OWNER, spec)["spec"]["ingress"]
@@ -94,7 +95,7 @@ def test_dp_ep_group_pods_all_serve() -> None:
     (container,) = rank1["spec"]["containers"]
     assert container["args"][-8:] == ["--data-parallel-size", "2", "--data-parallel-rank", "1",
                                       "--data-parallel-address", "10.0.0.9", "--data-parallel-rpc-port",
-                                      str(c.GROUP_PORT)]
+                                      str(c.GROUP_PORT)]  # group 0
     assert container["resources"]["limits"] == {"huawei.com/Ascend910": "2"}
     assert env_map(container)[c.ENV_WORLD_SIZE] == "4"
 
