@@ -125,6 +125,9 @@ def test_validation_of_group_shapes() -> None:
     _, problems = validate(minimal(parallel={"tensorParallelSize": 4, "dataParallelSize": 2}, devices={"perNode": 2}))
     assert [p.field for p in problems] == ["spec.parallel.dataParallelSize"] * 2
     assert "not supported yet" in problems[0].message and "must fit on one node" in problems[1].message
+    _, problems = validate(minimal(parallel={"tensorParallelSize": 2, "pipelineParallelSize": 2},
+                                   devices={"perNode": 2}))
+    assert "a pipeline across the pods of a serving group is not supported yet" in str(problems[-1])
     long_name = "a" * 54
     _, problems = validate(minimal(long_name, parallel={"tensorParallelSize": 4}, devices={"perNode": 2}))
     assert [p.field for p in problems] == ["metadata.name"] and "at most 53 characters" in problems[0].message
