@@ -343,6 +343,43 @@ def operator_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple
     return lines, headline
 
 
+def groups_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Serving groups", ""]
+    if not data:
+        return [*lines, "Not measured yet.", ""], []
+    ph, targets = data["phases"], data["targets"]
+    apply, heal, fleet = ph["apply"], ph["heal"], ph["fleet"]
+    rss, converged = data["operator_peak_rss_mb"], fleet["converged_seconds"]
+    lines += [run_note(runs, "groups"), "",
+              "`.venv/bin/python benchmarks/groups_bench.py` on a local cluster of 3 nodes x 2 "
+              "`huawei.com/Ascend910`, the operator as a subprocess; a group is TP=2 on 1-device pods (2 pods). "
+              "Raw numbers: [benchmarks/groups.json](benchmarks/groups.json).", "",
+              "| measure | result | target |", "|---|---|---|",
+              f"| `kubectl apply` -> leader created / worker created (after the leader's IP) / both pods Ready / "
+              f"group Ready in the status (real engines, tiny model) | {apply['leader_created_seconds']:.2f} s / "
+              f"{apply['worker_created_seconds']:.2f} s / {apply['pods_ready_seconds']:.1f} s / "
+              f"{apply['group_ready_seconds']:.1f} s | - |",
+              f"| worker pod deleted -> a new whole group Ready | {heal['group_ready_again_seconds']:.1f} s | - |",
+              f"| {fleet['resources']} resources x {fleet['groups_each']} groups x {fleet['pods_per_group']} pods "
+              f"applied at once -> every status shows {fleet['groups_each']} Ready groups | {converged:.1f} s | < "
+              f"{targets['fleet_converged_seconds']:g} s |",
+              f"| operator peak RSS (whole run) | {rss:.0f} MB | < {targets['operator_peak_rss_mb']:g} MB |",
+              f"| operator CPU: fleet phase | {fleet['operator_cpu_seconds']:.2f} s "
+              f"({fleet['operator_cpu_percent']:g} %) | - |", "",
+              f"The fleet's {fleet['pods']} pods are bound to a virtual Node whose kubelet the script plays (it "
+              "gives each pod an IP and marks it Running and Ready), so no engine starts: it measures the operator "
+              "and the control plane, including the leader-first creation (a worker is created once its leader "
+              "has an IP). Time to Ready of the real group is dominated by two engines loading on shared cores.", ""]
+    ok = converged < targets["fleet_converged_seconds"] and rss < targets["operator_peak_rss_mb"]
+    headline = [f"| serving groups: apply -> 2-pod group Ready / heal after a pod is deleted | "
+                f"{apply['group_ready_seconds']:.1f} s / {heal['group_ready_again_seconds']:.1f} s | - |",
+                f"| serving groups: {fleet['resources']} resources x {fleet['groups_each']} groups x "
+                f"{fleet['pods_per_group']} pods converged, operator RSS | {converged:.1f} s, {rss:.0f} MB | "
+                f"< {targets['fleet_converged_seconds']:g} s, < {targets['operator_peak_rss_mb']:g} MB: "
+                f"{'met' if ok else '**missed**'} |"]
+    return lines, headline
+
+
 def machine_line() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -360,6 +397,7 @@ def write_report(out: Path = OUT) -> Path:
     routing, routing_head = routing_section(load("gateway_routing"), load("gateway_prefix"), load("gateway_streams"),
                                             load("gateway_decision"), runs)
     operator, operator_head = operator_section(load("operator"), runs)
+    groups, groups_head = groups_section(load("groups"), runs)
     lines = ["# Benchmarks", "",
              "Measured results of the benchmark scripts in benchmarks/. `make bench` runs them all "
              "(benchmarks/run_all.py, one after the other; `BENCH_ARGS=--only NAME,...` for a subset) and regenerates "
@@ -368,8 +406,8 @@ def write_report(out: Path = OUT) -> Path:
              f"Machine: {machine_line()}. Its 2 cores are shared with other work, so wall-clock numbers are noisy; "
              "each section gives the load average around its run.", "",
              "## Headlines", "", "| measure | result | target |", "|---|---|---|",
-             *engine_head, *overhead_head, *routing_head, *operator_head, "",
-             *engine, *overhead, *routing, *operator]
+             *engine_head, *overhead_head, *routing_head, *operator_head, *groups_head, "",
+             *engine, *overhead, *routing, *operator, *groups]
     out.write_text("\n".join(line for line in lines).rstrip() + "\n")
     print(f"wrote {out}", flush=True)
     return out
