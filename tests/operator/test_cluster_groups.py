@@ -186,7 +186,16 @@ def test_heal_scale_and_operator_restart_by_whole_groups(
             return leader is None or bool(leader["metadata"].get("deletionTimestamp"))
 
         wait_for(leader_going, 30, "the leader of the broken group to be deleted too")
-        ready = wait_ready(kube, namespace, "grp", 2, timeout=300)
+        broken = {before["grp-dp-0-0"], before["grp-dp-0-1"]}
+
+        def healed() -> bool:
+            live = pods_by_name(kube, namespace, "grp")
+            groups = (get_resource(kube, namespace, "grp").get("status") or {}).get("groups") or []
+            return (len(live) == 4 and not {p["metadata"]["uid"] for p in live.values()} & broken
+                    and len(groups) == 2 and all(g["ready"] for g in groups))
+
+        wait_for(healed, 300, "a new whole group Ready in place of the broken one")
+        ready = wait_ready(kube, namespace, "grp", 2, timeout=60)
         after = {name: p["metadata"]["uid"] for name, p in pods_by_name(kube, namespace, "grp").items()}
         assert after["grp-dp-1-0"] == before["grp-dp-1-0"] and after["grp-dp-1-1"] == before["grp-dp-1-1"]
         recreated = {name for name in after if not name.startswith("grp-dp-1-")}
@@ -202,8 +211,8 @@ def test_heal_scale_and_operator_restart_by_whole_groups(
                              for p in pods_by_name(kube, namespace, "grp", live=False).values()), 60, "a drain")
         operator.kill()
         operator = start_operator()
-        wait_ready(kube, namespace, "grp", 1, timeout=180)
-        wait_for(lambda: len(pods_by_name(kube, namespace, "grp", live=False)) == 2, 120, "the drained group gone")
+        wait_for(lambda: len(pods_by_name(kube, namespace, "grp", live=False)) == 2, 180, "the drained group gone")
+        wait_ready(kube, namespace, "grp", 1, timeout=60)
         wait_for(lambda: load.ok >= ok_before + 4, 60, "requests after the scale-down")
         assert load.failed == failed_before, load.errors[-5:]
     finally:
@@ -218,7 +227,9 @@ def test_heal_scale_and_operator_restart_by_whole_groups(
     names = set(pods_by_name(kube, namespace, "grp"))
     assert len([n for n in names if n.endswith("-0")]) == 2  # no second new group
     start_operator()
-    wait_ready(kube, namespace, "grp", 2, timeout=300)
+    wait_for(lambda: len(pods_by_name(kube, namespace, "grp", live=False)) == 4
+             and all(pod_ready(p) for p in pods_by_name(kube, namespace, "grp").values()), 300, "4 Ready pods")
+    wait_ready(kube, namespace, "grp", 2, timeout=60)
     final = pods_by_name(kube, namespace, "grp", live=False)
     groups: dict[str, list[str]] = {}
     for name, pod in final.items():
