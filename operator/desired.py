@@ -129,7 +129,8 @@ def _common_labels(name: str, component: str) -> dict[str, str]:
 
 def pod_shaping(spec: PyptoServingSpec) -> dict[str, Any]:
     """The part of the spec that shapes an engine pod (replicas, gateway, rollout and drain excluded; so is
-    devices.perNode, which only feeds validation: changing it, or the operator's default for it, restarts nothing)."""
+    devices.perNode itself: it restarts a one-pod group never, and a multi-pod group only through the split into pods
+    it decides, which is included as ``group``)."""
     devices = spec.devices.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"per_node"})
     parallel = spec.parallel.to_kube()
     if parallel.get("dataParallelSize") == 1:
