@@ -306,7 +306,8 @@ class LLMEngine:
 
     def _fail_batch(self, batch: ScheduledBatch, error: str) -> list[RequestOutput]:
         self.counters["num_failed_steps"] += 1
-        return [self._fail(seq, error) for seq in batch.seqs if seq.request_id in self._requests]
+        # `is seq`: an id aborted while in flight may already name a new request
+        return [self._fail(seq, error) for seq in batch.seqs if self._requests.get(seq.request_id) is seq]
 
     def _fail_all(self, error: str) -> list[RequestOutput]:
         """Fail every request; the engine is dead, so the micro-batches in flight never come back."""
