@@ -24,6 +24,7 @@ RUNS = REPO_ROOT / "docs" / "benchmarks" / "runs.json"
 # name -> command (relative to the repository root), in the order they run.
 BENCHMARKS: dict[str, list[str]] = {
     "engine_vs_transformers": ["benchmarks/engine_vs_transformers.py"],
+    "pp": ["benchmarks/pp_bench.py"],
     "gateway_decision": ["benchmarks/gateway_decision.py"],
     "gateway_overhead": ["benchmarks/gateway_overhead.py"],
     "gateway_routing": ["benchmarks/gateway_routing.py"],

@@ -121,6 +121,7 @@ class LLMEngine:
         self._requests: dict[str, Sequence] = {}
         self.micro_batches = config.micro_batches
         self._inflight: deque[MicroBatch] = deque()  # oldest first
+        self._inflight_at_wait = 0  # micro-batches in flight when the engine last waited for one
         self._inflight_since: float | None = None  # start of the current stretch with work in flight
         self._active_s = 0.0  # time with at least one micro-batch in flight (the bubble ratio's denominator)
         self._step_id = 0
@@ -182,6 +183,7 @@ class LLMEngine:
         if not self._inflight:
             return []
         mb = self._inflight[0]
+        self._inflight_at_wait = len(self._inflight)
         try:
             result = self.executor.wait(max(0.0, mb.submitted + self.config.step_timeout_s - time.monotonic()))
         except StepTimeout:  # the micro-batches behind the oldest one are stuck behind it
@@ -305,7 +307,8 @@ class LLMEngine:
 
     def _fail_batch(self, batch: ScheduledBatch, error: str) -> list[RequestOutput]:
         self.counters["num_failed_steps"] += 1
-        return [self._fail(seq, error) for seq in batch.seqs if seq.request_id in self._requests]
+        # `is seq`: an id aborted while in flight may already name a new request
+        return [self._fail(seq, error) for seq in batch.seqs if self._requests.get(seq.request_id) is seq]
 
     def _fail_all(self, error: str) -> list[RequestOutput]:
         """Fail every request; the engine is dead, so the micro-batches in flight never come back."""
@@ -341,7 +344,8 @@ class LLMEngine:
                 "prefix_cache_hits": self.scheduler.prefix_cache_hits,
                 "num_preemptions": self.scheduler.num_preemptions, **self.counters,
                 "num_kv_blocks": self.num_kv_blocks, "num_free_kv_blocks": self.block_manager.num_free_blocks,
-                "pp_inflight_micro_batches": len(self._inflight), "pp_stage_idle_ratio": self.stage_idle_ratios()}
+                "pp_inflight_micro_batches": self._inflight_at_wait if self.has_unfinished_requests() else 0,
+                "pp_stage_idle_ratio": self.stage_idle_ratios()}
 
     def stage_idle_ratios(self) -> list[float]:
         """Per pipeline stage, the fraction of the time with work in flight that the stage did not compute (the

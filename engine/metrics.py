@@ -58,7 +58,8 @@ class EngineCollector(Collector):
             counter.add_metric([self.model_name], float(stats.get(key, 0) or 0))
             yield counter
         inflight = GaugeMetricFamily("pypto:pp_inflight_micro_batches",
-                                     "Micro-batches handed to the pipeline stages and not come back yet.",
+                                     "Micro-batches in flight on the pipeline stages when the engine last waited "
+                                     "for one (0 when idle).",
                                      labels=["model_name"])
         inflight.add_metric([self.model_name], float(stats.get("pp_inflight_micro_batches", 0) or 0))
         yield inflight

@@ -100,8 +100,8 @@ work (examples/hpa.yaml). Printer columns: {columns}.
 
 Types, defaults, enums and bounds below are enforced by the apiserver (the CRD's OpenAPI schema). On top of
 them the operator's admission webhook and its reconciler run the semantic checks of `operator/validation.py`
-(e.g. `pipelineParallelSize > 1` is not supported yet, `tensorParallelSize x pipelineParallelSize` must fit
-`devices.perNode`, the model path must be absolute, the flags and env vars the operator sets itself may not be
+(e.g. `tensorParallelSize x pipelineParallelSize` must fit `devices.perNode`: a replica spanning several nodes
+is not supported yet; the model path must be absolute; the flags and env vars the operator sets itself may not be
 overridden in `engine.extraArgs` / `engine.env`); a rejected resource gets a message naming the field, and one
 that reached the cluster without the webhook gets phase `Invalid` and condition `SpecValid=False`.
 

@@ -186,7 +186,8 @@ def engine_args(spec: PyptoServingSpec) -> list[str]:
     eng = spec.engine
     args = ["--model", spec.model.path, "--served-model-name", spec.model.name,
             "--host", "$(POD_IP)", "--port", str(ENGINE_PORT),
-            "--tensor-parallel-size", str(spec.parallel.tensor_parallel_size), "--dtype", eng.dtype]
+            "--tensor-parallel-size", str(spec.parallel.tensor_parallel_size),
+            "--pipeline-parallel-size", str(spec.parallel.pipeline_parallel_size), "--dtype", eng.dtype]
     for flag, value in (("--max-model-len", eng.max_model_len), ("--max-num-seqs", eng.max_num_seqs),
                         ("--max-num-batched-tokens", eng.max_num_batched_tokens), ("--block-size", eng.block_size)):
         if value is not None:

@@ -74,7 +74,8 @@ class ParallelSpec(_Model):
     """Intra-replica parallel dimensions; one replica uses tensorParallelSize x pipelineParallelSize devices."""
 
     tensor_parallel_size: int = Field(ge=1, le=128, description="Tensor-parallel degree (devices per stage).")
-    pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description="Pipeline stages (only 1 for now).")
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description=(
+        "Pipeline stages; one replica runs tensorParallelSize x pipelineParallelSize ranks."))
     data_parallel_size: int = Field(
         default=1, ge=1, le=256, description="DP ranks of one DP+EP serving group, each its own pod with "
         "tensorParallelSize x pipelineParallelSize devices, stepping in lockstep (only 1 for now).")

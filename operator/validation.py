@@ -150,9 +150,6 @@ def _source(field: str, value: object, defaulted: frozenset[str] | set[str]) -> 
 
 def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]) -> list[Problem]:
     par, out = spec.parallel, []
-    if par.pipeline_parallel_size > 1:
-        out.append(Problem("spec.parallel.pipelineParallelSize",
-                           f"pipeline parallelism (> 1) is not supported yet (got {par.pipeline_parallel_size})"))
     if par.expert_parallel.enabled and not spec.model.moe:
         out.append(Problem("spec.parallel.expertParallel.enabled",
                            "expert parallelism needs a MoE model (set spec.model.moe: true)"))
@@ -172,9 +169,9 @@ def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]
                            f"nodes ({source}) but {problem}"))
     elif group_shape(spec).multi and par.pipeline_parallel_size > 1:
         out.append(Problem("spec.parallel.pipelineParallelSize",
-                           f"a pipeline across the pods of a serving group is not supported yet (the engine samples "
-                           f"on the last stage, which must be on the leader pod): {spec.devices_per_replica} devices "
-                           f"span nodes ({source})"))
+                           f"tensorParallelSize x pipelineParallelSize = {spec.devices_per_replica} devices span "
+                           f"nodes ({source}) and a pipeline across the pods of a serving group is not supported "
+                           "yet (the engine samples on the last stage, which must be on the leader pod)"))
     return out
 
 

@@ -125,6 +125,19 @@ def test_blocking_mode_keeps_one_micro_batch_in_flight() -> None:
         engine.shutdown()
 
 
+def test_two_micro_batches_on_one_in_process_rank() -> None:
+    """--max-num-micro-batches works without stages too: the runner thread queues the second micro-batch."""
+    engine = pp_engine("qwen3", 1, max_num_micro_batches=2)
+    try:
+        prompts, max_tokens = _workload(seed=13)
+        outputs, most = generate(engine, prompts, max_tokens)
+        assert most == 2
+        assert_matches_transformers(engine.config.model, prompts, max_tokens, outputs)
+        assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    finally:
+        engine.shutdown()
+
+
 @pytest.fixture(scope="module")
 def pp2() -> Iterator[LLMEngine]:
     engine = pp_engine("qwen3", 2, num_kv_blocks=128)
@@ -165,6 +178,23 @@ def test_aborts_of_in_flight_sequences_return_every_block(pp2: LLMEngine) -> Non
     assert stats["num_aborted"] == 500 and stats["num_failed"] == 0 and stats["pp_inflight_micro_batches"] == 0
     assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
     assert engine.load()["kv_cache_usage"] == 0.0 and engine.load()["running"] == 0
+
+
+def test_load_counts_sequences_in_flight(pp2: LLMEngine) -> None:
+    engine, prompts = pp2, random_prompts(4, (20, 20), seed=32)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"load{i}", prompt, SamplingParams(max_tokens=10, **GREEDY))
+    assert engine.load()["waiting"] == 4 and engine.load()["pending_tokens"] == 4 * 30
+    engine.step()  # two micro-batches of two: the first came back (one token each) and went out again as decodes
+    load = engine.load()
+    assert (load["running"], load["waiting"]) == (4, 0) and load["kv_cache_usage"] > 0
+    assert load["pending_tokens"] == 2 * 9 + 2 * 30  # tokens of a micro-batch in flight count when it is back
+    assert engine.stats()["pp_inflight_micro_batches"] == 2
+    while engine.has_unfinished_requests():
+        engine.step()
+    load = engine.load()
+    assert (load["running"], load["pending_tokens"], load["kv_cache_usage"]) == (0, 0, 0.0)
+    assert engine.stats()["pp_inflight_micro_batches"] == 0
 
 
 def _stage_process(engine: LLMEngine, stage: int):

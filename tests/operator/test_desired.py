@@ -40,7 +40,8 @@ def test_engine_pod_follows_the_contract() -> None:
     (container,) = pspec["containers"]
     assert container["command"] == ["pypto-serving", "engine"]
     assert container["args"] == ["--model", "/models/qwen", "--served-model-name", "qwen", "--host", "$(POD_IP)",
-                                 "--port", "8000", "--tensor-parallel-size", "4", "--dtype", "auto",
+                                 "--port", "8000", "--tensor-parallel-size", "4", "--pipeline-parallel-size", "1",
+                                 "--dtype", "auto",
                                  "--max-model-len", "4096", "--block-size", "128", "--enable-prefix-caching",
                                  "--enforce-eager"]
     assert container["resources"] == {"requests": {"cpu": "4", "huawei.com/Ascend910": "4"},
@@ -68,6 +69,16 @@ def test_engine_pod_follows_the_contract() -> None:
     term = pspec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == d.engine_selector("demo")
+
+
+def test_pipeline_parallel_pod_requests_tp_x_pp_devices_and_passes_both_flags() -> None:
+    spec = spec_of(parallel={"tensorParallelSize": 2, "pipelineParallelSize": 3})
+    (container,) = d.engine_pod(OWNER, spec, 0)["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--pipeline-parallel-size") + 1] == "3"
+    assert container["resources"]["limits"] == {"huawei.com/Ascend910": "6"}
+    assert env_map(container)["PYPTO_PP_SIZE"] == "3"
 
 
 def test_ascend_scheduling_fields_and_hccn_mount() -> None:

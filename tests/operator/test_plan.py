@@ -151,7 +151,7 @@ def test_unschedulable_sets_degraded_with_the_scheduler_reason() -> None:
 
 
 def test_invalid_spec_makes_no_pods() -> None:
-    body = minimal(parallel={"tensorParallelSize": 1, "pipelineParallelSize": 2})
+    body = minimal(parallel={"tensorParallelSize": 2, "pipelineParallelSize": 8}, devices={"perNode": 8})
     spec, problems = validate(body)
     out = p.plan(observe(spec, [], problems=problems))
     assert out.actions == [] and out.status.phase == "Invalid"
