@@ -133,14 +133,19 @@ def pp_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[
               "512, vocab 16,384), float32, one torch thread per rank: PP=2 is two stage processes on the 2 cores "
               "(plus the engine process, which schedules). The contenders ran interleaved "
               f"{data['repeats']} times; each row is its best wall time (every run is in docs/benchmarks/pp.json). "
-              "Idle ratio: per stage, 1 - the time it computed / the time a micro-batch was in flight.", "",
-              "| contender | wall s | output tok/s | steps | stage idle ratio |", "|---|---|---|---|---|"]
+              "Idle ratio: per stage, 1 - the time it computed / the time a micro-batch was in flight. CPU seconds "
+              "are the engine process's and its stage processes'; per CPU second is robust to other work on the "
+              "machine but cannot show what pipelining buys (two stages computing at once); wall time can, but only "
+              "while the 2 cores are free: the load column is the 1-minute load average at the end of the run.", "",
+              "| contender | wall s | CPU s | output tok/s | output tok / CPU s | steps | stage idle ratio | load |",
+              "|---|---|---|---|---|---|---|---|"]
     for key, label in PP_LABELS.items():
         r = res.get(key)
         if r is not None:
             idle = " / ".join(f"{x:.2f}" for x in r["stage_idle_ratio"])
-            lines.append(f"| {label} | {fmt(r['wall_s'])} | {fmt(r['output_tokens_per_s'])} | {r['steps']} | "
-                         f"{idle} |")
+            lines.append(f"| {label} | {fmt(r['wall_s'])} | {fmt(r.get('cpu_s'))} | {fmt(r['output_tokens_per_s'])} | "
+                         f"{fmt(r.get('output_tokens_per_cpu_s'))} | {r['steps']} | {idle} | "
+                         f"{fmt(r.get('load_average'), 2)} |")
     headline = []
     best = max((k for k in ("pp2", "pp2_6_4") if k in res), key=lambda k: res[k]["output_tokens_per_s"],
                default=None)
@@ -153,13 +158,26 @@ def pp_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[
                                 f">= {target:g}x: {verdict} |")
         idle = " / ".join(f"{x:.2f}" for x in res[best]["stage_idle_ratio"])
         headline.append(f"| PP=2 non-blocking ({best}): stage idle (bubble) ratio | {idle} | - |")
-    lines += ["", "Speed-ups (output tokens/s): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}x"
-                                                              for k, v in speed.items()) + ".", "",
+    loads = [r["load_average"] for r in res.values() if r.get("load_average") is not None]
+    if loads and max(loads) > 2.5:
+        lines += ["", f"**The machine was busy with other work during these runs (1-minute load average up to "
+                  f"{max(loads):.1f} on 2 cores)**: the stage processes did not get the two cores to themselves, so "
+                  "the wall-clock ratios below say little about the pipeline; rerun `benchmarks/pp_bench.py` on an "
+                  "idle machine for the targets."]
+    lines += ["", "Speed-ups (output tokens/s): " + ", ".join(f"`{k}` {v:.2f}x" for k, v in speed.items()) + "."]
+    if best is not None and "pp2_blocking" in res and res[best].get("output_tokens_per_cpu_s"):
+        extra = res["pp2_blocking"]["output_tokens_per_cpu_s"] / res[best]["output_tokens_per_cpu_s"]
+        lines += ["", f"CPU per output token: the non-blocking loop ({best}) spends {extra:.2f}x the CPU of the "
+                  "blocking one for the same tokens (half-size micro-batches, twice the steps); on 2 free cores it "
+                  f"could at best run {2 / extra:.2f}x faster than the blocking loop, whose stages take turns."]
+    lines += ["",
               "Where the gap to 2x goes: (1) the stages are not equal: the last stage also runs the LM head over a "
               "16k vocabulary for every sampled token (about 2.5 decoder layers of work per decode token here), so "
               "with the even split stage 0 waits on stage 1; moving one layer (6,4) evens them out. (2) Each "
               "micro-batch carries half of the sequences, and a batch of 32 uses a CPU core less efficiently than "
-              "one of 64, so the same tokens cost more compute. (3) The engine process (scheduling, pickling a "
+              "one of 64, so the same tokens cost more compute (docs/architecture.md's microbenchmark: a decode step "
+              "at context 256 takes 65 ms for 32 sequences and 101 ms for 64, 28% more per token at half the batch, "
+              "which alone caps the gain near 2 / 1.28 = 1.56x). (3) The engine process (scheduling, pickling a "
               "step to every rank, reading replies) and the gloo transfers need CPU on the same 2 cores. (4) Prefill "
               "chunks of very different sizes in consecutive micro-batches leave one stage waiting for the other, "
               "and the last micro-batches of the run cannot fill both stages.", ""]
@@ -435,6 +453,43 @@ def operator_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple
     return lines, headline
 
 
+def groups_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Serving groups", ""]
+    if not data:
+        return [*lines, "Not measured yet.", ""], []
+    ph, targets = data["phases"], data["targets"]
+    apply, heal, fleet = ph["apply"], ph["heal"], ph["fleet"]
+    rss, converged = data["operator_peak_rss_mb"], fleet["converged_seconds"]
+    lines += [run_note(runs, "groups"), "",
+              "`.venv/bin/python benchmarks/groups_bench.py` on a local cluster of 3 nodes x 2 "
+              "`huawei.com/Ascend910`, the operator as a subprocess; a group is TP=2 on 1-device pods (2 pods). "
+              "Raw numbers: [benchmarks/groups.json](benchmarks/groups.json).", "",
+              "| measure | result | target |", "|---|---|---|",
+              f"| `kubectl apply` -> leader created / worker created (after the leader's IP) / both pods Ready / "
+              f"group Ready in the status (real engines, tiny model) | {apply['leader_created_seconds']:.2f} s / "
+              f"{apply['worker_created_seconds']:.2f} s / {apply['pods_ready_seconds']:.1f} s / "
+              f"{apply['group_ready_seconds']:.1f} s | - |",
+              f"| worker pod deleted -> a new whole group Ready | {heal['group_ready_again_seconds']:.1f} s | - |",
+              f"| {fleet['resources']} resources x {fleet['groups_each']} groups x {fleet['pods_per_group']} pods "
+              f"applied at once -> every status shows {fleet['groups_each']} Ready groups | {converged:.1f} s | < "
+              f"{targets['fleet_converged_seconds']:g} s |",
+              f"| operator peak RSS (whole run) | {rss:.0f} MB | < {targets['operator_peak_rss_mb']:g} MB |",
+              f"| operator CPU: fleet phase | {fleet['operator_cpu_seconds']:.2f} s "
+              f"({fleet['operator_cpu_percent']:g} %) | - |", "",
+              f"The fleet's {fleet['pods']} pods are bound to a virtual Node whose kubelet the script plays (it "
+              "gives each pod an IP and marks it Running and Ready), so no engine starts: it measures the operator "
+              "and the control plane, including the leader-first creation (a worker is created once its leader "
+              "has an IP). Time to Ready of the real group is dominated by two engines loading on shared cores.", ""]
+    ok = converged < targets["fleet_converged_seconds"] and rss < targets["operator_peak_rss_mb"]
+    headline = [f"| serving groups: apply -> 2-pod group Ready / heal after a pod is deleted | "
+                f"{apply['group_ready_seconds']:.1f} s / {heal['group_ready_again_seconds']:.1f} s | - |",
+                f"| serving groups: {fleet['resources']} resources x {fleet['groups_each']} groups x "
+                f"{fleet['pods_per_group']} pods converged, operator RSS | {converged:.1f} s, {rss:.0f} MB | "
+                f"< {targets['fleet_converged_seconds']:g} s, < {targets['operator_peak_rss_mb']:g} MB: "
+                f"{'met' if ok else '**missed**'} |"]
+    return lines, headline
+
+
 def machine_line() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -453,6 +508,7 @@ def write_report(out: Path = OUT) -> Path:
     routing, routing_head = routing_section(load("gateway_routing"), load("gateway_prefix"), load("gateway_streams"),
                                             load("gateway_decision"), runs)
     operator, operator_head = operator_section(load("operator"), runs)
+    groups, groups_head = groups_section(load("groups"), runs)
     pipeline, pipeline_head = pp_section(load("pp"), runs)
     lines = ["# Benchmarks", "",
              "Measured results of the benchmark scripts in benchmarks/. `make bench` runs them all "
@@ -462,8 +518,8 @@ def write_report(out: Path = OUT) -> Path:
              f"Machine: {machine_line()}. Its 2 cores are shared with other work, so wall-clock numbers are noisy; "
              "each section gives the load average around its run.", "",
              "## Headlines", "", "| measure | result | target |", "|---|---|---|",
-             *engine_head, *pipeline_head, *moe_head, *overhead_head, *routing_head, *operator_head, "",
-             *engine, *pipeline, *moe, *overhead, *routing, *operator]
+             *engine_head, *pipeline_head, *moe_head, *overhead_head, *routing_head, *operator_head, *groups_head, "",
+             *engine, *pipeline, *moe, *overhead, *routing, *operator, *groups]
     out.write_text("\n".join(line for line in lines).rstrip() + "\n")
     print(f"wrote {out}", flush=True)
     return out

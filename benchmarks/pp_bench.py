@@ -9,9 +9,11 @@ of the engine microbenchmark (10 layers, hidden 512, vocab 16384), float32, one 
 * PP=2 non-blocking: two micro-batches in flight (the default), with the even split (5,5) and with a split that
   gives the last stage fewer layers because it also runs the LM head over a 16k vocabulary (6,4).
 
-Reported per run: wall seconds, output tokens per second, steps, the stages' idle (bubble) ratios, and the
-speed-ups. The machine is shared: the contenders run interleaved ``--repeats`` times and each keeps its best wall
-time (every run is in the JSON).
+Reported per run: wall seconds, CPU seconds (engine and stage processes), output tokens per wall and per CPU
+second, steps, the stages' idle (bubble) ratios, the 1-minute load average at its end, and the speed-ups. The
+machine is shared: the contenders run interleaved ``--repeats`` times and each keeps its best wall time (every
+run is in the JSON). Under load, wall time measures the machine's other work as much as the engine; per CPU
+second is robust to it but cannot show what pipelining buys (running two stages at once).
 
 Run: `.venv/bin/python benchmarks/pp_bench.py [--requests 64] [--repeats 2]`; writes docs/benchmarks/pp.json.
 """
@@ -31,6 +33,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+import psutil  # noqa: E402
 
 from pypto_serving.engine.config import EngineConfig  # noqa: E402
 from pypto_serving.engine.llm_engine import LLMEngine  # noqa: E402
@@ -57,6 +61,19 @@ def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
             for _ in range(n)]
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (the engine) and its stage processes."""
+    total = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], int]]) -> dict[str, Any]:
     """All requests at once; wall time from the first add to the last token."""
     engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=1024, cpu_threads=1,
@@ -67,7 +84,7 @@ def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], 
         while engine.has_unfinished_requests():
             engine.step()
         stats0 = engine.stats()
-        start = time.perf_counter()
+        cpu0, start = cpu_seconds(), time.perf_counter()
         for i, (prompt, n) in enumerate(requests):
             engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
         tokens = 0
@@ -76,11 +93,13 @@ def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], 
                 if out.error:
                     raise RuntimeError(out.error)
                 tokens += len(out.new_token_ids)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
         stats = engine.stats()
     finally:
         engine.shutdown()
-    return {"wall_s": round(wall, 2), "output_tokens": tokens, "output_tokens_per_s": round(tokens / wall, 1),
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "output_tokens": tokens,
+            "output_tokens_per_s": round(tokens / wall, 1), "output_tokens_per_cpu_s": round(tokens / cpu, 1),
+            "load_average": os.getloadavg()[0],
             "steps": stats["num_steps"] - stats0["num_steps"],
             "stage_idle_ratio": [round(r, 3) for r in stats["pp_stage_idle_ratio"]]}
 

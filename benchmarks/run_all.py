@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "gateway_prefix": ["benchmarks/gateway_prefix.py"],
     "gateway_streams": ["benchmarks/gateway_streams.py"],
     "operator": ["benchmarks/operator_bench.py"],
+    "groups": ["benchmarks/groups_bench.py"],
 }
 
 

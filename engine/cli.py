@@ -94,6 +94,10 @@ def main(argv: list[str]) -> int:
         print(f"pypto-serving engine: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=server["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.headless:  # a non-leader node of a replica spanning nodes: its ranks only
+        from pypto_serving.engine import node_worker
+
+        return node_worker.main(config, server["host"], server["port"])
     if options["data_parallel_size"] > 1:
         log.info("data_parallel_size=%d: this process serves one replica", options["data_parallel_size"])
 

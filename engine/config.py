@@ -46,6 +46,13 @@ class EngineConfig:
     # torch threads per rank on cpu; None: the cores this process may use (CPU affinity, capped by the cgroup CPU
     # quota, i.e. a pod's cpu limit), split evenly across TP ranks
     cpu_threads: int | None = None
+    # A replica spanning several pods (nodes): vLLM's multi-node flags. Node 0 (the leader) runs the scheduler and
+    # the OpenAI server; the others run their ranks only (headless). Ranks are split evenly, node by node.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None  # the leader's address (its torch.distributed store)
+    master_port: int = 29500
+    headless: bool = False  # run this node's ranks only, no scheduler or OpenAI server (node_rank > 0)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -95,6 +102,29 @@ class EngineConfig:
                              f"{self.all2all_backend!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads: must be >= 1, got {self.cpu_threads!r}")
+        self._check_nodes()
+
+    def _check_nodes(self) -> None:
+        if not isinstance(self.nnodes, int) or self.nnodes < 1:
+            raise ValueError(f"nnodes: must be a positive integer, got {self.nnodes!r}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank: must be in [0, {self.nnodes}), got {self.node_rank!r}")
+        if self.headless != (self.node_rank > 0):
+            raise ValueError("headless: node 0 serves (not headless) and every other node is headless, got "
+                             f"node_rank {self.node_rank} with headless={self.headless}")
+        if self.nnodes == 1:
+            return
+        if self.world_size % self.nnodes:
+            raise ValueError(f"nnodes: {self.world_size} ranks (tensor x pipeline parallel) do not split evenly "
+                             f"over {self.nnodes} nodes")
+        if not self.master_addr:
+            raise ValueError("master_addr: the leader's address is required when nnodes > 1")
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"master_port: must be a TCP port, got {self.master_port!r}")
+        if self.world_size - self.tensor_parallel_size >= self.ranks_per_node:
+            raise ValueError("nnodes: the last pipeline stage (it samples) must run on node 0 for now; "
+                             f"pipeline_parallel_size {self.pipeline_parallel_size} over {self.nnodes} nodes puts it "
+                             "on another node")
 
     @property
     def micro_batches(self) -> int:
@@ -102,6 +132,20 @@ class EngineConfig:
         if self.pp_blocking:
             return 1
         return self.max_num_micro_batches or self.pipeline_parallel_size
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks (devices) this node runs."""
+        return self.world_size // self.nnodes
+
+    @property
+    def first_rank(self) -> int:
+        """The global rank of this node's first rank."""
+        return self.node_rank * self.ranks_per_node
+
+    def dist_init_method(self) -> str | None:
+        """The leader's store for a replica spanning nodes (None: a local one is chosen)."""
+        return f"tcp://{self.master_addr}:{self.master_port}" if self.nnodes > 1 else None
 
     @property
     def world_size(self) -> int:

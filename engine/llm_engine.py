@@ -103,9 +103,10 @@ class LLMEngine:
         self.config = config
         self.device_type = devices.resolve_device(config.device)
         tp, pp, world = config.tensor_parallel_size, config.pipeline_parallel_size, config.world_size
-        if world > devices.device_count(self.device_type):
-            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size: {tp} x {pp} = {world} exceeds the "
-                             f"{devices.device_count(self.device_type)} visible {self.device_type} devices")
+        if config.ranks_per_node > devices.device_count(self.device_type):
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size: {tp} x {pp} = {world} ranks over "
+                             f"{config.nnodes} node(s) exceeds the {devices.device_count(self.device_type)} visible "
+                             f"{self.device_type} devices")
         hf_config = load_hf_config(config.model)
         self.max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
@@ -311,7 +312,8 @@ class LLMEngine:
 
     def _fail_batch(self, batch: ScheduledBatch, error: str) -> list[RequestOutput]:
         self.counters["num_failed_steps"] += 1
-        return [self._fail(seq, error) for seq in batch.seqs if seq.request_id in self._requests]
+        # `is seq`: an id aborted while in flight may already name a new request
+        return [self._fail(seq, error) for seq in batch.seqs if self._requests.get(seq.request_id) is seq]
 
     def _fail_all(self, error: str) -> list[RequestOutput]:
         """Fail every request; the engine is dead, so the micro-batches in flight never come back."""

@@ -69,7 +69,7 @@ class ModelRunner:
         tp = config.tensor_parallel_size
         self.tp_rank = rank % tp
         self.block_size = config.block_size
-        self.device = devices.init_device(device_type, rank)
+        self.device = devices.init_device(device_type, rank - config.first_rank)  # this node's device index
         if world_size > 1:
             timeout = timedelta(seconds=max(1800.0, 4 * config.step_timeout_s))
             dist.init_process_group(devices.dist_backend(device_type), init_method=dist_init_method,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 import torch
+import torch.distributed as dist
 
 from pypto_serving.engine import device as devices
 from pypto_serving.engine.config import EngineConfig
@@ -38,6 +39,7 @@ from pypto_serving.startup import freeze_startup_objects
 
 WORKER_START_TIMEOUT_S = 3600.0  # loading a large checkpoint on every rank can take a while
 WORKER_STOP_TIMEOUT_S = 10.0
+LEADER_PING_S = 10.0  # an idle leader pings the ranks on other nodes this often (gloo collectives time out)
 
 
 class StepTimeout(Exception):
@@ -126,7 +128,7 @@ class MultiprocExecutor:
     def __init__(self, config: EngineConfig, device_type: str, max_model_len: int) -> None:
         world, tp = config.world_size, config.tensor_parallel_size
         ctx = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = config.dist_init_method() or f"tcp://127.0.0.1:{_free_port()}"
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self._pending: deque[int] = deque()  # step ids in flight, oldest first
@@ -134,7 +136,7 @@ class MultiprocExecutor:
         self._result_rank = world - tp  # rank 0 of the last stage samples
         self._tp = tp
         self.stage_busy_s = [0.0] * (world // tp)  # seconds each stage spent computing (its TP rank 0 reports)
-        for rank in range(world):
+        for rank in range(config.ranks_per_node):  # node 0's ranks; other nodes run theirs (node_worker.py)
             parent, child = ctx.Pipe()
             name = f"pypto-pp{rank // tp}-tp{rank % tp}" if world > tp else f"pypto-tp-rank{rank}"
             proc = ctx.Process(target=worker_main, name=name, daemon=True,
@@ -250,6 +252,8 @@ def worker_main(config: EngineConfig, device_type: str, max_model_len: int, rank
                 init_method: str, conn: Connection) -> None:
     """Entry point of a rank process: load the shard, then run steps until told to stop or the engine is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine process decides when ranks stop
+    if config.node_rank > 0:
+        _die_with_parent()  # a headless node's rank never outlives its node process (which reports its state)
     if device_type == "cpu":
         torch.set_num_threads(devices.cpu_threads_per_rank(world, config.cpu_threads))
     try:
@@ -258,12 +262,21 @@ def worker_main(config: EngineConfig, device_type: str, max_model_len: int, rank
         conn.send(("init_error", rank, traceback.format_exc()))
         return
     freeze_startup_objects()  # a collection stall in one rank would stall every step of the group
+    leader = _leader_group(config, world)
     conn.send(("ready", rank, runner.info()))
+    if config.node_rank > 0:
+        _follow_leader(runner, leader, rank)
+        return
     while True:
         try:
+            if leader is not None and rank == 0 and not conn.poll(LEADER_PING_S):
+                _to_other_nodes(leader, ("ping", None))  # the other nodes' ranks would time out, idle
+                continue
             kind, step = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             break  # the engine process is gone
+        if leader is not None and rank == 0:
+            _to_other_nodes(leader, (kind, step))
         if kind == "stop":
             break
         try:
@@ -273,6 +286,46 @@ def worker_main(config: EngineConfig, device_type: str, max_model_len: int, rank
         else:
             conn.send(("ok", step.step_id, result, runner.busy_s))
     runner.shutdown()
+
+
+def _leader_group(config: EngineConfig, world: int) -> dist.ProcessGroup | None:
+    """A replica spanning nodes: the gloo group of rank 0 and every rank on another node, over which rank 0
+    forwards each step (node 0's ranks get theirs over pipes). Every rank of the world creates it."""
+    if config.nnodes == 1:
+        return None
+    return dist.new_group([0, *range(config.ranks_per_node, world)], backend="gloo")
+
+
+def _to_other_nodes(group: dist.ProcessGroup, message: tuple[str, object]) -> None:
+    dist.broadcast_object_list([message], src=0, group=group, device=torch.device("cpu"))
+
+
+def _follow_leader(runner: ModelRunner, group: dist.ProcessGroup | None, rank: int) -> None:
+    """A rank on another node than the leader: run every step rank 0 forwards until told to stop. A step that
+    raises is reported in the log (the leader's ranks see the failed collective); a lost leader ends the process."""
+    assert group is not None
+    while True:
+        box: list[object] = [None]
+        dist.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
+        kind, step = box[0]  # type: ignore[misc]
+        if kind == "stop":
+            break
+        if kind == "step":
+            try:
+                runner.execute(step)
+            except Exception:
+                traceback.print_exc()
+                print(f"rank {rank}: step failed", flush=True)
+    runner.shutdown()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent exits (elsewhere: nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _free_port() -> int:

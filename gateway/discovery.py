@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from pypto_serving.contract import ENGINE_PORT, ENGINE_PORT_NAME, ENV_POD_NAMESPACE, L_DRAINING
+from pypto_serving.contract import ENGINE_PORT, ENGINE_PORT_NAME, ENV_POD_NAMESPACE, L_DRAINING, L_GROUP_READY, L_SERVES
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.upstream import Origin
 from pypto_serving.kube import ListWatch, load_config
@@ -50,12 +50,15 @@ class StaticDiscovery(Discovery):
 
 
 def pod_entry(pod: dict[str, Any], default_port: int = ENGINE_PORT) -> tuple[str, str, str] | None:
-    """(name, url, state) of an engine pod, or None while it has no IP. State is ``ready`` (eligible: Ready,
-    Running, not terminating, not labelled draining), ``draining``, ``terminating`` or ``not-ready``."""
+    """(name, url, state) of an engine pod, or None while it has no IP or does not serve (a worker of a multi-pod
+    serving group). State is ``ready`` (eligible: Ready, Running, not terminating, not labelled draining, and
+    in a multi-pod group, the group labelled Ready by the operator), ``draining``, ``terminating`` or
+    ``not-ready``."""
     meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
     status = pod.get("status") or {}
     ip = status.get("podIP")
-    if not ip:
+    if not ip or labels.get(L_SERVES, "true").lower() == "false":
         return None
     port = default_port
     for container in (pod.get("spec") or {}).get("containers") or []:
@@ -65,9 +68,9 @@ def pod_entry(pod: dict[str, Any], default_port: int = ENGINE_PORT) -> tuple[str
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     if meta.get("deletionTimestamp"):
         state = "terminating"
-    elif (meta.get("labels") or {}).get(L_DRAINING, "").lower() == "true":
+    elif labels.get(L_DRAINING, "").lower() == "true":
         state = "draining"
-    elif not ready or status.get("phase") != "Running":
+    elif not ready or status.get("phase") != "Running" or labels.get(L_GROUP_READY, "true").lower() != "true":
         state = "not-ready"
     else:
         state = "ready"

@@ -98,12 +98,13 @@ namespaced. Subresources: `status`, and `scale` (`{scale["specReplicasPath"]}`, 
 selector `{scale["labelSelectorPath"]}`), so `kubectl scale pps NAME --replicas=N` and a HorizontalPodAutoscaler
 work (examples/hpa.yaml). Printer columns: {columns}.
 
-Types, defaults, enums and bounds below are enforced by the apiserver (the CRD's OpenAPI schema). On top of
-them the operator's admission webhook and its reconciler run the semantic checks of `operator/validation.py`
-(e.g. `tensorParallelSize x pipelineParallelSize` must fit `devices.perNode`: a replica spanning several nodes
-is not supported yet; the model path must be absolute; the flags and env vars the operator sets itself may not be
-overridden in `engine.extraArgs` / `engine.env`); a rejected resource gets a message naming the field, and one
-that reached the cluster without the webhook gets phase `Invalid` and condition `SpecValid=False`.
+Types, defaults, enums and bounds below are enforced by the apiserver (the CRD's OpenAPI schema). On top of them
+the operator's admission webhook and its reconciler run the semantic checks of `operator/validation.py` (e.g.
+`tensorParallelSize x pipelineParallelSize` above `devices.perNode` must split evenly into the pods of a serving
+group, and a pipeline may not span them yet; the model path must be absolute; the flags and env vars the operator
+sets itself may not be overridden in `engine.extraArgs` / `engine.env`); a rejected resource gets a message naming
+the field, and one that reached the cluster without the webhook gets phase `Invalid` and condition
+`SpecValid=False`.
 
 Examples: [examples/serving.yaml](../examples/serving.yaml) (Qwen3-14B on Ascend 910),
 [examples/local/serving.yaml](../examples/local/serving.yaml) (the tiny model on the local cluster).

@@ -107,6 +107,11 @@ class Actuator:
             except httpx.HTTPError as exc:  # retried by the next reconcile (the load shows draining=false)
                 log.info("POST /drain to %s failed: %r", pod, exc)
 
+    def label_pod(self, namespace: str, pod: str, key: str, value: str, annotation: bool = False) -> None:
+        """Set one label (or annotation) on a pod (gone already is fine)."""
+        section = "annotations" if annotation else "labels"
+        self.kube.merge_patch("v1", "Pod", pod, {"metadata": {section: {key: value}}}, namespace)
+
     def delete_pod(self, namespace: str, pod: str) -> None:
         """Delete a pod (gone already is fine)."""
         self.kube.delete("v1", "Pod", pod, namespace)

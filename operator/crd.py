@@ -22,12 +22,16 @@ CRD_NAME = f"{t.PLURAL}.{t.GROUP}"
 CRD_FILE = f"{CRD_NAME}.yaml"
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
-    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas", "description": "Desired DP replicas"},
-    {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Ready replicas"},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas",
+     "description": "Desired DP replicas (serving groups)"},
+    {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas",
+     "description": "Ready replicas (groups whose pods are all Ready)"},
     {"name": "TP", "type": "integer", "jsonPath": ".spec.parallel.tensorParallelSize",
      "description": "Tensor-parallel size"},
     {"name": "Devices/Replica", "type": "integer", "jsonPath": ".status.devicesPerReplica",
      "description": "Devices per replica (TP x PP)"},
+    {"name": "Pods/Group", "type": "integer", "jsonPath": ".status.podsPerGroup", "priority": 1,
+     "description": "Pods per serving group"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Overall phase"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

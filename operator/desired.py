@@ -19,25 +19,41 @@ from pypto_serving.contract import (  # the names every part shares (CONTRACT.md
     ENGINE,
     ENGINE_PORT,
     ENGINE_PORT_NAME,
+    ENV_GROUP_LEADER_ADDR,
+    ENV_GROUP_LEADER_HOST,
+    ENV_GROUP_PORT,
+    ENV_GROUP_RANK,
+    ENV_GROUP_SIZE,
     ENV_HCCL_IF_IP,
     ENV_POD_IP,
     ENV_POD_NAME,
     ENV_POD_NAMESPACE,
     ENV_PP_SIZE,
     ENV_TP_SIZE,
+    ENV_WORLD_SIZE,
     GATEWAY,
     GATEWAY_PORT,
+    GROUP_PORT,
+    GROUP_PORT_NAME,
     L_COMPONENT,
+    L_GROUP_POD,
+    L_GROUP_READY,
+    L_GROUP_SIZE,
     L_HASH,
     L_INSTANCE,
     L_MANAGED_BY,
     L_NAME,
     L_RANK,
+    L_ROLE,
+    L_SERVES,
     MANAGER,
     OPERATOR,
     PATH_HEALTH,
     PATH_READY,
+    ROLE_LEADER,
+    ROLE_WORKER,
 )
+from pypto_serving.operator.groups import GroupShape, group_shape
 from pypto_serving.operator.types import API_VERSION, KIND, PyptoServingSpec
 
 DRAIN_GRACE_SLACK = 30  # seconds of terminationGracePeriod beyond drain.timeoutSeconds
@@ -78,9 +94,19 @@ class Owner:
                 "controller": True, "blockOwnerDeletion": True}
 
 
-def pod_name(name: str, rank: int) -> str:
-    """Engine pod name of a DP rank."""
-    return f"{name}-dp-{rank}"
+def pod_name(name: str, rank: int, index: int | None = None) -> str:
+    """Engine pod name of a DP rank (a one-pod group), or of pod ``index`` of a multi-pod group."""
+    return f"{name}-dp-{rank}" if index is None else f"{name}-dp-{rank}-{index}"
+
+
+def group_pod_name(name: str, rank: int, index: int, shape: GroupShape) -> str:
+    """Name of pod ``index`` of group ``rank``: ``<name>-dp-<rank>`` for a one-pod group (as always)."""
+    return pod_name(name, rank, index if shape.multi else None)
+
+
+def leader_host(owner: Owner, rank: int, shape: GroupShape) -> str:
+    """The leader's DNS name through the headless engine Service (clusters with DNS)."""
+    return f"{group_pod_name(owner.name, rank, 0, shape)}.{engine_service_name(owner.name)}.{owner.namespace}.svc"
 
 
 def engine_service_name(name: str) -> str:
@@ -109,10 +135,17 @@ def _common_labels(name: str, component: str) -> dict[str, str]:
 
 def pod_shaping(spec: PyptoServingSpec) -> dict[str, Any]:
     """The part of the spec that shapes an engine pod (replicas, gateway, rollout and drain excluded; so is
-    devices.perNode, which only feeds validation: changing it, or the operator's default for it, restarts nothing)."""
+    devices.perNode itself: it restarts a one-pod group never, and a multi-pod group only through the split into pods
+    it decides, which is included as ``group``)."""
     devices = spec.devices.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"per_node"})
-    return {"model": spec.model.to_kube(), "parallel": spec.parallel.to_kube(), "devices": devices,
-            "engine": spec.engine.to_kube()}
+    parallel = spec.parallel.to_kube()
+    if parallel.get("dataParallelSize") == 1:
+        del parallel["dataParallelSize"]  # absent before serving groups: a one-pod group keeps its hash
+    out = {"model": spec.model.to_kube(), "parallel": parallel, "devices": devices, "engine": spec.engine.to_kube()}
+    shape = group_shape(spec)
+    if shape.multi:  # the split into pods (from devices.perNode) shapes every pod of a multi-pod group
+        out["group"] = {"pods": shape.pods, "devicesPerPod": shape.devices_per_pod}
+    return out
 
 
 def digest(obj: Any, length: int = 10) -> str:
@@ -124,6 +157,34 @@ def digest(obj: Any, length: int = 10) -> str:
 def spec_hash(spec: PyptoServingSpec) -> str:
     """Hash of the pod-shaping spec: a change means the replicas must be replaced (rolling update)."""
     return digest(pod_shaping(spec))
+
+
+@dataclass(frozen=True)
+class GroupPod:
+    """Which pod of which group a manifest is for; ``leader_addr`` is the leader pod's IP (workers only: they are
+    created once the leader has one, because the local cluster has no DNS)."""
+
+    rank: int
+    index: int = 0
+    leader_addr: str | None = None
+
+
+def group_port(rank: int) -> int:
+    """The rendezvous port of group ``rank``: distinct per group, because the local cluster's pods share one
+    network namespace and torch.distributed's store listens on every address (harmless on real nodes)."""
+    return GROUP_PORT + rank
+
+
+def group_args(spec: PyptoServingSpec, shape: GroupShape, where: GroupPod) -> list[str]:
+    """Rendezvous flags of a multi-pod group's pod (vLLM's names): a large replica's leader serves and its workers
+    run model ranks only (``--headless``); every rank of a DP+EP group serves."""
+    addr = where.leader_addr if where.index else f"$({ENV_POD_IP})"
+    if shape.all_serve:
+        return ["--data-parallel-size", str(shape.pods), "--data-parallel-rank", str(where.index),
+                "--data-parallel-address", str(addr), "--data-parallel-rpc-port", str(group_port(where.rank))]
+    args = ["--nnodes", str(shape.pods), "--node-rank", str(where.index), "--master-addr", str(addr),
+            "--master-port", str(group_port(where.rank))]
+    return args + (["--headless"] if where.index else [])
 
 
 def engine_args(spec: PyptoServingSpec) -> list[str]:
@@ -148,6 +209,17 @@ def engine_args(spec: PyptoServingSpec) -> list[str]:
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def group_env(owner: Owner, spec: PyptoServingSpec, shape: GroupShape, where: GroupPod) -> list[dict[str, Any]]:
+    """Env of a multi-pod group's pod: group size and rank, the leader's IP, DNS name and port, the world size."""
+    world = spec.devices_per_replica * (shape.pods if shape.all_serve else 1)
+    return [{"name": ENV_GROUP_SIZE, "value": str(shape.pods)},
+            {"name": ENV_GROUP_RANK, "value": str(where.index)},
+            {"name": ENV_GROUP_LEADER_ADDR, "value": where.leader_addr if where.index else f"$({ENV_POD_IP})"},
+            {"name": ENV_GROUP_LEADER_HOST, "value": leader_host(owner, where.rank, shape)},
+            {"name": ENV_GROUP_PORT, "value": str(group_port(where.rank))},
+            {"name": ENV_WORLD_SIZE, "value": str(world)}]
 
 
 def engine_env(spec: PyptoServingSpec) -> list[dict[str, Any]]:
@@ -221,11 +293,14 @@ def gateway_resources(user: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str | None = None) -> dict[str, Any]:
-    """The engine pod of one DP rank."""
-    name = pod_name(owner.name, rank)
+def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str | None = None,
+               where: GroupPod | None = None) -> dict[str, Any]:
+    """The engine pod of one DP rank (a one-pod group), or of pod ``where.index`` of a multi-pod group."""
+    shape = group_shape(spec)
+    where = where or GroupPod(rank)
+    name = group_pod_name(owner.name, rank, where.index, shape)
     eng, dev = spec.engine, spec.devices
-    devices = str(spec.devices_per_replica)
+    devices = str(shape.devices_per_pod)
     mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     shm: dict[str, Any] = {"medium": "Memory"}
     if eng.shm_size:
@@ -242,9 +317,9 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
         "image": eng.image,
         "imagePullPolicy": eng.image_pull_policy,
         "command": ["pypto-serving", "engine"],
-        "args": engine_args(spec),
+        "args": engine_args(spec) + (group_args(spec, shape, where) if shape.multi else []),
         "ports": [{"name": ENGINE_PORT_NAME, "containerPort": ENGINE_PORT, "protocol": "TCP"}],
-        "env": engine_env(spec),
+        "env": engine_env(spec) + (group_env(owner, spec, shape, where) if shape.multi else []),
         "resources": _resources(eng.resources, {dev.resource_name: devices}),
         "readinessProbe": _http_probe(PATH_READY, ENGINE_PORT, PROBE_PERIOD, 2),
         "livenessProbe": _http_probe(PATH_HEALTH, ENGINE_PORT, 10, 3, timeout=5),
@@ -272,6 +347,17 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
     if eng.priority_class_name:
         pod_spec["priorityClassName"] = eng.priority_class_name
     labels = {**_common_labels(owner.name, ENGINE), L_RANK: str(rank), L_HASH: shape_hash or spec_hash(spec)}
+    if shape.multi:
+        # A rank that restarts cannot rejoin its distributed world: the pod fails instead, and the planner
+        # recreates the whole group.
+        pod_spec["restartPolicy"] = "Never"
+        serves = shape.serves(where.index)
+        labels.update({L_GROUP_POD: str(where.index), L_GROUP_SIZE: str(shape.pods),
+                       L_ROLE: ROLE_WORKER if where.index else ROLE_LEADER, L_SERVES: str(serves).lower()})
+        if serves:
+            labels[L_GROUP_READY] = "false"  # set to true by the operator once every pod of the group is Ready
+        if where.index == 0:
+            container["ports"].append({"name": GROUP_PORT_NAME, "containerPort": group_port(rank), "protocol": "TCP"})
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": owner.namespace, "labels": labels,
                          "ownerReferences": [owner.reference()]},
@@ -355,11 +441,14 @@ def network_policy(owner: Owner, spec: PyptoServingSpec) -> dict[str, Any]:
         {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)}},
     ]
     peers += [copy.deepcopy(peer) for peer in spec.network_policy.extra_ingress_from]
+    ingress: list[dict[str, Any]] = [{"from": peers, "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]}]
+    if group_shape(spec).multi:  # a group's pods talk to each other on ports torch.distributed / HCCL choose
+        ingress.append({"from": [{"podSelector": {"matchLabels": engine_selector(owner.name)}}]})
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": network_policy_name(owner.name), "namespace": owner.namespace,
                          "labels": _common_labels(owner.name, ENGINE), "ownerReferences": [owner.reference()]},
             "spec": {"podSelector": {"matchLabels": engine_selector(owner.name)}, "policyTypes": ["Ingress"],
-                     "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]}]}}
+                     "ingress": ingress}}
 
 
 def gateway_url(owner: Owner) -> str:

@@ -92,14 +92,17 @@ class Reconciler:
     def _act(self, body: dict[str, Any], owner: d.Owner, spec: Any, decision: planner.Plan, now: float) -> None:
         shape = d.spec_hash(spec)
         creates = [a for a in decision.actions if isinstance(a, planner.CreatePod)]
-        manifests = [d.engine_pod(owner, spec, a.rank, shape) for a in creates]
-        for action, created in zip(creates, self.act.create_pods(manifests), strict=True):
+        manifests = [d.engine_pod(owner, spec, a.rank, shape, d.GroupPod(a.rank, a.index, a.leader_ip))
+                     for a in creates]
+        for action, manifest, created in zip(creates, manifests, self.act.create_pods(manifests), strict=True):
             if created:
                 self.metrics.actions.labels("create").inc()
                 self.act.event(body, "Normal", "CreatedReplica",
-                               f"created pod {d.pod_name(owner.name, action.rank)} (rank {action.rank}, "
-                               f"{action.reason})", now)
+                               f"created pod {manifest['metadata']['name']} (rank {action.rank}, {action.reason})",
+                               now)
         for action in decision.actions:
+            if isinstance(action, planner.LabelPod):
+                self.act.label_pod(owner.namespace, action.pod, action.key, action.value, action.annotation)
             if isinstance(action, planner.StartDrain):
                 self.act.start_drain(owner.namespace, action.pod, action.reason, action.ip, now, action.restamp)
                 if action.restamp:

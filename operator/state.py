@@ -57,6 +57,13 @@ class PodView:
     devices: str | None = None
     problem: str | None = None  # reason the replica is unhealthy (Unschedulable, CrashLoopBackOff, Evicted...)
     problem_message: str | None = None
+    created: float | None = None
+    # serving groups (defaults: a pod of a one-pod group, which carries none of the group labels)
+    group_pod: int = 0
+    group_size: int = 1
+    serves: bool = True
+    group_complete: bool = False  # the leader of a multi-pod group: all its pods were created
+    group_ready: str | None = None  # the group-ready label as observed on a serving pod of a multi-pod group
 
     @property
     def failed(self) -> bool:
@@ -92,14 +99,20 @@ def _problem(phase: str, status: Mapping[str, Any]) -> tuple[str | None, str | N
     return None, None
 
 
+def _int_label(labels: Mapping[str, Any], key: str, default: int) -> int:
+    try:
+        return int(labels[key])
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
 def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     """Parse an engine pod (a dict as returned by the API); None when it carries no valid rank label."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
-    try:
-        rank = int(labels[contract.L_RANK])
-    except (KeyError, TypeError, ValueError):
+    rank = _int_label(labels, contract.L_RANK, -1)
+    if rank < 0:
         return None
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
@@ -112,4 +125,10 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         drain_started=parse_time(annotations.get(contract.A_DRAIN_STARTED)),
         drain_reason=annotations.get(contract.A_DRAIN_REASON),
         node=(pod.get("spec") or {}).get("nodeName"), ip=status.get("podIP"),
-        devices=annotations.get(contract.A_REAL_DEVICES), problem=problem, problem_message=message)
+        devices=annotations.get(contract.A_REAL_DEVICES), problem=problem, problem_message=message,
+        created=parse_time(meta.get("creationTimestamp")),
+        group_pod=_int_label(labels, contract.L_GROUP_POD, 0),
+        group_size=max(1, _int_label(labels, contract.L_GROUP_SIZE, 1)),
+        serves=labels.get(contract.L_SERVES, "true") == "true",
+        group_complete=annotations.get(contract.A_GROUP_COMPLETE) == "true",
+        group_ready=labels.get(contract.L_GROUP_READY))

@@ -79,7 +79,10 @@ class ParallelSpec(_Model):
 
     tensor_parallel_size: int = Field(ge=1, le=128, description="Tensor-parallel degree (devices per stage).")
     pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description=(
-        "Pipeline stages; the engine runs tensorParallelSize x pipelineParallelSize ranks in one pod (one node)."))
+        "Pipeline stages; one replica runs tensorParallelSize x pipelineParallelSize ranks."))
+    data_parallel_size: int = Field(
+        default=1, ge=1, le=256, description="DP ranks of one DP+EP serving group, each its own pod with "
+        "tensorParallelSize x pipelineParallelSize devices, stepping in lockstep (only 1 for now).")
     expert_parallel: ExpertParallel = Field(default=ExpertParallel(), description="Expert parallelism.")
 
 
@@ -184,9 +187,10 @@ class NetworkPolicySpec(_Model):
 
 
 class PyptoServingSpec(_Model):
-    """Desired state of a PyptoServing: DP replicas of an engine, each a TP x PP device group."""
+    """Desired state of a PyptoServing: DP replicas of an engine, each a serving group of one or more pods."""
 
-    replicas: int = Field(default=1, ge=0, le=1024, description="Data-parallel replicas; one engine pod each.")
+    replicas: int = Field(default=1, ge=0, le=1024, description="Data-parallel replicas: serving groups of "
+                          "podsPerGroup engine pods each (one pod while TP x PP fits devices.perNode).")
     model: ModelSource = Field(description="The served model.")
     parallel: ParallelSpec = Field(description="Intra-replica parallelism.")
     devices: DevicesSpec = Field(default=DevicesSpec(), description="Accelerator resource.")
@@ -196,10 +200,13 @@ class PyptoServingSpec(_Model):
     drain: DrainSpec = Field(default=DrainSpec(), description="Drain settings.")
     network_policy: NetworkPolicySpec = Field(
         default=NetworkPolicySpec(), description="Engine ingress restricted to the gateway and the operator.")
+    group_start_timeout_seconds: int = Field(
+        default=600, ge=1, le=86400, description="How long a serving group of several pods may wait to be fully "
+        "scheduled; then its pods are deleted (releasing their devices) and creating it is retried after as long.")
 
     @property
     def devices_per_replica(self) -> int:
-        """Devices one replica requests: TP x PP."""
+        """Devices one model instance requests: TP x PP."""
         return self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size
 
 
@@ -225,9 +232,11 @@ class Condition(_Status):
 
 
 class ReplicaStatus(_Status):
-    """One DP replica (engine pod)."""
+    """One engine pod."""
 
-    rank: int = Field(description="DP rank.")
+    rank: int = Field(description="DP rank (the index of its serving group).")
+    group_pod: int | None = Field(default=None, description="Index in a multi-pod group.")
+    role: str | None = Field(default=None, description="leader or worker, in a multi-pod group.")
     pod: str = Field(description="Pod name.")
     node: str | None = Field(default=None, description="Node the pod runs on.")
     devices: str | None = Field(default=None, description="Devices assigned (from the device plugin).")
@@ -235,6 +244,25 @@ class ReplicaStatus(_Status):
     ready: bool = Field(default=False, description="Pod Ready.")
     draining: bool = Field(default=False, description="Being drained before deletion.")
     spec_hash: str | None = Field(default=None, description="Spec hash the pod was built from.")
+
+
+class GroupStatus(_Status):
+    """One serving group (a replica): its pods, whether all are Ready, and which serve."""
+
+    group: int = Field(description="Group index (the dp-rank label of its pods).")
+    ready: bool = Field(default=False, description="Every pod of the group is Ready.")
+    draining: bool = Field(default=False, description="Being drained before deletion.")
+    spec_hash: str | None = Field(default=None, description="Spec hash the group was built from.")
+    serving: list[str] = Field(default=[], description="Pods that run an OpenAI server (gateway candidates).")
+    pods: list[ReplicaStatus] = Field(default=[], description="Its pods (with node and devices).")
+
+
+class GroupStartFailure(_Status):
+    """The last serving group deleted because it was not fully scheduled in time."""
+
+    group: int = Field(description="Group index.")
+    time: str = Field(description="When its pods were deleted (RFC 3339).")
+    message: str = Field(description="Why (the scheduler's message).")
 
 
 class GatewayStatus(_Status):
@@ -248,15 +276,20 @@ class PyptoServingStatus(_Status):
     """Observed state of a PyptoServing."""
 
     observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")
-    replicas: int | None = Field(default=None, description="Engine pods that exist (scale subresource).")
-    ready_replicas: int | None = Field(default=None, description="Engine pods Ready.")
-    updated_replicas: int | None = Field(default=None, description="Engine pods on the current spec hash.")
+    replicas: int | None = Field(default=None, description="Serving groups that exist (scale subresource).")
+    ready_replicas: int | None = Field(default=None, description="Serving groups whose pods are all Ready.")
+    updated_replicas: int | None = Field(default=None, description="Serving groups on the current spec hash.")
     devices_per_replica: int | None = Field(default=None, description="TP x PP.")
+    pods_per_group: int | None = Field(default=None, description="Pods per serving group (1: a plain replica).")
+    devices_per_pod: int | None = Field(default=None, description="Devices each engine pod requests.")
     device_resource_name: str | None = Field(
         default=None, description="The device resource each replica requests (spec, else the operator's default).")
     selector: str | None = Field(default=None, description="Label selector of the engine pods (scale subresource).")
     spec_hash: str | None = Field(default=None, description="Hash of the current pod-shaping spec.")
     phase: Phase | None = Field(default=None, description="Pending, Progressing, Ready, Degraded or Invalid.")
     conditions: list[Condition] = Field(default=[], description="Ready, Available, Progressing, Degraded, SpecValid.")
-    replica_statuses: list[ReplicaStatus] = Field(default=[], description="Per-replica detail.")
+    replica_statuses: list[ReplicaStatus] = Field(default=[], description="Per-pod detail.")
+    groups: list[GroupStatus] = Field(default=[], description="Per-group detail.")
+    last_group_start_failure: GroupStartFailure | None = Field(
+        default=None, description="The last group not fully scheduled within groupStartTimeoutSeconds.")
     gateway: GatewayStatus | None = Field(default=None, description="Gateway endpoint.")

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from pypto_serving.contract import ENGINE_POD_ENV, ENV_VISIBLE_DEVICES
 from pypto_serving.operator import security
 from pypto_serving.operator.defaults import BUILTIN, FLAGS, OperatorDefaults, defaulted_fields, resolve
+from pypto_serving.operator.groups import group_shape, split_problem
 from pypto_serving.operator.types import ROUTING_POLICIES, SERVICE_TYPES, PyptoServingSpec
 
 # Names the operator derives from metadata.name: "<name>-gateway" must stay a 63-character DNS label.
@@ -37,9 +38,11 @@ MANAGED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--tensor
                  "--pipeline-parallel-size", "--dtype", "--max-model-len", "--max-num-seqs",
                  "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching", "--no-enable-prefix-caching",
                  "--enable-expert-parallel", "--no-enable-expert-parallel", "--expert-placement-strategy",
-                 "--all2all-backend")
+                 "--all2all-backend", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless",
+                 "--data-parallel-size", "--data-parallel-rank", "--data-parallel-address", "--data-parallel-rpc-port")
 MANAGED_ENV = (*ENGINE_POD_ENV, ENV_VISIBLE_DEVICES)
 RESERVED_MOUNTS = ("/dev/shm", "/etc/hccn.conf")
+MAX_REPLICAS = 1024  # spec.replicas' bound (types.py)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,16 @@ def check_name(name: Any) -> list[Problem]:
     return []
 
 
+def check_group_name(name: str, spec: PyptoServingSpec) -> list[Problem]:
+    """A multi-pod group's pods are named <name>-dp-<group>-<pod>, and that is their hostname (a DNS label)."""
+    shape = group_shape(spec)
+    longest = len(f"-dp-{MAX_REPLICAS - 1}-{shape.pods - 1}")
+    if shape.multi and len(name) > 63 - longest:
+        return [Problem("metadata.name", f"must be at most {63 - longest} characters for serving groups of "
+                        f"{shape.pods} pods (pod hostnames <name>-dp-<group>-<pod> are DNS labels), got {len(name)}")]
+    return []
+
+
 def _check_model(spec: PyptoServingSpec, policy: OperatorDefaults) -> list[Problem]:
     model, out = spec.model, []
     if not model.name.strip():
@@ -152,11 +165,24 @@ def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]
         out.append(Problem("spec.parallel.expertParallel.enabled",
                            "expert parallelism needs a MoE model (set spec.model.moe: true)"))
     per_node = spec.devices.per_node
-    if per_node is not None and spec.devices_per_replica > per_node:
+    source = _source("spec.devices.perNode", per_node, defaulted)
+    if par.data_parallel_size > 1:
+        out.append(Problem("spec.parallel.dataParallelSize",
+                           f"DP+EP serving groups (> 1) are not supported yet: the engine has no DP+EP lockstep "
+                           f"(got {par.data_parallel_size})"))
+        if per_node is not None and spec.devices_per_replica > per_node:
+            out.append(Problem("spec.parallel.dataParallelSize",
+                               f"each DP rank is one pod: tensorParallelSize x pipelineParallelSize = "
+                               f"{spec.devices_per_replica} devices must fit on one node ({source})"))
+    elif (problem := split_problem(spec.devices_per_replica, per_node)) is not None:
         out.append(Problem("spec.parallel.tensorParallelSize",
-                           f"tensorParallelSize x pipelineParallelSize = {spec.devices_per_replica} devices does "
-                           f"not fit on one node ({_source('spec.devices.perNode', per_node, defaulted)}), and a "
-                           f"replica spanning several nodes is not supported yet"))
+                           f"tensorParallelSize x pipelineParallelSize = {spec.devices_per_replica} devices span "
+                           f"nodes ({source}) but {problem}"))
+    elif group_shape(spec).multi and par.pipeline_parallel_size > 1:
+        out.append(Problem("spec.parallel.pipelineParallelSize",
+                           f"tensorParallelSize x pipelineParallelSize = {spec.devices_per_replica} devices span "
+                           f"nodes ({source}) and a pipeline across the pods of a serving group is not supported "
+                           "yet (the engine samples on the last stage, which must be on the leader pod)"))
     return out
 
 
@@ -290,6 +316,8 @@ def validate(body: Mapping[str, Any], defaults: OperatorDefaults = BUILTIN
     if spec is not None:
         resolved = resolve(spec, defaults)
         problems += check_spec(resolved, defaulted_fields(spec), defaults)
+        if not problems:
+            problems += check_group_name((body.get("metadata") or {}).get("name"), resolved)
     return (resolved if not problems else None), problems
 
 

@@ -18,6 +18,8 @@ ENGINE_PORT_NAME = "http"  # the engine container's named port; the gateway's di
 GATEWAY_PORT = 8080
 OPERATOR_HEALTH_PORT = 8081
 WEBHOOK_PORT = 9443
+GROUP_PORT = 29500  # + the group index: a multi-pod serving group's rendezvous (torch.distributed store, leader)
+GROUP_PORT_NAME = "rendezvous"
 
 # --- labels and annotations on the objects the operator creates --------------------------------------------------
 L_NAME = "app.kubernetes.io/name"
@@ -27,6 +29,15 @@ L_MANAGED_BY = "app.kubernetes.io/managed-by"
 L_RANK = "serving.pypto.io/dp-rank"
 L_HASH = "serving.pypto.io/spec-hash"
 L_DRAINING = "serving.pypto.io/draining"  # "true" while a replica drains: the gateway stops routing to it
+# Serving groups (a replica of several pods). dp-rank above is the group's index; these only on multi-pod groups,
+# so the pods of a one-pod group keep the labels they always had.
+L_GROUP_POD = "serving.pypto.io/group-pod"  # the pod's index in its group (group rank, or DP rank for DP+EP)
+L_GROUP_SIZE = "serving.pypto.io/group-size"  # pods in the pod's group
+L_ROLE = "serving.pypto.io/role"  # ROLE_LEADER or ROLE_WORKER
+L_SERVES = "serving.pypto.io/serves"  # "true" on the pods that run an OpenAI server; "false": the gateway skips it
+L_GROUP_READY = "serving.pypto.io/group-ready"  # on serving pods: "true" only while every pod of the group is Ready
+A_GROUP_COMPLETE = "serving.pypto.io/group-complete"  # on the leader: every pod of the group was created
+ROLE_LEADER, ROLE_WORKER = "leader", "worker"
 A_DRAIN_STARTED = "serving.pypto.io/drain-started"
 A_DRAIN_REASON = "serving.pypto.io/drain-reason"
 A_REAL_DEVICES = "huawei.com/AscendReal"  # the Ascend device plugin's record of the devices it assigned
@@ -41,8 +52,16 @@ ENV_POD_NAME = "POD_NAME"
 ENV_POD_NAMESPACE = "POD_NAMESPACE"
 ENV_POD_IP = "POD_IP"
 ENV_HCCL_IF_IP = "HCCL_IF_IP"
-ENGINE_POD_ENV = (ENV_TP_SIZE, ENV_PP_SIZE, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_POD_IP,
-                  ENV_HCCL_IF_IP)  # all of them: a user's spec.engine.env may not set these
+# Multi-pod serving groups only: the group's rendezvous (also passed as engine flags).
+ENV_GROUP_SIZE = "PYPTO_GROUP_SIZE"  # pods in the group
+ENV_GROUP_RANK = "PYPTO_GROUP_RANK"  # this pod's index in the group
+ENV_GROUP_LEADER_ADDR = "PYPTO_GROUP_LEADER_ADDR"  # the leader pod's IP
+ENV_GROUP_LEADER_HOST = "PYPTO_GROUP_LEADER_HOST"  # the leader's DNS name (headless Service; clusters with DNS)
+ENV_GROUP_PORT = "PYPTO_GROUP_PORT"
+ENV_WORLD_SIZE = "PYPTO_WORLD_SIZE"  # model ranks of the group across its pods
+ENGINE_POD_ENV = (ENV_TP_SIZE, ENV_PP_SIZE, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_POD_IP, ENV_HCCL_IF_IP,
+                  ENV_GROUP_SIZE, ENV_GROUP_RANK, ENV_GROUP_LEADER_ADDR, ENV_GROUP_LEADER_HOST,
+                  ENV_GROUP_PORT, ENV_WORLD_SIZE)  # all of them: a user's spec.engine.env may not set these
 ENV_VISIBLE_DEVICES = "ASCEND_RT_VISIBLE_DEVICES"  # set by the Ascend device plugin, never by a user
 
 # --- HTTP ----------------------------------------------------------------------------------------------------------

@@ -121,14 +121,14 @@ class Kube:
             raise _error(exc, f"get {kind} {namespace}/{name}") from None
 
     def list(self, api_version: str, kind: str, namespace: str | None = None,
-             labels: dict[str, str] | str | None = None) -> list[dict[str, Any]]:
+             labels: dict[str, str] | str | None = None, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """The objects of a kind in ``namespace`` (None: all namespaces), optionally matching ``labels`` (a dict or
-        an equality selector ``k=v,k2=v2``)."""
+        an equality selector ``k=v,k2=v2``) and ``fields`` (e.g. ``{"spec.nodeName": "n1"}``)."""
         if isinstance(labels, str):
             labels = dict(term.split("=", 1) for term in labels.split(",") if term)
         try:
             return [_plain(obj) for obj in self.client.list(resource(api_version, kind), namespace=namespace or "*",
-                                                            labels=labels)]
+                                                            labels=labels, fields=fields)]
         except LightkubeApiError as exc:
             raise _error(exc, f"list {kind} in {namespace or 'all namespaces'}") from None
 

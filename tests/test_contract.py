@@ -67,6 +67,21 @@ def test_the_operators_engine_pod_is_what_the_gateway_discovers() -> None:
     assert selector.items() <= pod["metadata"]["labels"].items()
 
 
+def test_the_gateway_routes_to_a_groups_serving_pod_only_while_the_operator_says_the_group_is_ready() -> None:
+    spec = resolve(PyptoServingSpec.model_validate(
+        minimal(parallel={"tensorParallelSize": 4}, devices={"perNode": 2})["spec"]))
+    owner = d.Owner("demo", "ns", "uid")
+    running = {"podIP": "10.0.0.7", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    leader = {**d.engine_pod(owner, spec, 0, where=d.GroupPod(0, 0)), "status": running}
+    worker = {**d.engine_pod(owner, spec, 0, where=d.GroupPod(0, 1, "10.0.0.7")), "status": running}
+    assert pod_entry(worker) is None  # a worker runs model ranks only: never a replica
+    assert pod_entry(leader)[2] == "not-ready"  # created with group-ready false
+    leader["metadata"]["labels"][c.L_GROUP_READY] = "true"  # what the operator writes once every pod is Ready
+    assert pod_entry(leader) == ("demo-dp-0-0", f"http://10.0.0.7:{c.ENGINE_PORT}", "ready")
+    leader["metadata"]["labels"][c.L_DRAINING] = "true"
+    assert pod_entry(leader)[2] == "draining"
+
+
 def test_a_load_report_reads_the_same_in_the_operator_and_the_gateway() -> None:
     sent = LoadReport(running=2, waiting=1, pending_tokens=300, kv_cache_usage=0.25, draining=True, max_num_seqs=8)
     wire = sent.to_json()

@@ -34,8 +34,17 @@ def test_contract_flags_map_to_engine_and_server_options():
                       "max_num_batched_tokens": 256, "long_prefill_token_threshold": 64, "block_size": 8,
                       "num_kv_blocks": 100, "enable_prefix_caching": False, "kv_cache_memory": None, "seed": 0,
                       "step_timeout_s": 120.0, "cpu_threads": None, "enable_expert_parallel": False,
-                      "expert_placement_strategy": "linear", "all2all_backend": "allgather_reducescatter"}
+                      "expert_placement_strategy": "linear", "all2all_backend": "allgather_reducescatter",
+                      "nnodes": 1, "node_rank": 0, "master_addr": None, "master_port": 29500, "headless": False}
     assert server["host"] == "10.0.0.7" and server["port"] == 8001
+
+
+def test_multi_node_flags_make_a_headless_node():
+    engine, _ = split(parse_options(["--model", "m", "--tensor-parallel-size", "4", "--nnodes", "2", "--node-rank",
+                                     "1", "--master-addr", "10.0.0.7", "--master-port", "29501", "--headless"]))
+    config = EngineConfig(**engine)
+    assert (config.nnodes, config.node_rank, config.headless, config.first_rank) == (2, 1, True, 2)
+    assert config.dist_init_method() == "tcp://10.0.0.7:29501"
 
 
 def test_defaults_bind_loopback():

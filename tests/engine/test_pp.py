@@ -180,6 +180,23 @@ def test_aborts_of_in_flight_sequences_return_every_block(pp2: LLMEngine) -> Non
     assert engine.load()["kv_cache_usage"] == 0.0 and engine.load()["running"] == 0
 
 
+def test_load_counts_sequences_in_flight(pp2: LLMEngine) -> None:
+    engine, prompts = pp2, random_prompts(4, (20, 20), seed=32)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"load{i}", prompt, SamplingParams(max_tokens=10, **GREEDY))
+    assert engine.load()["waiting"] == 4 and engine.load()["pending_tokens"] == 4 * 30
+    engine.step()  # two micro-batches of two: the first came back (one token each) and went out again as decodes
+    load = engine.load()
+    assert (load["running"], load["waiting"]) == (4, 0) and load["kv_cache_usage"] > 0
+    assert load["pending_tokens"] == 2 * 9 + 2 * 30  # tokens of a micro-batch in flight count when it is back
+    assert engine.stats()["pp_inflight_micro_batches"] == 2
+    while engine.has_unfinished_requests():
+        engine.step()
+    load = engine.load()
+    assert (load["running"], load["pending_tokens"], load["kv_cache_usage"]) == (0, 0, 0.0)
+    assert engine.stats()["pp_inflight_micro_batches"] == 0
+
+
 def _stage_process(engine: LLMEngine, stage: int):
     return engine.executor.procs[stage * engine.config.tensor_parallel_size]
 

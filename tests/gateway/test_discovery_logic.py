@@ -33,6 +33,13 @@ def test_pod_entry_eligibility() -> None:
     assert pod_entry(pod(ready=False))[2] == "not-ready"
     assert pod_entry(pod(phase="Pending"))[2] == "not-ready"
     assert pod_entry(pod(draining=True))[2] == "draining"
+    grouped = pod(name="demo-dp-0-0")
+    grouped["metadata"]["labels"].update({"serving.pypto.io/serves": "true", "serving.pypto.io/group-ready": "false"})
+    assert pod_entry(grouped)[2] == "not-ready"  # a multi-pod group that is not all Ready gets no traffic
+    grouped["metadata"]["labels"]["serving.pypto.io/group-ready"] = "true"
+    assert pod_entry(grouped)[2] == "ready"
+    grouped["metadata"]["labels"]["serving.pypto.io/serves"] = "false"
+    assert pod_entry(grouped) is None  # a worker pod is no replica
     assert pod_entry(pod(draining=True, deleting=True))[2] == "terminating"
 
 

@@ -55,7 +55,7 @@ def test_contract_shape() -> None:
         "labelSelectorPath": ".status.selector"}
     assert "status" in version["subresources"]
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Replicas", "Ready", "TP", "Devices/Replica", "Phase", "Age"]
+        "Replicas", "Ready", "TP", "Devices/Replica", "Pods/Group", "Phase", "Age"]
     nodes = dict(walk(version["schema"]["openAPIV3Schema"]))
     assert nodes[".spec.replicas"]["minimum"] == 0 and nodes[".spec.replicas"]["default"] == 1
     assert nodes[".spec.parallel.tensorParallelSize"]["minimum"] == 1

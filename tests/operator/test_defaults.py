@@ -104,14 +104,15 @@ def test_validation_names_the_field_when_a_given_value_is_bad_and_the_flag_for_a
     assert [p.field for p in problems] == ["spec.gateway.routing"]
     _, problems = validate(minimal(engine={"image": ""}), SITE)
     assert [p.field for p in problems] == ["spec.engine.image"]
-    # the fit check against perNode: the spec's value, or the operator's default (named by its flag)
-    _, problems = validate(minimal(parallel={"tensorParallelSize": 16}), SITE)
-    assert summary(problems) == ("spec.parallel.tensorParallelSize: tensorParallelSize x pipelineParallelSize = 16 "
-                                 "devices does not fit on one node (the operator's --default-devices-per-node = 8), "
-                                 "and a replica spanning several nodes is not supported yet")
-    _, problems = validate(minimal(parallel={"tensorParallelSize": 16}, devices={"perNode": 8}), BUILTIN)
+    # the split check against perNode: the spec's value, or the operator's default (named by its flag)
+    _, problems = validate(minimal(parallel={"tensorParallelSize": 9}), SITE)
+    assert summary(problems) == ("spec.parallel.tensorParallelSize: tensorParallelSize x pipelineParallelSize = 9 "
+                                 "devices span nodes (the operator's --default-devices-per-node = 8) but 9 devices do "
+                                 "not split evenly into 2 pods of at most 8 devices (ceil(9 / 8) = 2 pods)")
+    _, problems = validate(minimal(parallel={"tensorParallelSize": 9}, devices={"perNode": 8}), BUILTIN)
     assert "(spec.devices.perNode = 8)" in summary(problems)
-    assert validate(minimal(parallel={"tensorParallelSize": 16}), BUILTIN)[1] == []  # no default: no check
+    assert validate(minimal(parallel={"tensorParallelSize": 9}), BUILTIN)[1] == []  # no default: no check
+    assert validate(minimal(parallel={"tensorParallelSize": 16}), SITE)[1] == []  # a group of 2 pods x 8
     # devices in engine.resources: the resolved (default) device resource is the one that counts
     _, problems = validate(minimal(engine={"resources": {"limits": {"huawei.com/ascend-1980": "1"}}}), SITE)
     assert [p.field for p in problems] == ["spec.engine.resources.limits.huawei.com/ascend-1980"]

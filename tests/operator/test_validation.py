@@ -75,13 +75,14 @@ def test_pipeline_parallel_is_accepted_while_tp_x_pp_fits_a_node() -> None:
     assert problems == []  # no perNode: no fit check
     _, problems = validation.validate(minimal(parallel={"tensorParallelSize": 2, "pipelineParallelSize": 8},
                                               devices={"perNode": 8}))
-    assert [str(p) for p in problems] == [
-        "spec.parallel.tensorParallelSize: tensorParallelSize x pipelineParallelSize = 16 devices does not fit on one "
-        "node (spec.devices.perNode = 8), and a replica spanning several nodes is not supported yet"]
+    assert [str(p) for p in problems] == [  # a serving group of 2 pods, but PP cannot span its pods yet
+        "spec.parallel.pipelineParallelSize: tensorParallelSize x pipelineParallelSize = 16 devices span nodes "
+        "(spec.devices.perNode = 8) and a pipeline across the pods of a serving group is not supported yet (the "
+        "engine samples on the last stage, which must be on the leader pod)"]
 
 
 def test_problems_accumulate_and_summary_joins_them() -> None:
-    body = minimal(parallel={"tensorParallelSize": 16, "pipelineParallelSize": 2},
+    body = minimal(parallel={"tensorParallelSize": 3, "pipelineParallelSize": 3},
                    devices={"perNode": 8, "resourceName": "bad"})
     _, problems = validation.validate(body)
     fields = [p.field for p in problems]

@@ -161,10 +161,11 @@ class Cluster:
         self._clients.clear()
 
 
-def start_cluster(directory: Path, owned: bool) -> Cluster:
-    """Start (or reuse) the cluster in ``directory``; fails the test session with log tails if it cannot."""
+def start_cluster(directory: Path, owned: bool, **shape: Any) -> Cluster:
+    """Start (or reuse) the cluster in ``directory``; fails the test session with log tails if it cannot.
+    ``shape`` overrides the node shape (NodeShape fields, e.g. ``nodes=3, devices_per_node=2``)."""
     # Crash-loop back-off starts at 2 s (the kubelet's 10 s) so restart tests and operator tests stay short.
-    config = ClusterConfig(die_with_parent=owned, restart_backoff_base=2.0, restart_backoff_max=20.0)
+    config = ClusterConfig(die_with_parent=owned, restart_backoff_base=2.0, restart_backoff_max=20.0, **shape)
     local = LocalCluster(directory, config)
     try:
         local.up()
