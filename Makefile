@@ -25,7 +25,9 @@ DEV_EXTRAS := --extra engine --extra test
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-$(UV): constraints/uv.txt
+# The version is in the path, so a present binary is the pinned one (order-only: a fresh clone's newer
+# constraints/uv.txt does not reinstall it).
+$(UV): | constraints/uv.txt
 	@echo "==> installing uv $(UV_VERSION) (hash-pinned by constraints/uv.txt) into $(UV_DIR)"
 	$(PYTHON) -m venv --clear $(UV_DIR)
 	$(UV_DIR)/bin/pip --isolated --disable-pip-version-check install --quiet --require-hashes --no-deps \

@@ -66,8 +66,9 @@ def test_a_resource_without_device_resource_gets_the_operators_default_in_its_po
     row = table[1].split()
     assert row[:6] == ["site", "2", "0", "2", "2", "Degraded"] and re.fullmatch(r"\d+(s|m\d*s?)", row[6]), table
 
-    # the default perNode bounds the device group of a resource that sets none, and the message names the flag
-    kubectl_apply(cluster, namespace, resource("wide", MODEL, replicas=1, parallel={"tensorParallelSize": 8}))
+    # the default perNode shapes the device group of a resource that sets none: 5 devices do not split evenly over
+    # 4-device nodes (8 would be a 2-pod serving group), and the message names the flag
+    kubectl_apply(cluster, namespace, resource("wide", MODEL, replicas=1, parallel={"tensorParallelSize": 5}))
     invalid = wait_for(lambda: (b := get_resource(kube, namespace, "wide")).get("status", {}).get("phase") == "Invalid"
                        and b, 30, "phase Invalid")
     message = condition(invalid, "SpecValid")["message"]  # type: ignore[arg-type]
