@@ -137,13 +137,17 @@ def pp_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[
               "are the engine process's and its stage processes'; per CPU second is robust to other work on the "
               "machine but cannot show what pipelining buys (two stages computing at once); wall time can, but only "
               "while the 2 cores are free: the load column is the 1-minute load average at the end of the run.", "",
-              "| contender | wall s | CPU s | output tok/s | output tok / CPU s | steps | stage idle ratio | load |",
-              "|---|---|---|---|---|---|---|---|"]
+              "Cores used = CPU s / wall s: PP=1 can use 1, PP=2 up to 2 (plus the engine process); less means the "
+              "run waited for the machine's other work.", "",
+              "| contender | wall s | CPU s | cores used | output tok/s | output tok / CPU s | steps | "
+              "stage idle ratio | load |", "|---|---|---|---|---|---|---|---|---|"]
     for key, label in PP_LABELS.items():
         r = res.get(key)
         if r is not None:
             idle = " / ".join(f"{x:.2f}" for x in r["stage_idle_ratio"])
-            lines.append(f"| {label} | {fmt(r['wall_s'])} | {fmt(r.get('cpu_s'))} | {fmt(r['output_tokens_per_s'])} | "
+            cores = r["cpu_s"] / r["wall_s"] if r.get("cpu_s") else None
+            lines.append(f"| {label} | {fmt(r['wall_s'])} | {fmt(r.get('cpu_s'))} | {fmt(cores, 2)} | "
+                         f"{fmt(r['output_tokens_per_s'])} | "
                          f"{fmt(r.get('output_tokens_per_cpu_s'))} | {r['steps']} | {idle} | "
                          f"{fmt(r.get('load_average'), 2)} |")
     headline = []
@@ -173,7 +177,8 @@ def pp_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[
     lines += ["",
               "Where the gap to 2x goes: (1) the stages are not equal: the last stage also runs the LM head over a "
               "16k vocabulary for every sampled token (about 2.5 decoder layers of work per decode token here), so "
-              "with the even split stage 0 waits on stage 1; moving one layer (6,4) evens them out. (2) Each "
+              "with the even split stage 0 waits on stage 1; `--pp-layer-partition 6,4` moves a layer to stage 0 "
+              "(the idle ratios show which stage then waits: no integer split of 10 layers is exact). (2) Each "
               "micro-batch carries half of the sequences, and a batch of 32 uses a CPU core less efficiently than "
               "one of 64, so the same tokens cost more compute (docs/architecture.md's microbenchmark: a decode step "
               "at context 256 takes 65 ms for 32 sequences and 101 ms for 64, 28% more per token at half the batch, "
