@@ -34,7 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import yaml  # noqa: E402
 
-from benchmarks.operator_bench import VIRTUAL_NODE, Bench, ProcSampler, engine_spec  # noqa: E402
+from benchmarks.operator_bench import VIRTUAL_NODE, Bench, ProcSampler, engine_spec, virtual_node  # noqa: E402
 from hack.localkube import ClusterConfig, LocalCluster  # noqa: E402
 from tests.operator.clusterkit import OperatorProcess, pod_ready  # noqa: E402
 from tests.support.common import wait_for  # noqa: E402
@@ -122,15 +122,7 @@ class VirtualKubelet:
 
 def fleet(bench: Bench, sampler: ProcSampler, model_dir: Path, count: int) -> None:
     """``count`` resources x 2 groups x 2 pods on the virtual node, converged."""
-    node = {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": VIRTUAL_NODE, "labels": {"kubernetes.io/hostname": VIRTUAL_NODE}},
-            "spec": {"taints": [{"key": "pypto.bench/virtual", "value": "true", "effect": "NoSchedule"}]}}
-    if bench.kube.get("v1", "Node", VIRTUAL_NODE) is None:
-        bench.kube.create(node)
-    capacity = {"huawei.com/Ascend910": "1000", "cpu": "1000", "memory": "1000Gi", "pods": "1000"}
-    bench.kube.merge_patch("v1", "Node", VIRTUAL_NODE, {"status": {"capacity": capacity, "allocatable": capacity}},
-                           status=True)
-    tolerations = [{"operator": "Exists", "effect": "NoSchedule"}]
+    tolerations = virtual_node(bench)
     docs = [resource(bench, f"fleet-{i:02d}", engine_spec(
         model_dir, 2, engine={"nodeSelector": {"kubernetes.io/hostname": VIRTUAL_NODE}, "tolerations": tolerations},
         **GROUP)) for i in range(count)]

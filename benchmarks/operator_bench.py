@@ -139,8 +139,9 @@ def engine_spec(model_dir: Path, replicas: int, **extra: Any) -> dict[str, Any]:
     return spec
 
 
-def fleet(bench: Bench, sampler: ProcSampler, model_dir: Path, count: int) -> None:
-    """50 x 2 replicas on a virtual node: operator convergence without engine start-up."""
+def virtual_node(bench: Bench) -> list[dict[str, Any]]:
+    """Register a tainted node with plenty of devices that no agent runs (pods bound to it never start); returns
+    the tolerations that let pods onto it."""
     node = {"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": VIRTUAL_NODE, "labels": {"kubernetes.io/hostname": VIRTUAL_NODE}},
             "spec": {"taints": [{"key": "pypto.bench/virtual", "value": "true", "effect": "NoSchedule"}]}}
@@ -149,7 +150,12 @@ def fleet(bench: Bench, sampler: ProcSampler, model_dir: Path, count: int) -> No
     capacity = {"huawei.com/Ascend910": "1000", "cpu": "1000", "memory": "1000Gi", "pods": "1000"}
     bench.kube.merge_patch("v1", "Node", VIRTUAL_NODE, {"status": {"capacity": capacity, "allocatable": capacity}},
                            status=True)
-    tolerations = [{"operator": "Exists", "effect": "NoSchedule"}]
+    return [{"operator": "Exists", "effect": "NoSchedule"}]
+
+
+def fleet(bench: Bench, sampler: ProcSampler, model_dir: Path, count: int) -> None:
+    """50 x 2 replicas on a virtual node: operator convergence without engine start-up."""
+    tolerations = virtual_node(bench)
     docs = [{"apiVersion": "serving.pypto.io/v1alpha1", "kind": "PyptoServing",
              "metadata": {"name": f"fleet-{i:02d}", "namespace": bench.namespace},
              "spec": engine_spec(model_dir, 2, engine={"nodeSelector": {"kubernetes.io/hostname": VIRTUAL_NODE},
