@@ -52,22 +52,10 @@ def workload(n: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
     return prompts, [rng.randint(8, 64) for _ in range(n)]
 
 
-def cpu_seconds() -> float:
-    """CPU seconds of this process (every thread) and of its child processes (the TP/EP ranks) so far."""
+def run_engine(model: str, prompts: list[list[int]], max_tokens: list[int], **config: object) -> dict:
     import psutil
 
-    me = psutil.Process()
-    total = me.cpu_times().user + me.cpu_times().system
-    for child in me.children(recursive=True):
-        try:
-            times = child.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def run_engine(model: str, prompts: list[list[int]], max_tokens: list[int], **config: object) -> dict:
+    from benchmarks.engine_vs_transformers import cpu_seconds
     from pypto_serving.engine.config import EngineConfig
     from pypto_serving.engine.llm_engine import LLMEngine
     from pypto_serving.engine.sampling_params import SamplingParams
@@ -76,7 +64,7 @@ def run_engine(model: str, prompts: list[list[int]], max_tokens: list[int], **co
                                     **config))
     try:
         outputs: dict[str, list[int]] = {}
-        started, cpu_started = time.monotonic(), cpu_seconds()
+        started, cpu_started = time.monotonic(), cpu_seconds(psutil.Process())
         for i, (prompt, n) in enumerate(zip(prompts, max_tokens, strict=True)):
             engine.add_request(str(i), prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
             outputs[str(i)] = []
@@ -84,7 +72,7 @@ def run_engine(model: str, prompts: list[list[int]], max_tokens: list[int], **co
             for out in engine.step():
                 assert out.error is None, out.error
                 outputs[out.request_id] += out.new_token_ids
-        wall, cpu = time.monotonic() - started, cpu_seconds() - cpu_started
+        wall, cpu = time.monotonic() - started, cpu_seconds(psutil.Process()) - cpu_started
         stats = engine.stats()
     finally:
         engine.shutdown()

@@ -36,6 +36,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 
+from benchmarks.engine_vs_transformers import cpu_seconds  # noqa: E402
 from pypto_serving.engine.config import EngineConfig  # noqa: E402
 from pypto_serving.engine.llm_engine import LLMEngine  # noqa: E402
 from pypto_serving.engine.microbench import bench_model_dir  # noqa: E402
@@ -61,19 +62,6 @@ def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
             for _ in range(n)]
 
 
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process (the engine) and its stage processes."""
-    total = 0.0
-    me = psutil.Process()
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], int]]) -> dict[str, Any]:
     """All requests at once; wall time from the first add to the last token."""
     engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=1024, cpu_threads=1,
@@ -84,7 +72,7 @@ def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], 
         while engine.has_unfinished_requests():
             engine.step()
         stats0 = engine.stats()
-        cpu0, start = cpu_seconds(), time.perf_counter()
+        cpu0, start = cpu_seconds(psutil.Process()), time.perf_counter()
         for i, (prompt, n) in enumerate(requests):
             engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
         tokens = 0
@@ -93,7 +81,7 @@ def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], 
                 if out.error:
                     raise RuntimeError(out.error)
                 tokens += len(out.new_token_ids)
-        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+        wall, cpu = time.perf_counter() - start, cpu_seconds(psutil.Process()) - cpu0
         stats = engine.stats()
     finally:
         engine.shutdown()

@@ -86,7 +86,10 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
         except ValueError as exc:
             raise SystemExit(f"pypto-serving gateway: --endpoints: {exc} (expected http://host:port,...)") from None
     else:
-        discovery = KubernetesDiscovery(args.namespace, args.selector, args.kubeconfig, args.engine_port)
+        try:
+            discovery = KubernetesDiscovery(args.namespace, args.selector, args.kubeconfig, args.engine_port)
+        except ValueError as exc:
+            raise SystemExit(f"pypto-serving gateway: --selector: {exc}") from None
     return config, discovery
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from pypto_serving.contract import ENGINE_PORT, ENGINE_PORT_NAME, ENV_POD_NAMESPACE, L_DRAINING, L_GROUP_READY, L_SERVES
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.upstream import Origin
-from pypto_serving.kube import ListWatch, load_config
+from pypto_serving.kube import ListWatch, equality_labels, load_config
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class KubernetesDiscovery(Discovery):
     def __init__(self, namespace: str | None, selector: str, kubeconfig: str | None = None,
                  default_port: int = ENGINE_PORT, watch_timeout_s: int = 300, max_backoff_s: float = 30.0) -> None:
         self.namespace = namespace or default_namespace()
-        self.labels = dict(term.split("=", 1) for term in selector.split(",") if term)
+        self.labels = equality_labels(selector)  # ValueError names a term that is not key=value
         self.kubeconfig = kubeconfig
         self.default_port = default_port
         self.watch_timeout_s = watch_timeout_s

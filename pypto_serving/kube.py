@@ -74,6 +74,18 @@ def credentials(config: KubeConfig) -> dict[str, Any]:
     return out
 
 
+def equality_labels(selector: str) -> dict[str, str]:
+    """``k=v,k2=v2`` (or ``==``) as a dict; ValueError names a term that is not an equality (``!=``, ``in``, ...),
+    which this client does not pass on."""
+    labels: dict[str, str] = {}
+    for term in (t.strip() for t in selector.split(",")):
+        key, sep, value = term.replace("==", "=").partition("=")
+        if not term or not sep or not key or "!" in key or " " in key.strip() or "=" in value:
+            raise ValueError(f"label selector term {term!r} is not key=value (only equality selectors are supported)")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 @cache
 def resource(api_version: str, kind: str) -> Any:
     """lightkube's resource class of ``kind`` in ``api_version`` (a generic one for our CRD)."""
@@ -125,7 +137,7 @@ class Kube:
         """The objects of a kind in ``namespace`` (None: all namespaces), optionally matching ``labels`` (a dict or
         an equality selector ``k=v,k2=v2``) and ``fields`` (e.g. ``{"spec.nodeName": "n1"}``)."""
         if isinstance(labels, str):
-            labels = dict(term.split("=", 1) for term in labels.split(",") if term)
+            labels = equality_labels(labels)
         try:
             return [_plain(obj) for obj in self.client.list(resource(api_version, kind), namespace=namespace or "*",
                                                             labels=labels, fields=fields)]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from pypto_serving.gateway.discovery import KubernetesDiscovery, StaticDiscovery, pod_entry
 from pypto_serving.gateway.replicas import Registry
 
@@ -136,3 +138,10 @@ def test_a_410_gone_watch_lists_again_and_replaces_the_replica_set(tmp_path, cap
     assert all(q["labelSelector"] == "app=x" for q in api.requests)
     gone = [r for r in caplog.records if "resourceVersion gone" in r.getMessage()]
     assert len(gone) == 2 and not [r for r in caplog.records if r.levelname == "WARNING"]  # expected, not failures
+
+
+def test_only_equality_selectors_are_accepted() -> None:
+    assert KubernetesDiscovery("ns", "app=x,tier==engine").labels == {"app": "x", "tier": "engine"}
+    for bad in ("app!=x", "tier in (a,b)", "app", "app=x,"):
+        with pytest.raises(ValueError, match="only equality selectors"):
+            KubernetesDiscovery("ns", bad)
