@@ -154,6 +154,10 @@ class AsyncEngine:
             self._commands.append(command)
             self._cond.notify()
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
     def _dispatch(self, outputs: list[Any]) -> None:
         for out in outputs:
             sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
@@ -181,6 +185,8 @@ class AsyncEngine:
             self._call(self._loaded, State.FAILED)
             return
         log.info("model loaded in %.1fs", time.monotonic() - started)
+        if getattr(self.engine, "dp", None) is not None:  # DP+EP: a peer that starts a wave wakes this loop
+            self.engine.dp.waker = self._wake
         freeze_startup_objects()
         self._publish()
         self._call(self._loaded, State.READY)

@@ -98,8 +98,9 @@ def main(argv: list[str]) -> int:
         from pypto_serving.engine import node_worker
 
         return node_worker.main(config, server["host"], server["port"])
-    if options["data_parallel_size"] > 1:
-        log.info("data_parallel_size=%d: this process serves one replica", options["data_parallel_size"])
+    if config.data_parallel_size > 1:
+        log.info("DP rank %d of %d (group store at %s:%d)", config.data_parallel_rank, config.data_parallel_size,
+                 config.data_parallel_address, config.data_parallel_rpc_port)
 
     def load_engine() -> Any:
         from pypto_serving.engine.llm_engine import LLMEngine  # torch is imported here, on the loop thread

@@ -26,7 +26,8 @@ class EngineConfig:
     # micro-batches in flight at once (None: pipeline_parallel_size, one per stage); pp_blocking forces 1
     max_num_micro_batches: int | None = None
     pp_blocking: bool = False  # one micro-batch in flight: the blocking loop, kept for comparison
-    # expert parallelism of MoE models (vLLM's flags; see expert_parallel.py): EP size = tensor_parallel_size
+    # expert parallelism of MoE models (vLLM's flags; see expert_parallel.py): EP size = tensor_parallel_size x
+    # data_parallel_size
     enable_expert_parallel: bool = False
     expert_placement_strategy: str = "linear"  # linear|round_robin
     all2all_backend: str = "allgather_reducescatter"  # allgather_reducescatter|alltoall
@@ -53,6 +54,13 @@ class EngineConfig:
     master_addr: str | None = None  # the leader's address (its torch.distributed store)
     master_port: int = 29500
     headless: bool = False  # run this node's ranks only, no scheduler or OpenAI server (node_rank > 0)
+    # DP+EP (vLLM's flags; see data_parallel.py): this engine is DP rank ``data_parallel_rank`` of
+    # ``data_parallel_size`` engines whose ranks form one expert-parallel world and step in lockstep. DP rank 0
+    # hosts the group's store (rendezvous, waves, heartbeats) at data_parallel_address:data_parallel_rpc_port.
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
+    data_parallel_address: str = "127.0.0.1"
+    data_parallel_rpc_port: int = 29550
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -103,6 +111,7 @@ class EngineConfig:
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads: must be >= 1, got {self.cpu_threads!r}")
         self._check_nodes()
+        self._check_data_parallel()
 
     def _check_nodes(self) -> None:
         if not isinstance(self.nnodes, int) or self.nnodes < 1:
@@ -125,6 +134,40 @@ class EngineConfig:
             raise ValueError("nnodes: the last pipeline stage (it samples) must run on node 0 for now; "
                              f"pipeline_parallel_size {self.pipeline_parallel_size} over {self.nnodes} nodes puts it "
                              "on another node")
+
+    def _check_data_parallel(self) -> None:
+        dp = self.data_parallel_size
+        if not isinstance(dp, int) or dp < 1:
+            raise ValueError(f"data_parallel_size: must be a positive integer, got {dp!r}")
+        if not isinstance(self.data_parallel_rank, int) or not 0 <= self.data_parallel_rank < dp:
+            raise ValueError(f"data_parallel_rank: must be in [0, {dp}), got {self.data_parallel_rank!r}")
+        if dp == 1:
+            return
+        if not self.enable_expert_parallel:
+            raise ValueError("data_parallel_size: DP ranks of one engine group step in lockstep to share the experts "
+                             "of a MoE model, so data_parallel_size > 1 needs enable_expert_parallel; for a dense "
+                             "model run independent replicas instead (spec.replicas)")
+        if self.pipeline_parallel_size > 1:
+            raise ValueError("data_parallel_size: DP+EP with pipeline_parallel_size > 1 is not supported yet")
+        if self.micro_batches > 1:
+            raise ValueError("max_num_micro_batches: a DP+EP group steps one batch at a time (lockstep)")
+        if self.nnodes > 1:
+            raise ValueError("data_parallel_size: a DP rank spanning several nodes (nnodes > 1) is not supported yet; "
+                             "each DP rank runs on one node")
+        if not self.data_parallel_address:
+            raise ValueError("data_parallel_address: DP rank 0's address is required when data_parallel_size > 1")
+        if not 0 < self.data_parallel_rpc_port < 65536:
+            raise ValueError(f"data_parallel_rpc_port: must be a TCP port, got {self.data_parallel_rpc_port!r}")
+
+    @property
+    def dist_world_size(self) -> int:
+        """Ranks of the torch.distributed world this engine's ranks join: TP x PP, times DP under DP+EP."""
+        return self.world_size * self.data_parallel_size
+
+    @property
+    def dist_rank_offset(self) -> int:
+        """Global rank of this engine's rank 0 in that world (DP rank x TP x PP)."""
+        return self.data_parallel_rank * self.world_size
 
     @property
     def micro_batches(self) -> int:

@@ -204,15 +204,19 @@ def cpu_threads_per_rank(world_size: int, requested: int | None = None) -> int:
 
 # ------------------------------------------------------------------ collectives of the expert-parallel layers
 # The MoE layers (layers/moe.py, expert_parallel.py) exchange tokens only through these, on the tensor-parallel
-# group of the rank's pipeline stage (``group``; None: the default group of all the replica's ranks): gloo on
-# cpu, NCCL on cuda, HCCL on npu. All three implement the ops used here (gloo's all_to_all_single with uneven
+# group of the rank's pipeline stage or the expert-parallel world of a DP+EP group (``group``; None: the default
+# group of all the world's ranks), and the DP+EP step metadata (data_parallel.py) is one all_reduce: gloo on cpu,
+# NCCL on cuda, HCCL on npu. All three implement the ops used here (gloo's all_to_all_single with uneven
 # splits and all_gather_into_tensor are exercised by tests/engine/test_moe_ep.py on the pinned torch); a backend
 # without one raises torch's own error at the first MoE step: nothing falls back.
 
 
-def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum ``x`` over the ranks of ``group``, in place; returns it."""
-    dist.all_reduce(x, group=group)
+REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None = None, op: str = "sum") -> torch.Tensor:
+    """Reduce ``x`` (``op``: sum|max|min) over the ranks of ``group``, in place; returns it."""
+    dist.all_reduce(x, op=REDUCE_OPS[op], group=group)
     return x
 
 

@@ -8,6 +8,10 @@ Micro-batches: `step` first fills the pipeline, scheduling and submitting batche
 until ``micro_batches`` are out (one per pipeline stage by default; 1 is the plain blocking loop), then waits for
 the oldest one only and processes its tokens. So while batch k is on the last stage, k+1 runs on the one before,
 and the next `step` schedules k+N from the sequences k brought back.
+
+DP+EP (``data_parallel_size`` > 1, see data_parallel.py): this engine is one DP rank of a group that steps in
+lockstep. While the group is in a wave, `step` submits one batch per step, or a one-token dummy batch when it has
+nothing to run, and waits for it; a step that fails, or a peer that is gone, breaks the group for good.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from pypto_serving.engine import device as devices
 from pypto_serving.engine.block_manager import BlockManager
 from pypto_serving.engine.config import EngineConfig
+from pypto_serving.engine.data_parallel import DPGroup
 from pypto_serving.engine.layers.sampler import SampleResult, SamplingBatch
 from pypto_serving.engine.loader import load_hf_config
 from pypto_serving.engine.model_runner import StepInput
@@ -28,6 +33,7 @@ from pypto_serving.engine.sequence import Sequence, SequenceStatus
 from pypto_serving.engine.worker import InProcessExecutor, MultiprocExecutor, StepFailed, StepTimeout, WorkerDied
 
 STALE_POLL_S = 0.5  # how long one step() waits for a timed-out step's late reply before returning
+DP_POLL_S = 0.5  # DP+EP: a step's wait checks the group's health this often
 
 
 @dataclass
@@ -111,8 +117,15 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(hf_config, config.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
         self.eos_token_ids = _eos_token_ids(config.model, hf_config, self.tokenizer)
+        # DP+EP: DP rank 0 hosts the group's store before any model rank looks for it
+        self.dp = DPGroup(config) if config.data_parallel_size > 1 else None
         executor_cls = InProcessExecutor if world == 1 else MultiprocExecutor
-        self.executor = executor_cls(config, self.device_type, self.max_model_len)
+        try:
+            self.executor = executor_cls(config, self.device_type, self.max_model_len)
+        except BaseException:
+            if self.dp is not None:
+                self.dp.declare_down("failed to start")
+            raise
         info = self.executor.info
         self.vocab_size, self.num_kv_blocks, self.dtype = info.vocab_size, info.num_kv_blocks, info.dtype
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
@@ -131,6 +144,10 @@ class LLMEngine:
         self.expert_tokens: dict[int, list[int]] = {}  # MoE models: tokens routed to each expert, by layer
         self.counters = {"num_finished": 0, "num_aborted": 0, "num_failed": 0, "num_steps": 0,
                          "num_failed_steps": 0, "prompt_tokens_computed": 0, "generation_tokens": 0}
+        if self.dp is not None:
+            self.counters |= {"dp_dummy_steps": 0}
+            self.dp_sync_s = 0.0
+            self.dp.start()  # every engine of the group is up: the model ranks' world has formed
 
     # ------------------------------------------------------------------ requests
 
@@ -167,7 +184,11 @@ class LLMEngine:
             self.counters["num_aborted"] += 1
 
     def has_unfinished_requests(self) -> bool:
-        """Whether any request waits or runs, or a micro-batch of aborted requests is still to be collected."""
+        """Whether any request waits or runs, or a micro-batch of aborted requests is still to be collected; under
+        DP+EP also whether the group is in a wave (this rank must step) or broken (its requests must fail)."""
+        dp = self.dp
+        if dp is not None and self._dead is None and (dp.in_wave or dp.wave_pending() or dp.broken is not None):
+            return True
         return bool(self._requests) or any(not mb.stale for mb in self._inflight)
 
     # ------------------------------------------------------------------ stepping
@@ -175,6 +196,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Fill the pipeline with micro-batches, then collect the oldest one; outputs for requests that got a token,
         finished or failed."""
+        if self.dp is not None:
+            return self._dp_step()
         if self._dead is not None:
             return self._fail_all(self._dead)
         if self._stale_deadline is not None and not self._drain_stale_steps():
@@ -206,14 +229,66 @@ class LLMEngine:
             return self._fail_all(self._dead)
         self._collected()
         self.counters["num_steps"] += 1
-        for layer, counts in (result.expert_tokens or {}).items():
-            total = self.expert_tokens.setdefault(layer, [0] * len(counts))
-            for e, n in enumerate(counts):
-                total[e] += n
+        self._count_experts(result)
         outputs = self._process(mb, result)
         if self.micro_batches > 1:  # keep every stage busy while the caller hands the outputs on
             self._refill()
         return outputs
+
+    def _dp_step(self) -> list[RequestOutput]:
+        """One lockstep step of a DP+EP group: this rank's batch or a dummy one, then the group's verdict."""
+        dp = self.dp
+        assert dp is not None
+        if self._dead is None and dp.broken is not None:
+            self._dead = f"the data-parallel group is broken: {dp.broken}"
+        if self._dead is not None:
+            return self._fail_all(self._dead)
+        if not dp.begin_wave(bool(self._requests)):
+            return []
+        batch = self.scheduler.schedule()
+        self._step_id += 1
+        step, sample_rows = self._build_step(batch, 0) if batch else (self._dummy_step(), [])
+        step.more = bool(self._requests)
+        try:
+            self.executor.submit(step)
+            result = self._dp_wait(step)
+        except (StepTimeout, StepFailed, WorkerDied) as exc:
+            self._dead = f"DP rank {dp.rank}: engine step failed: {type(exc).__name__}: {exc}"
+            dp.declare_down(self._dead)
+            self.scheduler.retire(batch)
+            return self._fail_all(self._dead)
+        self.dp_sync_s = result.dp_sync_s
+        if not result.dp_busy:
+            dp.end_wave()
+        if not batch:
+            self.counters["dp_dummy_steps"] += 1
+            return []
+        self.counters["num_steps"] += 1
+        self._count_experts(result)
+        return self._process(MicroBatch(batch, self._step_id, 0, sample_rows), result)
+
+    def _dp_wait(self, step: StepInput) -> SampleResult:
+        """The step's result; StepTimeout after step_timeout_s, WorkerDied as soon as the group breaks."""
+        deadline = time.monotonic() + self.config.step_timeout_s
+        while True:
+            try:
+                return self.executor.wait(max(0.0, min(DP_POLL_S, deadline - time.monotonic())))
+            except StepTimeout:
+                if self.dp is not None and self.dp.broken is not None:
+                    raise WorkerDied(f"the data-parallel group is broken: {self.dp.broken}") from None
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _dummy_step(self) -> StepInput:
+        """One token at position 0, written to the scratch block past the pool, sampling nothing: this rank's part
+        of a step in which only other DP ranks have work."""
+        return StepInput(self._step_id, [0], [1], [1], [[self.num_kv_blocks]], [], None, 0)
+
+    def _count_experts(self, result: SampleResult) -> None:
+        for layer, counts in (result.expert_tokens or {}).items():
+            total = self.expert_tokens.setdefault(layer, [0] * len(counts))
+            for e, n in enumerate(counts):
+                total[e] += n
 
     def _refill(self) -> bool:
         """`_fill`; False when a worker turned out to be gone."""
@@ -339,9 +414,12 @@ class LLMEngine:
         for seq in self._requests.values():
             pending += max(0, seq.num_prompt_tokens - seq.num_computed_tokens)
             pending += seq.params.max_tokens - seq.num_output_tokens
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+        load = {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "pending_tokens": pending, "kv_cache_usage": self.block_manager.usage(),
                 "max_num_seqs": self.scheduler.max_num_seqs}
+        if self.dp is not None:
+            load |= {"dp_rank": self.dp.rank, "dp_size": self.dp.size}
+        return load
 
     def stats(self) -> dict:
         """Cumulative counters (prefix cache in tokens, preemptions, finished/aborted/failed requests, ...)."""
@@ -352,7 +430,8 @@ class LLMEngine:
                 "pp_inflight_micro_batches": self._inflight_at_wait if self.has_unfinished_requests() else 0,
                 "pp_stage_idle_ratio": self.stage_idle_ratios(),
                 **({"moe_expert_tokens": {k: list(v) for k, v in self.expert_tokens.items()}}
-                   if self.expert_tokens else {})}
+                   if self.expert_tokens else {}),
+                **({"dp_sync_seconds": self.dp_sync_s} if self.dp is not None else {})}
 
     def stage_idle_ratios(self) -> list[float]:
         """Per pipeline stage, the fraction of the time with work in flight that the stage did not compute (the
@@ -368,12 +447,17 @@ class LLMEngine:
         """False once a worker died or a timed-out step never came back."""
         if self._dead is not None or self._closed or not self.executor.alive():
             return False
+        if self.dp is not None and self.dp.broken is not None:
+            return False
         return self._stale_deadline is None or time.monotonic() < self._stale_deadline
 
     def shutdown(self) -> None:
         """Stop the workers (stop is sent before waiting; idempotent)."""
         if not self._closed:
             self._closed = True
+            if self.dp is not None:
+                self.dp.declare_down("shut down")
+                self.dp.close()
             self.executor.shutdown()
 
 

@@ -76,10 +76,23 @@ class EngineCollector(Collector):
                 experts.add_metric([self.model_name, str(layer), str(expert)], float(count))
         if stats.get("moe_expert_tokens"):  # MoE models only
             yield experts
+        if "dp_dummy_steps" in stats:  # DP+EP lockstep ranks only
+            for name, doc, key in DP_COUNTERS:
+                counter = CounterMetricFamily(name, doc, labels=["model_name"])
+                counter.add_metric([self.model_name], float(stats.get(key, 0) or 0))
+                yield counter
         draining = GaugeMetricFamily("pypto:draining", "1 while the engine drains (admits no new requests).",
                                      labels=["model_name"])
         draining.add_metric([self.model_name], 1.0 if self.draining() else 0.0)
         yield draining
+
+
+DP_COUNTERS = [
+    ("pypto:dp_dummy_steps", "DP+EP: steps this rank ran a one-token dummy batch because only other DP ranks had "
+     "work.", "dp_dummy_steps"),
+    ("pypto:dp_sync_seconds", "DP+EP: time spent in the per-step metadata all-reduce of the lockstep group.",
+     "dp_sync_seconds"),
+]
 
 
 class EngineMetrics:

@@ -19,8 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pypto_serving.engine import data_parallel, expert_parallel
 from pypto_serving.engine import device as devices
-from pypto_serving.engine import expert_parallel
 from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from pypto_serving.engine.layers.linear import set_tp_group
@@ -48,6 +48,7 @@ class StepInput:
     sample_rows: list[int]  # sequences (batch indices) that sample a token this step
     sampling: SamplingBatch | None
     slot: int = 0  # micro-batch slot: the tag of its stage-to-stage messages
+    more: bool = False  # DP+EP: this DP rank still has unfinished requests (the group's wave goes on)
 
 
 @dataclass
@@ -70,8 +71,13 @@ class ModelRunner:
         self.tp_rank = rank % tp
         self.block_size = config.block_size
         self.device = devices.init_device(device_type, rank - config.first_rank)  # this node's device index
-        if world_size > 1:
-            timeout = timedelta(seconds=max(1800.0, 4 * config.step_timeout_s))
+        self.dp_size, self.dp_rank = config.data_parallel_size, config.data_parallel_rank
+        timeout = timedelta(seconds=max(1800.0, 4 * config.step_timeout_s))
+        if self.dp_size > 1:  # DP+EP: the world is every DP rank's TP ranks; TP groups per DP rank
+            data_parallel.init_world(config, devices.dist_backend(device_type), rank, timeout)
+            groups = [dist.new_group(list(range(d * tp, (d + 1) * tp))) for d in range(self.dp_size)]
+            set_tp_group(groups[self.dp_rank])
+        elif world_size > 1:
             dist.init_process_group(devices.dist_backend(device_type), init_method=dist_init_method,
                                     world_size=world_size, rank=rank, timeout=timeout)
             if config.pipeline_parallel_size > 1:  # every rank creates every stage's group, in the same order
@@ -84,7 +90,8 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         self.dtype = devices.resolve_dtype(config.dtype, checkpoint_dtype(hf_config), device_type)
         expert_parallel.configure(expert_parallel.ExpertParallelConfig(
-            config.enable_expert_parallel, config.expert_placement_strategy, config.all2all_backend))
+            config.enable_expert_parallel, config.expert_placement_strategy, config.all2all_backend, self.dp_size,
+            self.dp_rank))
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -100,6 +107,7 @@ class ModelRunner:
         self.num_kv_blocks = self._allocate_kv_cache(max_model_len)
         self.sampler = Sampler(config.seed, self.device)
         self.busy_s = 0.0  # time spent computing steps (not waiting for the previous stage)
+        self.dp_sync_s = 0.0  # DP+EP: time spent in the per-step metadata all-reduce
 
     def info(self) -> ModelInfo:
         """The loaded model's vocabulary, dtype and KV pool size."""
@@ -115,13 +123,13 @@ class ModelRunner:
             budget = devices.kv_cache_budget(self.device, self.config.kv_cache_memory)
             useful = self.config.max_num_seqs * math.ceil(max_model_len / self.block_size) + 1
             num_blocks = min(budget // (self.block_bytes_per_layer * len(layers)), useful)
-        if self.world_size > 1:  # every rank must hold the same number of blocks
-            t = torch.tensor([num_blocks], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            num_blocks = int(t.item())
+        if dist.is_initialized():  # every rank must hold the same number of blocks
+            num_blocks = int(devices.all_reduce(torch.tensor([num_blocks], device=self.device), op="min").item())
         if num_blocks < 2:
             raise ValueError("kv_cache_memory: too small for two KV blocks; raise it or set num_kv_blocks")
-        shape = (2, len(layers), num_blocks, self.block_size, kv_heads, head_dim)
+        # DP+EP: one scratch block past the pool takes the K/V of the one-token dummy batches (data_parallel.py)
+        scratch = 1 if self.dp_size > 1 else 0
+        shape = (2, len(layers), num_blocks + scratch, self.block_size, kv_heads, head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
@@ -210,6 +218,12 @@ class ModelRunner:
         stage waits forever; the engine discards the step on the error this rank reports.
         """
         started, error, hidden = time.perf_counter(), None, None
+        group_step = None
+        if self.dp_size > 1:  # first, whatever happens next: every rank of the group takes part in every step
+            group_step = data_parallel.exchange_step_meta(len(step.input_ids), step.more, self.dp_rank, self.dp_size,
+                                                          self.device)
+            expert_parallel.set_dp_tokens(group_step.tokens)
+            self.dp_sync_s += time.perf_counter() - started
         try:
             input_ids, positions, meta, sample_index = self.prepare(step)
         except Exception as exc:
@@ -232,7 +246,10 @@ class ModelRunner:
         try:
             if error is not None:
                 raise error
-            return self._sample(step, hidden, sample_index) if self.stage.last else None
+            result = self._sample(step, hidden, sample_index) if self.stage.last else None
+            if result is not None and group_step is not None:
+                result.dp_busy, result.dp_sync_s = group_step.busy, self.dp_sync_s
+            return result
         finally:
             self.busy_s += time.perf_counter() - started
 
@@ -250,5 +267,5 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         """Leave the process group (when there is one)."""
-        if self.world_size > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()

@@ -236,7 +236,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         report = LoadReport(running=int(snapshot.get("running", 0)), waiting=int(snapshot.get("waiting", 0)),
                             pending_tokens=int(snapshot.get("pending_tokens", 0)),
                             kv_cache_usage=float(snapshot.get("kv_cache_usage", 0.0)), draining=state.draining,
-                            max_num_seqs=snapshot.get("max_num_seqs"))  # None until the engine is loaded
+                            max_num_seqs=snapshot.get("max_num_seqs"),  # None until the engine is loaded
+                            dp_rank=snapshot.get("dp_rank"), dp_size=snapshot.get("dp_size"))
         return JSONResponse(report.to_json())
 
     @app.post(PATH_DRAIN)

@@ -43,9 +43,13 @@ OPTIONS: dict[str, tuple[type, Any, str, str]] = {
     "master_port": (int, 29500, "the leader's torch.distributed store port", "engine"),
     "headless": (bool, False, "run this node's model ranks only (node_rank > 0): no scheduler, no OpenAI server",
                  "engine"),
-    "data_parallel_size": (int, 1, "DP replicas of the deployment (informational: one engine is one replica)",
-                           "check"),
-    "enable_expert_parallel": (bool, False, "shard the experts of MoE layers over the TP ranks (EP = TP x DP)",
+    "data_parallel_size": (int, 1, "DP+EP: engines (DP ranks) that share the experts of a MoE model and step in "
+                                   "lockstep; needs --enable-expert-parallel", "engine"),
+    "data_parallel_rank": (int, 0, "DP+EP: this engine's DP rank (0 hosts the group's store)", "engine"),
+    "data_parallel_address": (str, "127.0.0.1", "DP+EP: DP rank 0's address", "engine"),
+    "data_parallel_rpc_port": (int, 29550, "DP+EP: the port of DP rank 0's group store (rendezvous, waves, "
+                                           "heartbeats)", "engine"),
+    "enable_expert_parallel": (bool, False, "shard the experts of MoE layers over the EP ranks (EP = TP x DP)",
                                "engine"),
     "expert_placement_strategy": (str, "linear", "linear|round_robin: which EP rank owns which expert", "engine"),
     "all2all_backend": (str, "allgather_reducescatter", "allgather_reducescatter|alltoall: how tokens reach "
@@ -72,7 +76,9 @@ OPTIONS: dict[str, tuple[type, Any, str, str]] = {
 SECTIONS: dict[str, dict[str, str]] = {
     "model": {"path": "model", "name": "served_model_name"},
     "parallel": {"tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
-                 "data_parallel_size": "data_parallel_size", "expert_parallel": "expert_parallel",
+                 "data_parallel_size": "data_parallel_size", "data_parallel_rank": "data_parallel_rank",
+                 "data_parallel_address": "data_parallel_address",
+                 "data_parallel_rpc_port": "data_parallel_rpc_port", "expert_parallel": "expert_parallel",
                  "pp_layer_partition": "pp_layer_partition", "max_num_micro_batches": "max_num_micro_batches",
                  "pp_blocking": "pp_blocking"},
     "scheduler": {k: k for k in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
@@ -156,8 +162,6 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> dict[s
     options.update(cli_options)
     if not options["model"]:
         raise ConfigError("model: --model (or \"model\" in --config) is required")
-    if options["data_parallel_size"] < 1:
-        raise ConfigError(f"data_parallel_size: must be >= 1, got {options['data_parallel_size']}")
     return options
 
 

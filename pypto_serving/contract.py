@@ -86,6 +86,9 @@ class LoadReport(BaseModel):
     kv_cache_usage: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of KV-cache blocks in use.")
     draining: bool = Field(default=False, description="The engine accepts no new requests.")
     max_num_seqs: int | None = Field(default=None, gt=0, description="Batch slots, once the model is loaded.")
+    dp_rank: int | None = Field(default=None, ge=0, description="DP+EP: this engine's data-parallel rank (its "
+                                "load is its own; each rank is routed to like a replica).")
+    dp_size: int | None = Field(default=None, gt=0, description="DP+EP: the engines of its lockstep group.")
 
     @property
     def in_flight(self) -> int:

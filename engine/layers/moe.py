@@ -14,7 +14,7 @@ from torch import nn
 
 from pypto_serving.engine import device
 from pypto_serving.engine import expert_parallel as ep
-from pypto_serving.engine.layers.linear import _param, tp_group, tp_rank_size
+from pypto_serving.engine.layers.linear import _param
 
 
 class Router(nn.Module):
@@ -84,38 +84,51 @@ class FusedMoE(nn.Module):
         super().__init__()
         num_experts, hidden = cfg.num_experts, cfg.hidden_size
         self.num_experts = num_experts
-        self.rank, self.world = tp_rank_size()
         self.ep = ep.current()
-        self.ep_size = self.world if self.ep.enabled else 1
-        owners = ep.expert_owners(num_experts, self.ep_size, self.ep.placement)
-        self.ep_rank = self.rank if self.ep.enabled else 0
-        slots, seen = [], [0] * self.ep_size  # each expert's index on its owner
+        self.lay = ep.layout()
+        owners = ep.expert_owners(num_experts, self.lay.ep_size, self.ep.placement)
+        slots, seen = [], [0] * self.lay.ep_size  # each expert's index on its owner
         for r in owners:
             slots.append(seen[r])
             seen[r] += 1
         self.gate = Router(hidden, num_experts, cfg.num_experts_per_tok, bool(getattr(cfg, "norm_topk_prob", False)))
-        shard = (0, 1) if self.ep.enabled else (self.rank, self.world)
-        mine = [e for e, r in enumerate(owners) if r == self.ep_rank]
+        shard = (0, 1) if self.ep.enabled else (self.lay.tp_rank, self.lay.tp_size)
+        mine = [e for e, r in enumerate(owners) if r == self.lay.ep_rank]
         self.experts = LocalExperts(mine, hidden, cfg.moe_intermediate_size, shard)
         self.register_buffer("owner", torch.tensor(owners), persistent=False)
         self.register_buffer("slot", torch.tensor(slots), persistent=False)
         self.register_buffer("expert_tokens", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Routed-expert output [T, H] of the replicated tokens ``x`` [T, H] (the same on every rank)."""
+        """Routed-expert output [T, H] of this DP rank's tokens ``x`` [T, H] (the same on its TP ranks)."""
+        lay = self.lay
+        if lay.dp_size > 1 and self.ep.backend != "alltoall":  # DP+EP: every EP rank sees every DP rank's tokens
+            everyone, rows, own = ep.gather_dp_tokens(x, lay)
+            tokens = everyone[rows]
+            _, weights, ids = self.gate(tokens)
+            self._count(ids[own])
+            partial = torch.zeros_like(everyone).index_add_(0, rows, self._run_local(tokens, ids, weights))
+            return ep.return_dp_tokens(partial, x.shape[0], lay)
         _, weights, ids = self.gate(x)
-        self.expert_tokens += torch.bincount(ids.flatten(), minlength=self.num_experts)
-        if self.ep_size > 1 and self.ep.backend == "alltoall":
-            return ep.alltoall_experts(x, ids, weights, self.owner, self.slot, self.experts, self.rank, self.ep_size)
+        self._count(ids)
+        if lay.ep_size > 1 and self.ep.backend == "alltoall":
+            return ep.alltoall_experts(x, ids, weights, self.owner, self.slot, self.experts, lay)
+        out = self._run_local(x, ids, weights)
+        return device.all_reduce(out, lay.tp_group) if lay.tp_size > 1 else out
+
+    def _run_local(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output [T, H]: its experts' weighted outputs for the (token, k) pairs they own."""
         flat = ids.flatten()
-        pairs = torch.nonzero(self.owner[flat] == self.ep_rank).squeeze(1)  # (token, k) pairs whose expert is here
+        pairs = torch.nonzero(self.owner[flat] == self.lay.ep_rank).squeeze(1)
         token = pairs // ids.shape[1]
         y = self.experts(x[token], self.slot[flat[pairs]]) * weights.flatten()[pairs, None]
-        out = torch.zeros_like(x).index_add_(0, token, y)
-        return device.all_reduce(out, tp_group()) if self.world > 1 else out
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def _count(self, ids: torch.Tensor) -> None:
+        self.expert_tokens += torch.bincount(ids.flatten(), minlength=self.num_experts)
 
     def take_expert_tokens(self) -> torch.Tensor:
-        """Tokens routed to each expert since the last call (counts every token once, on every rank)."""
+        """Tokens of this DP rank routed to each expert since the last call (the same count on its TP ranks)."""
         counts = self.expert_tokens.clone()
         self.expert_tokens.zero_()
         return counts

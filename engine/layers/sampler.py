@@ -39,6 +39,8 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None
     expert_tokens: dict[int, list[int]] | None = None  # MoE models: tokens per expert this step, by layer index
+    dp_busy: bool = False  # DP+EP: some DP rank still had unfinished requests (the wave goes on)
+    dp_sync_s: float = 0.0  # DP+EP: the rank's total time in the step-metadata all-reduce so far
 
 
 def seed_for(seed: int, position: int) -> int:
