@@ -82,7 +82,8 @@ class ParallelSpec(_Model):
         "Pipeline stages; one replica runs tensorParallelSize x pipelineParallelSize ranks."))
     data_parallel_size: int = Field(
         default=1, ge=1, le=256, description="DP ranks of one DP+EP serving group, each its own pod with "
-        "tensorParallelSize x pipelineParallelSize devices, stepping in lockstep (only 1 for now).")
+        "tensorParallelSize x pipelineParallelSize devices, stepping in lockstep; the experts of the MoE model are "
+        "sharded over all DP x TP ranks (needs expertParallel.enabled).")
     expert_parallel: ExpertParallel = Field(default=ExpertParallel(), description="Expert parallelism.")
 
 

@@ -167,9 +167,15 @@ def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]
     per_node = spec.devices.per_node
     source = _source("spec.devices.perNode", per_node, defaulted)
     if par.data_parallel_size > 1:
-        out.append(Problem("spec.parallel.dataParallelSize",
-                           f"DP+EP serving groups (> 1) are not supported yet: the engine has no DP+EP lockstep "
-                           f"(got {par.data_parallel_size})"))
+        if not par.expert_parallel.enabled:
+            out.append(Problem("spec.parallel.dataParallelSize",
+                               f"DP ranks of a serving group step in lockstep to share a MoE model's experts, so "
+                               f"dataParallelSize {par.data_parallel_size} needs spec.parallel.expertParallel.enabled "
+                               f"(for a dense model, use spec.replicas)"))
+        if par.pipeline_parallel_size > 1:
+            out.append(Problem("spec.parallel.pipelineParallelSize",
+                               f"DP+EP groups with pipelineParallelSize > 1 are not supported yet (got "
+                               f"{par.pipeline_parallel_size} with dataParallelSize {par.data_parallel_size})"))
         if per_node is not None and spec.devices_per_replica > per_node:
             out.append(Problem("spec.parallel.dataParallelSize",
                                f"each DP rank is one pod: tensorParallelSize x pipelineParallelSize = "

@@ -35,7 +35,9 @@ def test_contract_flags_map_to_engine_and_server_options():
                       "num_kv_blocks": 100, "enable_prefix_caching": False, "kv_cache_memory": None, "seed": 0,
                       "step_timeout_s": 120.0, "cpu_threads": None, "enable_expert_parallel": False,
                       "expert_placement_strategy": "linear", "all2all_backend": "allgather_reducescatter",
-                      "nnodes": 1, "node_rank": 0, "master_addr": None, "master_port": 29500, "headless": False}
+                      "nnodes": 1, "node_rank": 0, "master_addr": None, "master_port": 29500, "headless": False,
+                      "data_parallel_size": 1, "data_parallel_rank": 0, "data_parallel_address": "127.0.0.1",
+                      "data_parallel_rpc_port": 29550}
     assert server["host"] == "10.0.0.7" and server["port"] == 8001
 
 

@@ -238,3 +238,42 @@ def test_heal_scale_and_operator_restart_by_whole_groups(
     assert sorted(len(members) for members in groups.values()) == [2, 2], final.keys()  # whole groups, no extra
     assert set(leaders) <= set(final)  # the half-created group was completed, not replaced
 
+
+
+def test_a_dp_ep_group_spans_two_pods_and_every_rank_serves(
+        cluster: Cluster, namespace: str, kube: Kube, start_operator: Callable[..., OperatorProcess]) -> None:
+    """DP=2 + EP of the tiny Qwen3-MoE: two pods, each a DP rank with its own OpenAI server, one expert-parallel
+    world; both serve transformers' tokens, one request alone does not hang the group, the gateway routes to both."""
+    start_operator()
+    path = tiny_model_dir("qwen3-moe")
+    model = {"name": "tiny", "path": "/models/tiny", "mountPath": "/models/tiny", "moe": True,
+             "volume": {"hostPath": {"path": str(path), "type": "Directory"}}}
+    body = group_resource("dpep", model, tp=1, per_node=2, gateway={"enabled": True})
+    body["spec"]["parallel"] = {"tensorParallelSize": 1, "dataParallelSize": 2,
+                                "expertParallel": {"enabled": True, "all2allBackend": "alltoall"}}
+    kubectl_apply(cluster, namespace, body)
+    ready = wait_ready(kube, namespace, "dpep", 1, timeout=300)
+    pods = pods_by_name(kube, namespace, "dpep")
+    assert sorted(pods) == ["dpep-dp-0-0", "dpep-dp-0-1"]
+    (group,) = ready["status"]["groups"]
+    assert group["ready"] and sorted(group["serving"]) == ["dpep-dp-0-0", "dpep-dp-0-1"]
+    for rank, name in enumerate(sorted(pods)):
+        labels = pods[name]["metadata"]["labels"]
+        assert labels["serving.pypto.io/serves"] == "true" and labels["serving.pypto.io/group-ready"] == "true"
+        load = httpx.get(f"http://{pods[name]['status']['podIP']}:8000/load", timeout=10, trust_env=False).json()
+        assert (load["dp_rank"], load["dp_size"]) == (rank, 2)
+    prompt = [17, 250, 3, 99, 640, 12, 7, 401]
+    expected = hf_greedy(str(path), prompt, 10)
+    # one request alone, to each rank directly: the other rank steps dummy batches
+    for name in sorted(pods):
+        assert greedy_ids(f"http://{pods[name]['status']['podIP']}:8000", prompt, 10) == expected
+    url = gateway_url(kube, namespace, "dpep")
+
+    def routable() -> list[str] | None:
+        answer = httpx.get(f"{url}/replicas", timeout=10, trust_env=False).json()
+        names = sorted(r["name"] for r in answer["replicas"] if r["state"] == "ready")
+        return names if len(names) == 2 else None
+
+    assert wait_for(routable, 60, "the gateway to route to both DP ranks") == ["dpep-dp-0-0", "dpep-dp-0-1"]
+    assert wait_for(lambda: greedy_ids(url, prompt, 10), 60, "an answer through the gateway") == expected
+    cluster.kubectl("delete", "pps", "dpep", "-n", namespace, "--wait=true", timeout=120)

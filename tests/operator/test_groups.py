@@ -124,7 +124,14 @@ def test_validation_of_group_shapes() -> None:
     assert "3 devices do not split evenly into 2 pods" in problems[0].message
     _, problems = validate(minimal(parallel={"tensorParallelSize": 4, "dataParallelSize": 2}, devices={"perNode": 2}))
     assert [p.field for p in problems] == ["spec.parallel.dataParallelSize"] * 2
-    assert "not supported yet" in problems[0].message and "must fit on one node" in problems[1].message
+    assert "needs spec.parallel.expertParallel.enabled" in problems[0].message
+    assert "must fit on one node" in problems[1].message
+    moe = {"model": {"name": "m", "path": "/m", "moe": True}}
+    ep = {"tensorParallelSize": 2, "dataParallelSize": 2, "expertParallel": {"enabled": True}}
+    assert validate(minimal(parallel=ep, devices={"perNode": 2}, **moe))[1] == []
+    _, problems = validate(minimal(parallel={**ep, "tensorParallelSize": 1, "pipelineParallelSize": 2}, **moe))
+    assert [p.field for p in problems] == ["spec.parallel.pipelineParallelSize"]
+    assert "DP+EP groups with pipelineParallelSize > 1 are not supported yet" in problems[0].message
     _, problems = validate(minimal(parallel={"tensorParallelSize": 2, "pipelineParallelSize": 2},
                                    devices={"perNode": 2}))
     assert "a pipeline across the pods of a serving group is not supported yet" in str(problems[-1])
