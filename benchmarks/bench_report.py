@@ -232,6 +232,35 @@ def moe_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list
     return lines, headline
 
 
+def dp_ep_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## DP+EP lockstep", ""]
+    if not data:
+        return [*lines, "Not measured yet.", ""], []
+    res, ratio, sync = data["results"], data["lockstep_vs_independent"], data["step_metadata_sync"]
+    lines += [run_note(runs, "dp_ep"), "",
+              "The MoE model of the section above, served by two `pypto-serving engine` processes (one torch thread "
+              "each) over HTTP, all requests at once, greedy: a DP=2 lockstep group sharing the experts (EP=2 over "
+              "the two DP ranks, allgather_reducescatter) against two independent EP=1 replicas (each holding every "
+              f"expert), fastest of {data['rounds']} alternating rounds (benchmarks/dp_ep.py). Greedy outputs "
+              f"identical: {'yes' if data['outputs_identical'] else '**no**'}.", "",
+              "| workload | DP=2 + EP lockstep: output tok/s | two EP=1 replicas: output tok/s | "
+              "lockstep / independent | dummy steps of the idle rank |", "|---|---|---|---|---|"]
+    for key, label in (("mixed", data["workloads"]["mixed"]), ("one_rank", data["workloads"]["one_rank"])):
+        lock, free = res[f"{key}/dp2_ep_lockstep"], res[f"{key}/two_ep1_replicas"]
+        dummy = lock.get("idle_rank_dummy_steps")
+        lines.append(f"| {label} | {fmt(lock['output_tok_per_s'])} | {fmt(free['output_tok_per_s'])} | "
+                     f"{ratio[key]:.2f}x | {'-' if key == 'mixed' else fmt(dummy)} |")
+    lines += ["", f"Step metadata, two gloo ranks, median per step: one packed all-reduce {sync['packed_us']:.0f} us, "
+              f"one all-reduce per field (3 fields) {sync['per_field_us']:.0f} us: {sync['saved_us_per_step']:.0f} us "
+              "saved per step.", "",
+              "With one rank idle (the `one_rank` row), that rank runs a one-token dummy forward in every step "
+              "of the busy rank, on the same 2 cores: the ratio is the price of lockstep when the load is "
+              "unbalanced, which routing by each rank's `/load` keeps rare.", ""]
+    headline = [f"| DP=2+EP lockstep vs two EP=1 replicas (tiny MoE, CPU): mixed / one rank idle | "
+                f"{ratio['mixed']:.2f}x / {ratio['one_rank']:.2f}x | - |"]
+    return lines, headline
+
+
 def gateway_overhead_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
     lines = ["## Gateway overhead vs nginx", ""]
     if not data:
@@ -509,6 +538,7 @@ def write_report(out: Path = OUT) -> Path:
     runs = json.loads((RESULTS / "runs.json").read_text()) if (RESULTS / "runs.json").exists() else {}
     engine, engine_head = engine_section(load("engine_vs_transformers"), runs)
     moe, moe_head = moe_section(load("moe_ep"), runs)
+    dp_ep, dp_ep_head = dp_ep_section(load("dp_ep"), runs)
     overhead, overhead_head = gateway_overhead_section(load("gateway_overhead"), runs)
     routing, routing_head = routing_section(load("gateway_routing"), load("gateway_prefix"), load("gateway_streams"),
                                             load("gateway_decision"), runs)
@@ -523,8 +553,9 @@ def write_report(out: Path = OUT) -> Path:
              f"Machine: {machine_line()}. Its 2 cores are shared with other work, so wall-clock numbers are noisy; "
              "each section gives the load average around its run.", "",
              "## Headlines", "", "| measure | result | target |", "|---|---|---|",
-             *engine_head, *pipeline_head, *moe_head, *overhead_head, *routing_head, *operator_head, *groups_head, "",
-             *engine, *pipeline, *moe, *overhead, *routing, *operator, *groups]
+             *engine_head, *pipeline_head, *moe_head, *dp_ep_head, *overhead_head, *routing_head, *operator_head,
+             *groups_head, "",
+             *engine, *pipeline, *moe, *dp_ep, *overhead, *routing, *operator, *groups]
     out.write_text("\n".join(line for line in lines).rstrip() + "\n")
     print(f"wrote {out}", flush=True)
     return out

@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "engine_vs_transformers": ["benchmarks/engine_vs_transformers.py"],
     "pp": ["benchmarks/pp_bench.py"],
     "moe_ep": ["benchmarks/moe_ep.py"],
+    "dp_ep": ["benchmarks/dp_ep.py"],
     "gateway_decision": ["benchmarks/gateway_decision.py"],
     "gateway_overhead": ["benchmarks/gateway_overhead.py"],
     "gateway_routing": ["benchmarks/gateway_routing.py"],
