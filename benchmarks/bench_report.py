@@ -253,9 +253,12 @@ def dp_ep_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[li
     lines += ["", f"Step metadata, two gloo ranks, median per step: one packed all-reduce {sync['packed_us']:.0f} us, "
               f"one all-reduce per field (3 fields) {sync['per_field_us']:.0f} us: {sync['saved_us_per_step']:.0f} us "
               "saved per step.", "",
-              "With one rank idle (the `one_rank` row), that rank runs a one-token dummy forward in every step "
-              "of the busy rank, on the same 2 cores: the ratio is the price of lockstep when the load is "
-              "unbalanced, which routing by each rank's `/load` keeps rare.", ""]
+              f"Load average when it finished: {data['load_average'][0]:.1f}. Why lockstep wins here: each rank "
+              "holds half of the experts and runs them over the tokens of both ranks, so the per-expert matmuls are "
+              "twice as tall (the tiny experts are overhead-bound), and with one rank idle (the `one_rank` row) "
+              "the idle rank's core still computes half of the busy rank's experts, at the price of a one-token "
+              "dummy forward per step, while an idle independent replica's core helps nobody. What lockstep costs "
+              "is the all-reduce per step above and every rank waiting for the slowest one.", ""]
     headline = [f"| DP=2+EP lockstep vs two EP=1 replicas (tiny MoE, CPU): mixed / one rank idle | "
                 f"{ratio['mixed']:.2f}x / {ratio['one_rank']:.2f}x | - |"]
     return lines, headline

@@ -16,7 +16,17 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from pypto_serving.contract import ENGINE_PORT, ENGINE_PORT_NAME, ENV_POD_NAMESPACE, L_DRAINING, L_GROUP_READY, L_SERVES
+from pypto_serving.contract import (
+    ENGINE_PORT,
+    ENGINE_PORT_NAME,
+    ENV_POD_NAMESPACE,
+    L_DRAINING,
+    L_GROUP_READY,
+    L_GROUP_SIZE,
+    L_INSTANCE,
+    L_RANK,
+    L_SERVES,
+)
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.upstream import Origin
 from pypto_serving.kube import ListWatch, equality_labels, load_config
@@ -78,6 +88,56 @@ def pod_entry(pod: dict[str, Any], default_port: int = ENGINE_PORT) -> tuple[str
     return meta.get("name", ip), f"http://{host}:{port}", state
 
 
+def group_of(pod: dict[str, Any]) -> tuple[str, str, int] | None:
+    """(resource, group index, pods in the group) of a pod of a multi-pod serving group, else None."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    try:
+        size = int(labels.get(L_GROUP_SIZE, "1"))
+    except ValueError:
+        return None
+    return (labels.get(L_INSTANCE, ""), labels.get(L_RANK, ""), size) if size > 1 else None
+
+
+def member_up(pod: dict[str, Any]) -> bool:
+    """A group member that can take part in its group's steps: Running, Ready and not terminating."""
+    status = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return ready and status.get("phase") == "Running" and not (pod.get("metadata") or {}).get("deletionTimestamp")
+
+
+class GroupMembers:
+    """The pods of each multi-pod serving group, as watched: a group's serving pods are routable only while all of
+    its pods are there, Running, Ready and not terminating. The operator's ``group-ready`` label says the same, one
+    reconcile later; checking the members here stops traffic to a broken group on the watch event itself."""
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+
+    def clear(self) -> None:
+        self._groups.clear()
+
+    def update(self, kind: str, pod: dict[str, Any]) -> list[dict[str, Any]]:
+        """Record one pod event; returns the group's pods now (empty for a pod of no multi-pod group)."""
+        group = group_of(pod)
+        if group is None:
+            return []
+        members = self._groups.setdefault(group[:2], {})
+        name = (pod.get("metadata") or {}).get("name", "")
+        if kind == "DELETED":
+            members.pop(name, None)
+        else:
+            members[name] = pod
+        return list(members.values())
+
+    def intact(self, pod: dict[str, Any]) -> bool:
+        """Every pod of ``pod``'s group is there and up (True for a pod of no multi-pod group)."""
+        group = group_of(pod)
+        if group is None:
+            return True
+        members = self._groups.get(group[:2], {})
+        return len(members) >= group[2] and all(member_up(p) for p in members.values())
+
+
 class KubernetesDiscovery(Discovery):
     """List+watch of the pods matching ``selector`` in ``namespace`` (pypto_serving.kube.ListWatch)."""
 
@@ -90,6 +150,7 @@ class KubernetesDiscovery(Discovery):
         self.watch_timeout_s = watch_timeout_s
         self.max_backoff_s = max_backoff_s
         self.events = 0  # watch events applied (for tests and /replicas debugging)
+        self.groups = GroupMembers()
         self._watch: ListWatch | None = None
 
     @property
@@ -102,7 +163,11 @@ class KubernetesDiscovery(Discovery):
         config = await asyncio.to_thread(load_config, self.kubeconfig)
 
         def listed(pods: Iterable[dict[str, Any]]) -> None:
-            registry.replace(e for e in (pod_entry(p, self.default_port) for p in pods) if e)
+            pods = list(pods)
+            self.groups.clear()
+            for p in pods:
+                self.groups.update("ADDED", p)
+            registry.replace(e for e in (self.entry(p) for p in pods) if e)
 
         self._watch = ListWatch(config, "v1", "Pod", self.namespace, self.labels, listed,
                                 lambda kind, pod: self.apply(registry, kind, pod), self.watch_timeout_s,
@@ -115,16 +180,27 @@ class KubernetesDiscovery(Discovery):
         if self._watch is not None:
             await self._watch.stop()
 
+    def entry(self, pod: dict[str, Any]) -> tuple[str, str, str] | None:
+        """`pod_entry`, not ready while a pod of its multi-pod group is missing or down."""
+        entry = pod_entry(pod, self.default_port)
+        if entry is not None and entry[2] == "ready" and not self.groups.intact(pod):
+            return entry[0], entry[1], "not-ready"
+        return entry
+
     def apply(self, registry: Registry, kind: str, pod: dict[str, Any]) -> None:
-        """Apply one watch event to the registry."""
+        """Apply one watch event to the registry (and to the other serving pods of the pod's group)."""
         self.events += 1
         name = (pod.get("metadata") or {}).get("name")
-        entry = pod_entry(pod, self.default_port)
+        members = self.groups.update(kind, pod)
+        entry = self.entry(pod)
         if kind == "DELETED" or entry is None:
             if name:
                 registry.remove(name)
-            return
-        registry.upsert(*entry)
+        else:
+            registry.upsert(*entry)
+        for member in members:  # a worker going down takes its group's serving pods out with it
+            if (member.get("metadata") or {}).get("name") != name and (other := self.entry(member)) is not None:
+                registry.upsert(*other)
 
 
 def default_namespace() -> str:

@@ -145,3 +145,32 @@ def test_only_equality_selectors_are_accepted() -> None:
     for bad in ("app!=x", "tier in (a,b)", "app", "app=x,"):
         with pytest.raises(ValueError, match="only equality selectors"):
             KubernetesDiscovery("ns", bad)
+
+
+def group_pod(name: str, index: int, serves: bool, ip: str, ready: bool = True, deleting: bool = False) -> dict:
+    p = pod(name, ip, ready=ready, deleting=deleting)
+    p["metadata"]["labels"].update({"app.kubernetes.io/instance": "big", "serving.pypto.io/dp-rank": "0",
+                                    "serving.pypto.io/group-pod": str(index), "serving.pypto.io/group-size": "2",
+                                    "serving.pypto.io/serves": str(serves).lower()})
+    if serves:
+        p["metadata"]["labels"]["serving.pypto.io/group-ready"] = "true"
+    return p
+
+
+def test_a_group_whose_worker_goes_down_stops_getting_traffic_on_that_event() -> None:
+    """The operator's group-ready label lags a worker's failure by a reconcile; the gateway sees the worker's own
+    watch event and takes the group's serving pod out at once, and back in when the group is whole again."""
+    registry = Registry()
+    discovery = KubernetesDiscovery("ns", "app=x")
+    discovery.apply(registry, "ADDED", group_pod("big-dp-0-0", 0, True, "127.0.1.1"))
+    assert registry.eligible() == []  # the worker is not seen yet: the group is not whole
+    discovery.apply(registry, "ADDED", group_pod("big-dp-0-1", 1, False, "127.0.1.2"))
+    assert [r.name for r in registry.eligible()] == ["big-dp-0-0"]  # the worker itself is no replica
+    discovery.apply(registry, "MODIFIED", group_pod("big-dp-0-1", 1, False, "127.0.1.2", ready=False))
+    assert registry.eligible() == [] and registry.get("big-dp-0-0").state() == "not-ready"
+    discovery.apply(registry, "MODIFIED", group_pod("big-dp-0-1", 1, False, "127.0.1.2"))
+    assert [r.name for r in registry.eligible()] == ["big-dp-0-0"]
+    discovery.apply(registry, "MODIFIED", group_pod("big-dp-0-1", 1, False, "127.0.1.2", deleting=True))
+    assert registry.eligible() == []
+    discovery.apply(registry, "DELETED", group_pod("big-dp-0-1", 1, False, "127.0.1.2", deleting=True))
+    assert registry.eligible() == []
