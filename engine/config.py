@@ -130,10 +130,6 @@ class EngineConfig:
             raise ValueError("master_addr: the leader's address is required when nnodes > 1")
         if not 0 < self.master_port < 65536:
             raise ValueError(f"master_port: must be a TCP port, got {self.master_port!r}")
-        if self.world_size - self.tensor_parallel_size >= self.ranks_per_node:
-            raise ValueError("nnodes: the last pipeline stage (it samples) must run on node 0 for now; "
-                             f"pipeline_parallel_size {self.pipeline_parallel_size} over {self.nnodes} nodes puts it "
-                             "on another node")
 
     def _check_data_parallel(self) -> None:
         dp = self.data_parallel_size
@@ -175,6 +171,12 @@ class EngineConfig:
         if self.pp_blocking:
             return 1
         return self.max_num_micro_batches or self.pipeline_parallel_size
+
+    @property
+    def leader_last(self) -> bool:
+        """Stages are numbered from the last (rank 0's): a replica spanning nodes keeps its sampling stage on the
+        leader node (see pipeline.py)."""
+        return self.nnodes > 1
 
     @property
     def ranks_per_node(self) -> int:

@@ -27,7 +27,7 @@ from pypto_serving.engine.layers.linear import set_tp_group
 from pypto_serving.engine.layers.sampler import Sampler, SampleResult, SamplingBatch
 from pypto_serving.engine.loader import checkpoint_dtype, load_hf_config, load_weights
 from pypto_serving.engine.models import model_class
-from pypto_serving.engine.pipeline import Stage, StageLink, partition_layers
+from pypto_serving.engine.pipeline import Stage, StageLink, partition_layers, stage_of_rank
 
 # Decode groups: a group is split when padding it to a longer member would gather more than GROUP_PAD_BYTES of
 # unused K/V per layer (about the cost of one more gather + SDPA call), and kept under GROUP_MAX_BYTES of gathered
@@ -86,7 +86,8 @@ class ModelRunner:
         hf_config = load_hf_config(config.model)
         bounds = partition_layers(hf_config.num_hidden_layers, config.pipeline_parallel_size,
                                   config.pp_layer_partition)
-        self.stage = Stage(rank // tp, config.pipeline_parallel_size, *bounds[rank // tp])
+        index = stage_of_rank(rank, tp, config.pipeline_parallel_size, config.leader_last)
+        self.stage = Stage(index, config.pipeline_parallel_size, *bounds[index])
         self.vocab_size = hf_config.vocab_size
         self.dtype = devices.resolve_dtype(config.dtype, checkpoint_dtype(hf_config), device_type)
         expert_parallel.configure(expert_parallel.ExpertParallelConfig(
@@ -103,7 +104,7 @@ class ModelRunner:
             raise ValueError(f"enable_expert_parallel: {hf_config.architectures} has no MoE layers to shard")
         load_weights(self.model, config.model)
         self.model.eval()
-        self.link = StageLink(self.stage, rank, tp, hf_config.hidden_size, self.dtype, self.device)
+        self.link = StageLink(self.stage, rank, tp, hf_config.hidden_size, self.dtype, self.device, config.leader_last)
         self.num_kv_blocks = self._allocate_kv_cache(max_model_len)
         self.sampler = Sampler(config.seed, self.device)
         self.busy_s = 0.0  # time spent computing steps (not waiting for the previous stage)

@@ -1,9 +1,12 @@
 """Pipeline parallelism: which decoder layers a stage holds, and the stage-to-stage activation link.
 
 A stage is ``tensor_parallel_size`` ranks wide; global rank ``stage * tp + tp_rank`` holds layers
-``[start, end)`` of the model. Between neighbouring stages, each TP rank sends its (replicated) hidden states and
-residual to the same TP rank of the next stage with ``torch.distributed`` point-to-point isend/irecv on the world
-group: one tag per micro-batch slot, no collective over all stages.
+``[start, end)`` of the model. A replica spanning nodes numbers its stages the other way round (``leader_last``:
+rank 0's block of TP ranks is the LAST stage), so the leader node, which runs the scheduler and collects the
+sampled tokens, holds the sampling stage and the first stage runs on another node. Between neighbouring stages,
+each TP rank sends its (replicated) hidden states and residual to the same TP rank of the next stage with
+``torch.distributed`` point-to-point isend/irecv on the world group: one tag per micro-batch slot, no collective
+over all stages.
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ def partition_layers(num_layers: int, num_stages: int, spec: str | None = None) 
     return bounds
 
 
+def stage_of_rank(rank: int, tp: int, pp: int, leader_last: bool = False) -> int:
+    """The pipeline stage of global rank ``rank`` (``rank // tp``, or counted from the last one)."""
+    block = rank // tp
+    return pp - 1 - block if leader_last else block
+
+
+def rank_of_stage(stage: int, tp_rank: int, tp: int, pp: int, leader_last: bool = False) -> int:
+    """The global rank of TP rank ``tp_rank`` of stage ``stage`` (the inverse of `stage_of_rank`)."""
+    block = pp - 1 - stage if leader_last else stage
+    return block * tp + tp_rank
+
+
 @dataclass(frozen=True)
 class Stage:
     """Stage ``index`` of ``size``, holding decoder layers ``[start, end)``."""
@@ -75,10 +90,11 @@ class StageLink:
     """
 
     def __init__(self, stage: Stage, rank: int, tp: int, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, leader_last: bool = False) -> None:
         self.stage, self.hidden_size, self.dtype, self.device = stage, hidden_size, dtype, device
-        self.prev = None if stage.first else rank - tp
-        self.next = None if stage.last else rank + tp
+        tp_rank = rank % tp
+        self.prev = None if stage.first else rank_of_stage(stage.index - 1, tp_rank, tp, stage.size, leader_last)
+        self.next = None if stage.last else rank_of_stage(stage.index + 1, tp_rank, tp, stage.size, leader_last)
         self._sends: dict[int, tuple[dist.Work, torch.Tensor]] = {}
 
     def recv(self, slot: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

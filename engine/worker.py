@@ -35,6 +35,7 @@ from pypto_serving.engine import device as devices
 from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.layers.sampler import SampleResult
 from pypto_serving.engine.model_runner import ModelInfo, ModelRunner, StepInput
+from pypto_serving.engine.pipeline import rank_of_stage, stage_of_rank
 from pypto_serving.startup import freeze_startup_objects
 
 WORKER_START_TIMEOUT_S = 3600.0  # loading a large checkpoint on every rank can take a while
@@ -133,12 +134,15 @@ class MultiprocExecutor:
         self.conns: list[Connection] = []
         self._pending: deque[int] = deque()  # step ids in flight, oldest first
         self._replies: dict[int, _Replies] = {}
-        self._result_rank = world - tp  # rank 0 of the last stage samples
+        pp = config.pipeline_parallel_size
+        self._result_rank = rank_of_stage(pp - 1, 0, tp, pp, config.leader_last)  # TP rank 0 of the last stage samples
+        self._stage_of = [stage_of_rank(r, tp, pp, config.leader_last) for r in range(world)]
         self._tp = tp
         self.stage_busy_s = [0.0] * (world // tp)  # seconds each stage spent computing (its TP rank 0 reports)
         for rank in range(config.ranks_per_node):  # node 0's ranks; other nodes run theirs (node_worker.py)
             parent, child = ctx.Pipe()
-            name = f"pypto-pp{rank // tp}-tp{rank % tp}" if world > tp else f"pypto-tp-rank{rank}"
+            name = (f"pypto-pp{stage_of_rank(rank, tp, world // tp, config.leader_last)}-tp{rank % tp}" if world > tp
+                    else f"pypto-tp-rank{rank}")
             proc = ctx.Process(target=worker_main, name=name, daemon=True,
                                args=(config, device_type, max_model_len, rank, world, init_method, child))
             proc.start()
@@ -215,7 +219,7 @@ class MultiprocExecutor:
                     continue
                 replies.waiting.discard(rank)
                 if rank % self._tp == 0:
-                    self.stage_busy_s[rank // self._tp] = busy_s
+                    self.stage_busy_s[self._stage_of[rank]] = busy_s
                 if kind == "error":
                     replies.errors.append(str(payload))
                 elif rank == self._result_rank:

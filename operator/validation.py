@@ -184,11 +184,6 @@ def _check_parallel(spec: PyptoServingSpec, defaulted: frozenset[str] | set[str]
         out.append(Problem("spec.parallel.tensorParallelSize",
                            f"tensorParallelSize x pipelineParallelSize = {spec.devices_per_replica} devices span "
                            f"nodes ({source}) but {problem}"))
-    elif group_shape(spec).multi and par.pipeline_parallel_size > 1:
-        out.append(Problem("spec.parallel.pipelineParallelSize",
-                           f"tensorParallelSize x pipelineParallelSize = {spec.devices_per_replica} devices span "
-                           f"nodes ({source}) and a pipeline across the pods of a serving group is not supported "
-                           "yet (the engine samples on the last stage, which must be on the leader pod)"))
     return out
 
 

@@ -277,3 +277,23 @@ def test_a_dp_ep_group_spans_two_pods_and_every_rank_serves(
     assert wait_for(routable, 60, "the gateway to route to both DP ranks") == ["dpep-dp-0-0", "dpep-dp-0-1"]
     assert wait_for(lambda: greedy_ids(url, prompt, 10), 60, "an answer through the gateway") == expected
     cluster.kubectl("delete", "pps", "dpep", "-n", namespace, "--wait=true", timeout=120)
+
+
+def test_a_tp2_x_pp2_replica_spans_two_pods_with_the_sampling_stage_on_the_leader(
+        cluster: Cluster, namespace: str, kube: Kube, start_operator: Callable[..., OperatorProcess],
+        model_volume: dict[str, Any]) -> None:
+    start_operator()
+    body = group_resource("pipe", model_volume, tp=2, per_node=2, gateway={"enabled": True})
+    body["spec"]["parallel"]["pipelineParallelSize"] = 2
+    kubectl_apply(cluster, namespace, body)
+    wait_ready(kube, namespace, "pipe", 1, timeout=300)
+    pods = pods_by_name(kube, namespace, "pipe")
+    assert sorted(pods) == ["pipe-dp-0-0", "pipe-dp-0-1"]
+    args = pods["pipe-dp-0-1"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--pipeline-parallel-size") + 1] == "2" and "--headless" in args
+    url = gateway_url(kube, namespace, "pipe")
+    model = str(tiny_model_dir("qwen3"))
+    for prompt, n in (([5, 6, 7, 8, 9], 12), ([100, 200, 300], 7)):
+        got = wait_for(lambda p=prompt, k=n: greedy_ids(url, p, k), 60, "an answer through the gateway")
+        assert got == hf_greedy(model, prompt, n)
+    cluster.kubectl("delete", "pps", "pipe", "-n", namespace, "--wait=true", timeout=120)

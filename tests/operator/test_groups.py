@@ -132,9 +132,8 @@ def test_validation_of_group_shapes() -> None:
     _, problems = validate(minimal(parallel={**ep, "tensorParallelSize": 1, "pipelineParallelSize": 2}, **moe))
     assert [p.field for p in problems] == ["spec.parallel.pipelineParallelSize"]
     assert "DP+EP groups with pipelineParallelSize > 1 are not supported yet" in problems[0].message
-    _, problems = validate(minimal(parallel={"tensorParallelSize": 2, "pipelineParallelSize": 2},
-                                   devices={"perNode": 2}))
-    assert "a pipeline across the pods of a serving group is not supported yet" in str(problems[-1])
+    pipeline = {"tensorParallelSize": 2, "pipelineParallelSize": 2}
+    assert validate(minimal(parallel=pipeline, devices={"perNode": 2}))[1] == []  # PP across the pods
     long_name = "a" * 54
     _, problems = validate(minimal(long_name, parallel={"tensorParallelSize": 4}, devices={"perNode": 2}))
     assert [p.field for p in problems] == ["metadata.name"] and "at most 53 characters" in problems[0].message

@@ -73,12 +73,9 @@ def test_pipeline_parallel_is_accepted_while_tp_x_pp_fits_a_node() -> None:
     assert problems == [] and spec is not None and spec.devices_per_replica == 8
     _, problems = validation.validate(minimal(parallel={"tensorParallelSize": 1, "pipelineParallelSize": 2}))
     assert problems == []  # no perNode: no fit check
-    _, problems = validation.validate(minimal(parallel={"tensorParallelSize": 2, "pipelineParallelSize": 8},
-                                              devices={"perNode": 8}))
-    assert [str(p) for p in problems] == [  # a serving group of 2 pods, but PP cannot span its pods yet
-        "spec.parallel.pipelineParallelSize: tensorParallelSize x pipelineParallelSize = 16 devices span nodes "
-        "(spec.devices.perNode = 8) and a pipeline across the pods of a serving group is not supported yet (the "
-        "engine samples on the last stage, which must be on the leader pod)"]
+    spec, problems = validation.validate(minimal(parallel={"tensorParallelSize": 2, "pipelineParallelSize": 8},
+                                                 devices={"perNode": 8}))
+    assert problems == [] and spec is not None  # a serving group of 2 pods; the leader holds the last stage
 
 
 def test_problems_accumulate_and_summary_joins_them() -> None:
