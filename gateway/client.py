@@ -10,7 +10,8 @@ aiohttp parses responses in C (llhttp), bounds the status line, each header line
   the answer to another client's request;
 * response bodies are bounded (`UpstreamTooLarge`, from Content-Length before a byte is read, or as they arrive);
 * errors are the gateway's own: `ConnectFailed` (nothing reached the replica), `ReadTimeout` (the replica went
-  silent for the idle timeout), `UpstreamClosed` (it closed early or sent something that is not HTTP).
+  silent for the idle timeout), `UpstreamClosed` (it closed early), `UpstreamInvalid` (it sent something that is not
+  HTTP, or over the limits: `UpstreamTooLarge`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ class UpstreamClosed(UpstreamError):
     """The connection closed before the response was complete, or the response was not valid HTTP."""
 
 
-class UpstreamTooLarge(UpstreamError):
+class UpstreamInvalid(UpstreamError):
+    """The replica answered, but not with valid HTTP: it did take the request, so it is not sent again."""
+
+
+class UpstreamTooLarge(UpstreamInvalid):
     """The response head or body is over the gateway's limits."""
 
 
@@ -81,10 +86,11 @@ def _error(exc: BaseException) -> UpstreamError:
         return ConnectFailed(f"cannot connect: {exc}")
     if isinstance(exc, asyncio.TimeoutError):
         return ReadTimeout("no response bytes for the idle timeout")
-    if isinstance(exc, aiohttp.ClientResponseError) and "Got more than" in str(exc.message):
-        return UpstreamTooLarge(f"response head over the limits: {exc.message}")
     if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamClosed(f"invalid HTTP response from the replica: {exc.message}")
+        message = str(exc.message)
+        if "Got more than" in message or "Too many headers" in message:
+            return UpstreamTooLarge(f"response head over the limits: {message}")
+        return UpstreamInvalid(f"invalid HTTP response from the replica: {message}")
     return UpstreamClosed(f"the replica closed the connection or broke the protocol: {exc!r}")
 
 

@@ -32,7 +32,7 @@ from pypto_serving.gateway.client import (
     Response,
     UpstreamClosed,
     UpstreamError,
-    UpstreamTooLarge,
+    UpstreamInvalid,
 )
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.errors import error_body, error_response
@@ -275,7 +275,7 @@ class Proxy:
             self.metrics.count(replica.name, "504")
             return error_response(504, f"replica {replica.name} sent nothing for {self.config.idle_timeout_s:g}s",
                                   code="upstream_timeout", headers=ids)
-        if upstream is not None or isinstance(error, UpstreamTooLarge):  # it answered, badly: no re-run
+        if upstream is not None or isinstance(error, UpstreamInvalid):  # it answered, badly: no re-run
             self.metrics.count(replica.name, "502")
             return error_response(502, f"replica {replica.name} sent an invalid answer: {error}",
                                   code="upstream_failed", headers=ids)
