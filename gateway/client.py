@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 KEEPALIVE_S = 4.0  # an idle pooled connection is not reused after this long (engines close theirs after 5 s)
 MAX_HEAD_FIELD = 8190  # bytes of the status line and of each header line
@@ -170,6 +171,7 @@ class Client:
                         "max_headers": max_headers}
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}  # parsed once: replica URL + path
 
     def _new_session(self, force_close: bool) -> aiohttp.ClientSession:
         pooling: dict[str, Any] = {"force_close": True} if force_close else {"keepalive_timeout": KEEPALIVE_S}
@@ -193,8 +195,13 @@ class Client:
         if timeout_s is not None:
             options["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s,
                                                        sock_read=timeout_s)
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) > 4096:  # replicas come and go
+                self._urls.clear()
+            parsed = self._urls[url] = URL(url)
         try:
-            raw = await session.request(method, url, headers=CIMultiDict(headers), data=body,
+            raw = await session.request(method, parsed, headers=CIMultiDict(headers), data=body,
                                          allow_redirects=False, compress=None, **options)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise _error(exc) from exc

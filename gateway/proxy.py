@@ -109,6 +109,12 @@ def response_headers(upstream: Response, replica: Replica, request_id: str) -> l
     return out
 
 
+class Streamed(web.StreamResponse):
+    """A relayed stream whose head leaves together with its first piece (one write instead of two)."""
+
+    _send_headers_immediately = False
+
+
 class Retry(Exception):
     """This attempt did not reach an answer; try another replica."""
 
@@ -242,22 +248,22 @@ class Proxy:
         first_body_at = time.perf_counter()
         if chunk:
             metrics.ttft(replica.name, first_body_at - dispatched)
-        response = web.StreamResponse(status=status)
+        response = Streamed(status=status)
         response.headers.extend(headers)
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         send_timeout = self.config.send_timeout_s
-        if upstream.complete:  # the whole stream came with its head: one write
-            self.count_done(replica, status)
-            await send(request, response, chunk, send_timeout, last=True)
-            metrics.overhead_response.observe(time.perf_counter() - first_body_at)
-            return response
-        await send(request, response, chunk, send_timeout)
-        metrics.overhead_response.observe(time.perf_counter() - first_body_at)
-        while chunk := await upstream.next_chunk():
+        first = True
+        while not upstream.complete:  # each piece as it came (the head leaves with the first one)
             await send(request, response, chunk, send_timeout)
+            if first:
+                metrics.overhead_response.observe(time.perf_counter() - first_body_at)
+                first = False
+            chunk = await upstream.next_chunk()
         self.count_done(replica, status)
-        await send(request, response, b"", send_timeout, last=True)
+        await send(request, response, chunk, send_timeout, last=True)  # the last piece and the end in one write
+        if first:
+            metrics.overhead_response.observe(time.perf_counter() - first_body_at)
         return response
 
     def failed(self, request: web.BaseRequest, replica: Replica, upstream: Response | None, error: UpstreamError,
