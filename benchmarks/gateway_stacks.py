@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{stack:16s} {c1['p50_ms']:6.2f}ms {c1['cpu_us_per_request']:8.0f}us {c32['rps']:8.0f} "
                   f"{c32['p50_ms']:6.2f}ms {c32['p99_ms']:6.2f}ms {c32['cpu_us_per_request']:9.0f}us")
         write_result("gateway_stacks", {"rounds": args.rounds, "seconds": args.seconds, "median": table,
-                                        "samples": samples, "wall_s": round(time.time() - started, 1)})
+                                        "samples": samples, "wall_s": round(time.time() - started, 1),
+                                        "chosen": "aiohttp+aiohttp"})
     finally:
         if nginx is not None:
             nginx.stop()
