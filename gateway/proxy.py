@@ -40,7 +40,7 @@ from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import Policy
 from pypto_serving.gateway.replicas import Registry, Replica
 from pypto_serving.gateway.request import RequestInfo
-from pypto_serving.gateway.server import SendTimeout, send
+from pypto_serving.gateway.server import send
 
 log = logging.getLogger("pypto_serving.gateway")
 
@@ -215,10 +215,7 @@ class Proxy:
                 replica.refused()
                 raise Retry("unavailable", 503, payload, replica.name)
             return await self.relay(request, replica, upstream, request_id, dispatched)
-        except asyncio.CancelledError:  # the client went away (or the server is stopping)
-            self.metrics.count(replica.name, "499")
-            raise
-        except SendTimeout:
+        except (asyncio.CancelledError, ConnectionError):  # the client went away, or was cut (`SendTimeout`)
             self.metrics.count(replica.name, "499")
             raise
         except UpstreamError as error:

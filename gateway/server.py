@@ -76,6 +76,8 @@ class Connection(RequestHandler):
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):  # the client went away, or was cut: nobody to answer
+            raise exc
         if request.writer.output_size > 0:  # part of an answer went out: the connection can only be cut
             raise ConnectionError("the answer was already started")
         code = "bad_request"
