@@ -175,12 +175,12 @@ class Proxy:
         tried: list[str] = []
         last: Retry | None = None
         while True:
+            if last is not None and len(tried) > self.config.max_retries:
+                return self.replica_error(last, request_id)
             chosen = self.choose(policy, info, tried)
             if isinstance(chosen, web.Response):
                 if last is not None and chosen.status == 503:  # report what the replicas said
-                    self.metrics.count(last.replica, str(last.status))
-                    return web.Response(status=last.status, body=last.payload, content_type="application/json",
-                                        headers={REPLICA_HEADER: last.replica, REQUEST_ID_HEADER: request_id})
+                    return self.replica_error(last, request_id)
                 self.metrics.count(last.replica if last else "none", str(chosen.status))
                 chosen.headers[REQUEST_ID_HEADER] = request_id
                 return chosen
@@ -193,6 +193,12 @@ class Proxy:
                 return await self.attempt(request, chosen, method, path, headers, body, info, request_id)
             except Retry as retry:
                 last = retry
+
+    def replica_error(self, last: Retry, request_id: str) -> web.Response:
+        """The answer that reports the last replica's failure, counted."""
+        self.metrics.count(last.replica, str(last.status))
+        return web.Response(status=last.status, body=last.payload, content_type="application/json",
+                            headers={REPLICA_HEADER: last.replica, REQUEST_ID_HEADER: request_id})
 
     async def attempt(self, request: web.BaseRequest, replica: Replica, method: str, path: str,
                       headers: list[tuple[str, str]], body: bytes | None, info: RequestInfo,
