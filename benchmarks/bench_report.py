@@ -376,11 +376,14 @@ def gateway_stack_section(stacks: dict[str, Any] | None, change: dict[str, Any] 
             lines.append(f"| {stack}{chosen} | {fmt(c1['p50_ms'], 2)} ms | {fmt(c1['cpu_us_per_request'], 0)} us | "
                          f"{fmt(c32['rps'], 0)} | {fmt(c32['p50_ms'], 2)} ms | {fmt(c32['p99_ms'], 1)} ms | "
                          f"{fmt(c32['cpu_us_per_request'], 0)} us |")
-        lines += ["", "aiohttp's server and client were chosen: httpx (h11, pure Python) costs several times more per "
-                  "request; uvicorn's httptools protocol is within a few tens of microseconds of aiohttp's server but "
-                  "bounds neither the header count nor the head's size and has no deadline for a first request "
-                  "head, which aiohttp's parser and keep-alive timer already enforce (docs/architecture.md, "
-                  "\"Gateway\"). granian is not in the lock and brings its own process manager.", ""]
+        ours, uvicorn, httpx = (median[k]["c32"]["cpu_us_per_request"]
+                                for k in ("aiohttp+aiohttp", "uvicorn+aiohttp", "aiohttp+httpx"))
+        lines += ["", f"aiohttp's server and client were chosen. httpx (h11, pure Python) costs {httpx / ours:.0f}x "
+                  f"aiohttp's client per request. uvicorn's httptools protocol costs {uvicorn / ours:.2f}x aiohttp's "
+                  "server here, but bounds neither the header count "
+                  "nor the head's size and has no deadline for a first request head, all of which aiohttp's "
+                  "parser and keep-alive timer already enforce (docs/architecture.md, \"Gateway\"). granian is not in "
+                  "the lock and brings its own process manager.", ""]
     if change:
         added = change["added_ms_median"]
         cpu = change["cpu_us_per_request"]
