@@ -108,13 +108,13 @@ async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers
     return True
 
 
-async def extra(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def extra(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """A complete answer with a second, unasked-for answer in the same write (H2)."""
     writer.write(sized(b'"first"') + INJECTED)
     return True
 
 
-async def late_extra(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def late_extra(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """A complete answer, then an unasked-for answer while the connection idles in the pool (H2)."""
     writer.write(sized(b'"first"'))
     await asyncio.sleep(0.2)
@@ -122,13 +122,13 @@ async def late_extra(reader, writer, headers) -> bool:  # type: ignore[no-untype
     return True
 
 
-async def no_content_body(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def no_content_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """A 204 that carries a body anyway: an answer for the next request on the connection (H2)."""
     writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: %d\r\n\r\n%s" % (len(INJECTED), INJECTED))
     return True
 
 
-async def early_hints(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """103 Early Hints, then the final answer (L2)."""
     writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
     await writer.drain()
@@ -137,19 +137,19 @@ async def early_hints(reader, writer, headers) -> bool:  # type: ignore[no-untyp
     return True
 
 
-async def huge_header(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def huge_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """One 1 MiB header (L4)."""
     writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\nok")
     return True
 
 
-async def many_headers(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def many_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """5,000 headers (L4)."""
     writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 5000 + b"Content-Length: 2\r\n\r\nok")
     return True
 
 
-async def huge_length(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def huge_length(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """Announces a 400 MiB body (L4)."""
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 419430400\r\n\r\n")
     writer.write(b"x" * 65536)
@@ -157,7 +157,7 @@ async def huge_length(reader, writer, headers) -> bool:  # type: ignore[no-untyp
     return False
 
 
-async def endless_stream(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def endless_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """An SSE stream that never ends and sends as fast as it may (L4 when unbounded, M2 when nobody reads)."""
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
     event = chunk(b"data: " + b"x" * 4000 + b"\n\n")
@@ -167,7 +167,7 @@ async def endless_stream(reader, writer, headers) -> bool:  # type: ignore[no-un
     return False
 
 
-async def slow_stream(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """Three SSE events 0.2 s apart, then the end."""
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
     for i in range(3):
@@ -178,7 +178,7 @@ async def slow_stream(reader, writer, headers) -> bool:  # type: ignore[no-untyp
     return True
 
 
-async def hang(reader, writer, headers) -> bool:  # type: ignore[no-untyped-def]
+async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> bool:
     """A streamed head and one event, then silence."""
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
                  + chunk(b"data: 0\n\n"))
