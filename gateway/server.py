@@ -41,6 +41,9 @@ log = logging.getLogger("pypto_serving.gateway")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A write that leaves less than this buffered cannot make the transport pause (asyncio's and uvloop's high-water
+# mark is 64 KiB), so it cannot wait for the client.
+NO_WAIT_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,13 @@ async def read_body(request: web.BaseRequest, limits: ServerLimits) -> bytes:
         request.transport.write(CONTINUE)  # not through the answer's writer: this is no part of the answer
     loop = asyncio.get_running_loop()
     started = loop.time()
-    body = bytearray()
-    while not content.at_eof():
+    chunk = content.read_nowait()
+    if content.at_eof() and len(chunk) <= limits.max_body_bytes:  # the common case: it came with the head
+        return chunk
+    body = bytearray(chunk)
+    while len(body) <= limits.max_body_bytes:
+        if content.at_eof():
+            return bytes(body)
         chunk = content.read_nowait()
         if not chunk:
             remaining = started + limits.body_timeout_s + len(body) / limits.body_min_rate - loop.time()
@@ -169,9 +177,7 @@ async def read_body(request: web.BaseRequest, limits: ServerLimits) -> bytes:
             except asyncio.TimeoutError:
                 raise RequestRefused(408, "request body too slow", "body_timeout") from None
         body += chunk
-        if len(body) > limits.max_body_bytes:
-            raise RequestRefused(413, f"request body over {limits.max_body_bytes} bytes", "body_too_large")
-    return bytes(body)
+    raise RequestRefused(413, f"request body over {limits.max_body_bytes} bytes", "body_too_large")
 
 
 def refusal(error: RequestRefused) -> web.Response:
@@ -184,16 +190,33 @@ def refusal(error: RequestRefused) -> web.Response:
 async def send(request: web.BaseRequest, response: web.StreamResponse, data: bytes, send_timeout_s: float,
                last: bool = False) -> None:
     """Write ``data`` (``last``: and end the answer), preparing the answer first; a client that takes nothing for
-    ``send_timeout_s`` meanwhile is cut (`SendTimeout`)."""
+    ``send_timeout_s`` meanwhile is cut (`SendTimeout`). A write that cannot wait (the client's socket takes data
+    and this one is small) sets no timer."""
+    transport = request.transport
+    if (transport is not None and not request.protocol.writing_paused
+            and transport.get_write_buffer_size() + len(data) + _head_size(response) < NO_WAIT_BYTES):
+        await _write(request, response, data, last)
+        return
     try:
         async with deadline(send_timeout_s):
-            if not response.prepared:
-                await response.prepare(request)
-            if last:
-                await response.write_eof(data)
-            elif data:
-                await response.write(data)
+            await _write(request, response, data, last)
     except asyncio.TimeoutError:
         if request.transport is not None:
             request.transport.abort()
         raise SendTimeout(f"the client took no data for {send_timeout_s:g}s") from None
+
+
+def _head_size(response: web.StreamResponse) -> int:
+    """Bytes of the head still to be written (an upper bound; 0 once it went out)."""
+    if response.prepared:
+        return 0
+    return 64 + sum(len(k) + len(v) + 4 for k, v in response.headers.items())
+
+
+async def _write(request: web.BaseRequest, response: web.StreamResponse, data: bytes, last: bool) -> None:
+    if not response.prepared:
+        await response.prepare(request)
+    if last:
+        await response.write_eof(data)
+    elif data:
+        await response.write(data)

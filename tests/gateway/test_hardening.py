@@ -207,6 +207,20 @@ def test_413_from_content_length_without_reading_the_body(gateway: GatewayProces
         envelope(body, "body_too_large")
 
 
+def test_413_for_a_chunked_body_over_the_limit(gateway: GatewayProcess) -> None:
+    with connect(gateway) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: gw\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\n".encode())
+        piece = b"%x\r\n%s\r\n" % (65536, b"a" * 65536)
+        try:
+            for _ in range(18):  # 1.1 MiB, the limit is 1 MiB
+                sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the gateway may answer and stop reading before the last pieces
+        status, headers, body = read_answer(sock)
+        assert status == 413 and headers["connection"] == "close"
+        envelope(body, "body_too_large")
+
+
 def test_l3_100_continue_never_lands_inside_a_pipelined_answer(gateway: GatewayProcess) -> None:
     """A streamed answer, then a pipelined request with Expect: the 100 Continue comes after the stream ended."""
     with connect(gateway) as sock:
