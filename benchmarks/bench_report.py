@@ -353,6 +353,59 @@ def gateway_overhead_section(data: dict[str, Any] | None, runs: dict[str, Any]) 
     return lines, headline
 
 
+def gateway_stack_section(stacks: dict[str, Any] | None, change: dict[str, Any] | None,
+                          runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The gateway's HTTP libraries: the candidates as bare proxies, and the gateway before and after the change."""
+    lines = ["## Gateway HTTP stack", ""]
+    head: list[str] = []
+    if not stacks and not change:
+        return [*lines, "Not measured yet.", ""], head
+    if stacks:
+        median = stacks["median"]
+        lines += [run_note(runs, "gateway_stacks"), "",
+                  "Which libraries carry the gateway (issue 20: the hand-written HTTP server and client failed a "
+                  "security review). Each candidate as the smallest streaming pass-through proxy its libraries allow, "
+                  "on uvloop, in front of one fast fake engine (benchmarks/gateway_stacks.py), driven by wrk alone for "
+                  f"{fmt(stacks['seconds'], 0)} s per round and concurrency, medians of {stacks['rounds']} rounds. "
+                  "CPU per request is the proxy process's user + system time over its requests.", "",
+                  "| stack (server + upstream client) | c1 p50 | c1 CPU per request | c32 requests/s | c32 p50 | "
+                  "c32 p99 | c32 CPU per request |", "|---|---|---|---|---|---|---|"]
+        for stack, row in median.items():
+            c1, c32 = row["c1"], row["c32"]
+            chosen = " (chosen)" if stack == stacks.get("chosen") else ""
+            lines.append(f"| {stack}{chosen} | {fmt(c1['p50_ms'], 2)} ms | {fmt(c1['cpu_us_per_request'], 0)} us | "
+                         f"{fmt(c32['rps'], 0)} | {fmt(c32['p50_ms'], 2)} ms | {fmt(c32['p99_ms'], 1)} ms | "
+                         f"{fmt(c32['cpu_us_per_request'], 0)} us |")
+        ours, uvicorn, httpx = (median[k]["c32"]["cpu_us_per_request"]
+                                for k in ("aiohttp+aiohttp", "uvicorn+aiohttp", "aiohttp+httpx"))
+        lines += ["", f"aiohttp's server and client were chosen. httpx (h11, pure Python) costs {httpx / ours:.0f}x "
+                  f"aiohttp's client per request. uvicorn's httptools protocol costs {uvicorn / ours:.2f}x aiohttp's "
+                  "server here, but bounds neither the header count "
+                  "nor the head's size and has no deadline for a first request head, all of which aiohttp's "
+                  "parser and keep-alive timer already enforce (docs/architecture.md, \"Gateway\"). granian is not in "
+                  "the lock and brings its own process manager.", ""]
+    if change:
+        added = change["added_ms_median"]
+        cpu = change["cpu_us_per_request"]
+        lines += [f"**The gateway before and after** (benchmarks/gateway_ab.py --a {change['a']} --b {change['b']}, "
+                  f"measured {change['date']}, {change['wall_s']:.0f} s, load average {change['load_average_before']} "
+                  f"before, {change['load_average_after']} after): both builds side by side against one real engine "
+                  f"with direct and nginx, wrk, {change['connections_per_path']} connections per path (32 in flight), "
+                  f"{len(change['rounds'])} rounds of {fmt(change['seconds'], 0)} s; added latency is the median of "
+                  "the per-round differences to direct.", "",
+                  "| build | added c32 p50 / p90 / p99 | CPU per request |", "|---|---|---|"]
+        names = {"A": f"A: {change['a']} (hand-written HTTP)", "B": f"B: {change['b']} (aiohttp)", "nginx": "nginx"}
+        for key, label in names.items():
+            row = added[key]
+            lines.append(f"| {label} | {fmt(row['p50'], 2)} / {fmt(row['p90'], 2)} / {fmt(row['p99'], 2)} ms | "
+                         + (f"{cpu[key]:,.0f} us" if key in cpu else "-") + " |")
+        lines.append("")
+        head.append(f"| gateway CPU per request, hand-written HTTP -> aiohttp (side by side, c32) | "
+                    f"{cpu['A']:,.0f} -> {cpu['B']:,.0f} us; added c32 p50 {fmt(added['A']['p50'], 2)} -> "
+                    f"{fmt(added['B']['p50'], 2)} ms | report (issue 20) |")
+    return lines, head
+
+
 def routing_section(routing: dict[str, Any] | None, prefix: dict[str, Any] | None, streams: dict[str, Any] | None,
                     decision: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
     lines = ["## Routing quality", ""]
@@ -543,6 +596,7 @@ def write_report(out: Path = OUT) -> Path:
     moe, moe_head = moe_section(load("moe_ep"), runs)
     dp_ep, dp_ep_head = dp_ep_section(load("dp_ep"), runs)
     overhead, overhead_head = gateway_overhead_section(load("gateway_overhead"), runs)
+    stack, stack_head = gateway_stack_section(load("gateway_stacks"), load("gateway_stack_change"), runs)
     routing, routing_head = routing_section(load("gateway_routing"), load("gateway_prefix"), load("gateway_streams"),
                                             load("gateway_decision"), runs)
     operator, operator_head = operator_section(load("operator"), runs)
@@ -556,9 +610,9 @@ def write_report(out: Path = OUT) -> Path:
              f"Machine: {machine_line()}. Its 2 cores are shared with other work, so wall-clock numbers are noisy; "
              "each section gives the load average around its run.", "",
              "## Headlines", "", "| measure | result | target |", "|---|---|---|",
-             *engine_head, *pipeline_head, *moe_head, *dp_ep_head, *overhead_head, *routing_head, *operator_head,
-             *groups_head, "",
-             *engine, *pipeline, *moe, *dp_ep, *overhead, *routing, *operator, *groups]
+             *engine_head, *pipeline_head, *moe_head, *dp_ep_head, *overhead_head, *stack_head, *routing_head,
+             *operator_head, *groups_head, "",
+             *engine, *pipeline, *moe, *dp_ep, *overhead, *stack, *routing, *operator, *groups]
     out.write_text("\n".join(line for line in lines).rstrip() + "\n")
     print(f"wrote {out}", flush=True)
     return out

@@ -158,8 +158,9 @@ class System:
         return int(body["metadata"]["generation"])
 
     def gateway_view(self, target: str) -> dict[str, str]:
-        """A gateway's replicas and their states (GET /replicas)."""
-        data = httpx.get(f"{target}/replicas", timeout=3, trust_env=False).json()
+        """A gateway's replicas and their states (GET /replicas, which needs the API key when there is one)."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        data = httpx.get(f"{target}/replicas", headers=headers, timeout=3, trust_env=False).json()
         return {r["name"]: r["state"] for r in data["replicas"]}
 
     def converged(self, replicas: int) -> bool:

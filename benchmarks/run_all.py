@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "moe_ep": ["benchmarks/moe_ep.py"],
     "dp_ep": ["benchmarks/dp_ep.py"],
     "gateway_decision": ["benchmarks/gateway_decision.py"],
+    "gateway_stacks": ["benchmarks/gateway_stacks.py"],
     "gateway_overhead": ["benchmarks/gateway_overhead.py"],
     "gateway_routing": ["benchmarks/gateway_routing.py"],
     "gateway_prefix": ["benchmarks/gateway_prefix.py"],

@@ -1,16 +1,18 @@
 """The gateway's routes: OpenAI routes proxied to the replicas, plus health, readiness and admin.
 
-gateway/http_server.py serves the clients (httptools parser, a client disconnect cancels the handler and so the
-upstream request); gateway/upstream.py's lean keep-alive pool talks to the engines.
+gateway/server.py serves the clients (aiohttp's server with the gateway's limits; a client disconnect cancels the
+handler and so the upstream request); gateway/client.py's keep-alive pool talks to the engines.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 
 import orjson
+from aiohttp import web
 
 from pypto_serving.contract import (
     PATH_HEALTH,
@@ -20,22 +22,26 @@ from pypto_serving.contract import (
     ROUTING_HEADER,
     SESSION_HEADER,
 )
+from pypto_serving.gateway.client import UpstreamError
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.discovery import Discovery
-from pypto_serving.gateway.errors import error_response
-from pypto_serving.gateway.http_server import Answer, Handler, Request, json_answer
+from pypto_serving.gateway.errors import error_response, json_response
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import POLICIES, Policy, make_policy
 from pypto_serving.gateway.poller import Poller
 from pypto_serving.gateway.proxy import Proxy, new_request_id
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.request import RequestInfo, request_info
-from pypto_serving.gateway.upstream import UpstreamError
+from pypto_serving.gateway.server import RequestRefused, read_body, refusal
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 # The gateway's own endpoints in its OpenAPI document (the /v1 routes come from the engines').
 GATEWAY_PATHS = {PATH_HEALTH: "The gateway process is alive.", PATH_READY: "200 while a replica can take traffic.",
                  "/replicas": "Each replica's address, state and last load.", PATH_METRICS: "Prometheus metrics."}
 OPENAPI_TIMEOUT_S = 10.0
+OPENAPI_MAX_BYTES = 4 * 1024 * 1024
+ADMIN_PATHS = ("/replicas", PATH_METRICS)  # behind the API key when one is set
 NO_KEY = "missing or invalid API key (Authorization: Bearer <key>)"
 
 
@@ -48,10 +54,10 @@ def parse_json(body: bytes) -> object:
         return json.loads(body)
 
 
-def stamped(request: Request, answer: Answer) -> Answer:
-    """``answer`` with the request's ``x-request-id`` (the client's, else a new one)."""
-    answer.headers.append((REQUEST_ID_HEADER, request.header(REQUEST_ID_HEADER) or new_request_id()))
-    return answer
+def stamped(request: web.BaseRequest, response: web.StreamResponse) -> web.StreamResponse:
+    """``response`` with the request's ``x-request-id`` (the client's, else a new one)."""
+    response.headers[REQUEST_ID_HEADER] = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+    return response
 
 
 class Gateway:
@@ -59,6 +65,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, discovery: Discovery) -> None:
         self.config = config
+        self.limits = config.server_limits()
         self.metrics = GatewayMetrics()
         self.registry = Registry(config.breaker)
         self.registry.on_eject = lambda replica: self.metrics.ejections.labels(replica.name).inc()
@@ -68,6 +75,7 @@ class Gateway:
         self.policies: dict[str, Policy] = {name: make_policy(name, config.policy_config) for name in POLICIES}
         self.default_policy = self.policies[config.policy]
         self._routes = self.routes()
+        self._key = None if config.api_key is None else config.api_key.encode()
 
     async def start(self) -> None:
         """Start discovery and polling (first readings are awaited briefly)."""
@@ -78,25 +86,31 @@ class Gateway:
         """Stop discovery and polling and close the upstream connections."""
         await self.discovery.stop()
         await self.poller.stop()
-        self.proxy.stop()
+        await self.proxy.stop()
 
     # --- handlers ---------------------------------------------------------------------------------------------
-    def authorized(self, request: Request) -> bool:
-        """True when no API key is configured or the request carries it as a bearer token."""
-        if self.config.api_key is None:
+    def authorized(self, request: web.BaseRequest) -> bool:
+        """True when no API key is configured or the request carries it as a bearer token (compared as bytes:
+        a header value that is not UTF-8 is simply a wrong key)."""
+        if self._key is None:
             return True
-        auth = request.header("authorization") or ""
-        scheme, _, token = auth.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.config.api_key.encode())
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("utf-8", "surrogateescape"), self._key)
 
-    def generate(self, request: Request) -> Answer | None:
-        """POST /v1/completions and /v1/chat/completions (None: the proxy answers)."""
+    async def generate(self, request: web.BaseRequest) -> web.StreamResponse:
+        """POST /v1/completions and /v1/chat/completions."""
         if not self.authorized(request):
             return self.reject(request, 401, NO_KEY, "invalid_api_key")
-        body = request.body  # within --max-body-bytes (the server answered 413 otherwise)
+        try:
+            body = await read_body(request, self.limits)
+        except RequestRefused as refused:
+            self.metrics.count("none", str(refused.status))
+            return stamped(request, refusal(refused))
+        received_at = time.perf_counter()
         try:
             parsed = parse_json(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return self.reject(request, 400, "request body is not valid JSON", "invalid_json")
         if not isinstance(parsed, dict):
             return self.reject(request, 400, "request body must be a JSON object", "invalid_json")
@@ -104,26 +118,26 @@ class Gateway:
         if policy is None:
             return self.reject(request, 400, f"unknown routing policy in {ROUTING_HEADER}; known: "
                                 f"{', '.join(POLICIES)}", "unknown_policy", param=ROUTING_HEADER)
-        info = request_info(parsed, request.header(SESSION_HEADER), self.config.default_max_tokens,
+        info = request_info(parsed, request.headers.get(SESSION_HEADER), self.config.default_max_tokens,
                             self.config.chars_per_token)
-        self.proxy.start(request, request.path, body, info, policy)
-        return None
+        return await self.proxy.serve(request, request.path, body, info, policy, received_at)
 
-    def models(self, request: Request) -> Answer | None:
-        """GET /v1/models, answered by any ready replica (None: the proxy answers)."""
+    async def models(self, request: web.BaseRequest) -> web.StreamResponse:
+        """GET /v1/models, answered by any ready replica."""
         if not self.authorized(request):
             return self.reject(request, 401, NO_KEY, "invalid_api_key")
-        self.proxy.start(request, "/v1/models", None, RequestInfo(), self.policies["least-requests"])
-        return None
+        return await self.proxy.serve(request, "/v1/models", None, RequestInfo(), self.policies["least-requests"],
+                                      time.perf_counter())
 
-    async def openapi(self, request: Request) -> Answer:
+    async def openapi(self, request: web.BaseRequest) -> web.StreamResponse:
         """GET /openapi.json: what this gateway serves. The OpenAI routes are the engines' own (their document is
         fetched from a ready replica, so it always matches the engine version behind the gateway) without the
         engine-only endpoints, plus the gateway's endpoints."""
         document = None
         for replica in self.registry.eligible():
             try:
-                status, payload = await self.proxy.pool.get(replica.url, "/openapi.json", OPENAPI_TIMEOUT_S)
+                status, payload = await self.proxy.client.get(replica.url + "/openapi.json", OPENAPI_TIMEOUT_S,
+                                                              max_bytes=OPENAPI_MAX_BYTES)
                 if status == 200:
                     document = json.loads(payload)
                     break
@@ -139,22 +153,25 @@ class Gateway:
         if self.config.api_key is not None:
             document.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             for path, ops in paths.items():
-                if path.startswith("/v1/"):
+                if path.startswith("/v1/") or path in ADMIN_PATHS:
                     for op in ops.values():
                         op["security"] = [{"bearer": []}]
-        return stamped(request, json_answer(document))
+        return stamped(request, json_response(document))
 
-    def health(self, request: Request) -> Answer:
+    async def health(self, request: web.BaseRequest) -> web.StreamResponse:
         """GET /health: the gateway process is alive."""
-        return stamped(request, json_answer({"status": "ok"}))
+        return stamped(request, json_response({"status": "ok"}))
 
-    def ready(self, request: Request) -> Answer:
+    async def ready(self, request: web.BaseRequest) -> web.StreamResponse:
         """GET /ready: 200 while at least one replica can take traffic."""
         count = len(self.registry.eligible())
-        return stamped(request, json_answer({"ready": count > 0, "eligible_replicas": count}, 200 if count else 503))
+        return stamped(request, json_response({"ready": count > 0, "eligible_replicas": count},
+                                              200 if count else 503))
 
-    def replicas(self, request: Request) -> Answer:
-        """GET /replicas: each replica's address, state, last load and the age of that load."""
+    async def replicas(self, request: web.BaseRequest) -> web.StreamResponse:
+        """GET /replicas (behind the API key): each replica's address, state, last load and the age of that load."""
+        if not self.authorized(request):
+            return self.reject(request, 401, NO_KEY, "invalid_api_key")
         now = self.registry.clock()
         items = []
         for r in sorted(self.registry, key=lambda r: r.name):
@@ -167,10 +184,12 @@ class Gateway:
                           "load_age_s": None if r.reading is None else round(now - r.reading.received_at, 4),
                           "inflight": r.inflight, "local_pending_tokens": r.unabsorbed_tokens,
                           "consecutive_failures": r.breaker.consecutive_failures})
-        return stamped(request, json_answer({"policy": self.default_policy.name, "replicas": items}))
+        return stamped(request, json_response({"policy": self.default_policy.name, "replicas": items}))
 
-    def metrics_text(self, request: Request) -> Answer:
-        """GET /metrics (Prometheus text)."""
+    async def metrics_text(self, request: web.BaseRequest) -> web.StreamResponse:
+        """GET /metrics (Prometheus text, behind the API key)."""
+        if not self.authorized(request):
+            return self.reject(request, 401, NO_KEY, "invalid_api_key")
         counts: dict[str, int] = {}
         now = self.registry.clock()
         for replica in self.registry:
@@ -178,37 +197,39 @@ class Gateway:
             counts[state] = counts.get(state, 0) + 1
         for state in ("ready", "half-open", "ejected", "draining", "not-ready"):
             self.metrics.replicas.labels(state).set(counts.get(state, 0))
-        return stamped(request, Answer(200, self.metrics.render(), content_type="text/plain; version=0.0.4"))
+        response = web.Response(body=self.metrics.render())
+        response.headers["Content-Type"] = "text/plain; version=0.0.4"
+        return stamped(request, response)
 
-    def _policy(self, request: Request) -> Policy | None:
-        name = request.header(ROUTING_HEADER)
+    def _policy(self, request: web.BaseRequest) -> Policy | None:
+        name = request.headers.get(ROUTING_HEADER)
         return self.default_policy if not name else self.policies.get(name.strip().lower())
 
-    def reject(self, request: Request, status: int, message: str, code: str, param: str | None = None) -> Answer:
-        """The gateway's own error answer to ``request`` (also the HTTP server's, for requests it refused: too
-        large, malformed), counted and with the request id."""
+    def reject(self, request: web.BaseRequest, status: int, message: str, code: str,
+               param: str | None = None) -> web.Response:
+        """The gateway's own error answer to ``request``, counted and with the request id."""
         self.metrics.count("none", str(status))
-        return stamped(request, error_response(status, message, code=code, param=param))
+        return stamped(request, error_response(status, message, code=code, param=param))  # type: ignore[return-value]
 
     # --- routing ----------------------------------------------------------------------------------------------
     def routes(self) -> dict[str, dict[str, Handler]]:
-        """Path -> method -> handler (HEAD is served by a GET handler without its body)."""
+        """Path -> method -> handler (HEAD is served by a GET handler; aiohttp sends no body)."""
         return {"/v1/completions": {"POST": self.generate}, "/v1/chat/completions": {"POST": self.generate},
                 "/v1/models": {"GET": self.models}, PATH_HEALTH: {"GET": self.health}, PATH_READY: {"GET": self.ready},
                 "/replicas": {"GET": self.replicas}, PATH_METRICS: {"GET": self.metrics_text},
                 "/openapi.json": {"GET": self.openapi}}
 
-    def dispatch(self, request: Request) -> Answer | Awaitable[Answer | None] | None:
-        """Serve one request (404/405 envelopes for unknown routes and methods), as the HTTP server's `Handler`.
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Serve one request (404/405 envelopes for unknown routes and methods), as the HTTP server's handler.
         Every answer carries an ``x-request-id``: the client's, else a new one (the proxy sends it to the engines,
         which echo it)."""
-        methods = self._routes.get(request.path)
+        path = request.path
+        methods = self._routes.get(path)
         if methods is None:
-            return self.reject(request, 404, f"no route {request.path}", "not_found")
+            return self.reject(request, 404, f"no route {path}", "not_found")
         handler = methods.get("GET" if request.method == "HEAD" else request.method)
         if handler is None:
-            answer = self.reject(request, 405, f"{request.method} is not allowed on {request.path}",
-                                 "method_not_allowed")
-            answer.headers.append(("Allow", ", ".join(methods)))
+            answer = self.reject(request, 405, f"{request.method} is not allowed on {path}", "method_not_allowed")
+            answer.headers["Allow"] = ", ".join(methods)
             return answer
-        return handler(request)
+        return await handler(request)

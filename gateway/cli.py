@@ -14,12 +14,12 @@ from pypto_serving.gateway.app import Gateway
 from pypto_serving.gateway.breaker import BreakerConfig
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
-from pypto_serving.gateway.http_server import Server
 from pypto_serving.gateway.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
+from pypto_serving.gateway.server import Server
 from pypto_serving.startup import freeze_startup_objects
 
 log = logging.getLogger("pypto_serving.gateway")
-SHUTDOWN_GRACE_S = 25.0  # answers in flight may finish for this long after SIGTERM (the pod's grace is 30 s)
+STOP_S = 2.0  # after the grace period: at most this long to stop discovery, polling and the upstream pool
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,7 +51,23 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--breaker-max-backoff", type=float, default=bc.max_backoff_s)
     t.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s)
     t.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="max upstream silence, seconds")
-    t.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    t.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit (413)")
+    t.add_argument("--max-upstream-body-bytes", type=int, default=d.max_upstream_body_bytes,
+                   help="a replica's answer over this is a 502 (a stream is cut)")
+    t.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout_s,
+                   help="seconds before an idle client connection, or an incomplete request head, is closed")
+    t.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="a request body must arrive within this many seconds plus one per --body-min-rate bytes")
+    t.add_argument("--body-min-rate", type=int, default=d.body_min_rate, help="bytes per second, see --body-timeout")
+    t.add_argument("--send-timeout", type=float, default=d.send_timeout_s,
+                   help="a client that takes no data for this many seconds while written to is cut")
+    t.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="client connections; one more gets a 503 and is closed")
+    t.add_argument("--max-headers", type=int, default=d.max_headers, help="header lines per request (431 above)")
+    t.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help="bytes of the request line and of each header line (431 above)")
+    t.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
+                   help="after SIGTERM, answers in flight may finish for this many seconds")
     t.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     t.add_argument("--balance-epsilon", type=float, default=pc.balance_epsilon)
     t.add_argument("--balance-slack-tokens", type=int, default=pc.balance_slack_tokens)
@@ -75,6 +91,10 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
         saturation_tokens=args.saturation_tokens, retry_after_s=args.retry_after, max_retries=args.max_retries,
         connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
         max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+        max_upstream_body_bytes=args.max_upstream_body_bytes, keepalive_timeout_s=args.keepalive_timeout,
+        body_timeout_s=args.body_timeout, body_min_rate=max(1, args.body_min_rate), send_timeout_s=args.send_timeout,
+        max_connections=args.max_connections, max_headers=args.max_headers, max_header_bytes=args.max_header_bytes,
+        shutdown_grace_s=args.shutdown_grace,
         policy_config=PolicyConfig(stale_after_s=args.stale_after, balance_epsilon=args.balance_epsilon,
                                    balance_slack_tokens=args.balance_slack_tokens,
                                    prefix_block_chars=args.prefix_block_chars, prefix_blocks=args.prefix_blocks),
@@ -94,10 +114,11 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
 
 
 async def serve(config: GatewayConfig, discovery: Discovery, host: str, port: int) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting and let answers in flight finish (up to 25 s)."""
+    """Serve until SIGTERM/SIGINT, then stop accepting and let answers in flight finish for the grace period; the
+    process is gone within the grace period plus STOP_S."""
     gateway = Gateway(config, discovery)
     await gateway.start()
-    server = Server(gateway.dispatch, gateway.reject, config.max_body_bytes)
+    server = Server(gateway.dispatch, gateway.limits)
     await server.listen(host, port)
     freeze_startup_objects()
     log.info("gateway listening on http://%s:%d (policy %s)", host, port, config.policy)
@@ -107,8 +128,11 @@ async def serve(config: GatewayConfig, discovery: Discovery, host: str, port: in
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("gateway stopping: %d client connection(s) open", len(server.connections))
-    await server.shutdown(SHUTDOWN_GRACE_S)
-    await gateway.stop()
+    await server.shutdown(config.shutdown_grace_s)
+    try:
+        await asyncio.wait_for(gateway.stop(), STOP_S)
+    except asyncio.TimeoutError:
+        log.warning("gateway: discovery, polling or the upstream pool did not stop within %.0f s", STOP_S)
 
 
 def raise_fd_limit() -> None:

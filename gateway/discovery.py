@@ -27,8 +27,8 @@ from pypto_serving.contract import (
     L_RANK,
     L_SERVES,
 )
+from pypto_serving.gateway.client import check_url
 from pypto_serving.gateway.replicas import Registry
-from pypto_serving.gateway.upstream import Origin
 from pypto_serving.kube import ListWatch, equality_labels, load_config
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class StaticDiscovery(Discovery):
         """ValueError names an endpoint that is not an http(s) URL."""
         self.endpoints = [e.strip().rstrip("/") for e in endpoints if e.strip()]
         for url in self.endpoints:
-            Origin(url)
+            check_url(url)
 
     async def start(self, registry: Registry) -> None:
         registry.replace((url, url, "ready") for url in self.endpoints)

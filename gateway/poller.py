@@ -12,9 +12,9 @@ import contextlib
 import json
 import logging
 
+from pypto_serving.gateway.client import Client, UpstreamError
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.replicas import LoadReading, Registry, Replica
-from pypto_serving.gateway.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Poller:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._tasks: dict[int, asyncio.Task] = {}
-        self._pool = UpstreamPool(timeout_s, timeout_s)
+        self._client = Client(timeout_s, timeout_s, max_body_bytes=64 * 1024)
 
     async def start(self) -> None:
         """Poll every replica known now and later."""
@@ -48,7 +48,7 @@ class Poller:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._pool.close()
+        await self._client.close()
 
     def _on_change(self, replica: Replica, change: str) -> None:
         key = id(replica)
@@ -63,7 +63,7 @@ class Poller:
         """Poll one replica now; True when it answered a reading."""
         requested_at = self.registry.clock()
         try:
-            status, raw = await self._pool.get(replica.url, "/load", self.timeout_s)
+            status, raw = await self._client.get(replica.url + "/load", self.timeout_s, max_bytes=64 * 1024)
         except UpstreamError as exc:
             self._failed(replica, exc)
             self.registry.failure(replica)  # unreachable or silent: counts against its breaker

@@ -7,13 +7,12 @@ Flow of a request (see docs/architecture.md, "Gateway"):
 3. connection failure/timeout before a response, or a 503 answer -> try another replica (at most
    ``max_retries`` more); once bytes went to the client nothing is retried;
 4. the response is relayed as it arrives (what one read from the replica brought is written through at once); a
-   client disconnect closes the upstream connection, which makes the engine abort the request.
+   client disconnect cancels the handler, which closes the upstream connection, so the engine aborts the request;
+   a client that takes nothing for the send timeout is cut the same way.
 
-An `Exchange` does this from callbacks, as nginx does: the client's request is sent upstream from the callback
-that parsed it, and each read from the replica is written to the client from the callback that parsed it. No
-task, future or loop turn per request: at concurrency 32 the answers of one engine step reach the gateway
-together, and each one leaves as soon as it is parsed instead of after all of them were (see
-docs/benchmarks.md, "Gateway overhead"). Only a new upstream connection is made by a task.
+Headers (RFC 9110, section 7.6.1): hop-by-hop fields, and every field the ``Connection`` header names, are not
+forwarded either way; ``X-Forwarded-For`` and ``Forwarded`` get the client's address appended; the client's
+``Authorization`` (the gateway's own API key) stays at the gateway.
 """
 
 from __future__ import annotations
@@ -23,40 +22,70 @@ import logging
 import random
 import time
 
+from aiohttp import web
+
 from pypto_serving.contract import REPLICA_HEADER, REQUEST_ID_HEADER
-from pypto_serving.gateway.config import GatewayConfig
-from pypto_serving.gateway.errors import error_body, error_response
-from pypto_serving.gateway.http_server import Answer, Request, Stream
-from pypto_serving.gateway.metrics import GatewayMetrics
-from pypto_serving.gateway.policies import Policy
-from pypto_serving.gateway.replicas import Registry, Replica, Ticket
-from pypto_serving.gateway.request import RequestInfo
-from pypto_serving.gateway.upstream import (
+from pypto_serving.gateway.client import (
+    Client,
     ConnectFailed,
-    Connection,
     ReadTimeout,
     Response,
     UpstreamClosed,
     UpstreamError,
-    UpstreamPool,
-    header_fields,
+    UpstreamInvalid,
 )
+from pypto_serving.gateway.config import GatewayConfig
+from pypto_serving.gateway.errors import error_body, error_response
+from pypto_serving.gateway.metrics import GatewayMetrics
+from pypto_serving.gateway.policies import Policy
+from pypto_serving.gateway.replicas import Registry, Replica
+from pypto_serving.gateway.request import RequestInfo
+from pypto_serving.gateway.server import send
 
 log = logging.getLogger("pypto_serving.gateway")
 
-# not forwarded: hop-by-hop, framing set anew, and Expect (the gateway already read the whole body)
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "trailers", "transfer-encoding", "upgrade", "host", "content-length", "expect"})
+# never forwarded: hop-by-hop (RFC 9110 7.6.1), framing set anew, Expect (the gateway already read the body), Host
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+                        "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+                        "expect"})
+NOT_RELAYED = HOP_BY_HOP | {"server", "date"}  # the gateway's own
 
 
-def forward_headers(request: Request) -> tuple[list[tuple[str, str]], str]:
-    """Request headers worth sending upstream (no hop-by-hop, no Host/Content-Length), and the request id.
+def connection_named(headers: list[tuple[str, str]]) -> frozenset[str]:
+    """The field names listed in the ``Connection`` headers (hop-by-hop by declaration)."""
+    named = [token.strip().lower() for name, value in headers if name == "connection" for token in value.split(",")]
+    return frozenset(named) if named else frozenset()
 
-    A request without ``x-request-id`` gets one here, so every attempt (retries included) carries the same id
-    to the engines, which echo it on their responses.
+
+def forward_headers(request: web.BaseRequest, strip_authorization: bool) -> tuple[list[tuple[str, str]], str]:
+    """Request headers for the replica, and the request id.
+
+    Dropped: hop-by-hop fields and those named in ``Connection``, Host and Content-Length (set anew), and
+    ``Authorization`` when it carries the gateway's key. Appended: the client's address to ``X-Forwarded-For`` and
+    ``Forwarded``. A request without ``x-request-id`` gets one here, so every attempt (retries included) carries
+    the same id to the engines, which echo it on their responses.
     """
-    out = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP]  # names are in lower case
-    request_id = request.header(REQUEST_ID_HEADER)
+    raw = [(k.decode("latin-1").lower(), v.decode("utf-8", "surrogateescape")) for k, v in request.raw_headers]
+    drop = HOP_BY_HOP | connection_named(raw)
+    if strip_authorization:
+        drop = drop | {"authorization"}
+    out, request_id, xff, forwarded = [], None, [], []
+    for name, value in raw:
+        if name in drop:
+            continue
+        if name == "x-forwarded-for":
+            xff.append(value)
+        elif name == "forwarded":
+            forwarded.append(value)
+        else:
+            out.append((name, value))
+            if name == REQUEST_ID_HEADER and request_id is None:
+                request_id = value
+    client = request.remote or "unknown"
+    xff.append(client)
+    node = f'"[{client}]"' if ":" in client else client
+    forwarded.append(f"for={node};proto=http")
+    out += [("x-forwarded-for", ", ".join(xff)), ("forwarded", ", ".join(forwarded))]
     if request_id is None:
         request_id = new_request_id()
         out.append((REQUEST_ID_HEADER, request_id))
@@ -70,18 +99,28 @@ def new_request_id() -> str:
 
 
 def response_headers(upstream: Response, replica: Replica, request_id: str) -> list[tuple[str, str]]:
-    """Upstream response headers for the client plus ``x-pypto-replica`` (and ``x-request-id`` unless the
-    replica echoed it)."""
-    out = []
-    echoed = False
-    for name, value in upstream.headers:  # names are in lower case
-        if name not in HOP_BY_HOP and name not in ("server", "date"):
-            out.append((name, value))
-            echoed = echoed or name == REQUEST_ID_HEADER
+    """Upstream response headers for the client (no hop-by-hop, none named in ``Connection``, no Server/Date) plus
+    ``x-pypto-replica`` (and ``x-request-id`` unless the replica echoed it)."""
+    drop = NOT_RELAYED | connection_named(upstream.headers)
+    out = [(name, value) for name, value in upstream.headers if name not in drop]
     out.append((REPLICA_HEADER, replica.name))
-    if not echoed:
+    if not any(name == REQUEST_ID_HEADER for name, _ in out):
         out.append((REQUEST_ID_HEADER, request_id))
     return out
+
+
+class Streamed(web.StreamResponse):
+    """A relayed stream whose head leaves together with its first piece (one write instead of two)."""
+
+    _send_headers_immediately = False
+
+
+class Retry(Exception):
+    """This attempt did not reach an answer; try another replica."""
+
+    def __init__(self, reason: str, status: int, payload: bytes, replica: str) -> None:
+        super().__init__(reason)
+        self.reason, self.status, self.payload, self.replica = reason, status, payload, replica
 
 
 class Proxy:
@@ -93,14 +132,14 @@ class Proxy:
         self.metrics = metrics
         # Pooled keep-alive connections; no cookie jar, so a cookie that one client's answer set never rides
         # along on another client's request.
-        self.pool = UpstreamPool(config.connect_timeout_s, config.idle_timeout_s)
+        self.client = Client(config.connect_timeout_s, config.idle_timeout_s, config.max_upstream_body_bytes)
 
-    def stop(self) -> None:
-        """Close the idle upstream connections."""
-        self.pool.close()
+    async def stop(self) -> None:
+        """Close the upstream connections."""
+        await self.client.close()
 
     # --- routing ----------------------------------------------------------------------------------------------
-    def choose(self, policy: Policy, info: RequestInfo, tried: list[str]) -> Replica | Answer:
+    def choose(self, policy: Policy, info: RequestInfo, tried: list[str]) -> Replica | web.Response:
         """Pick a replica for one attempt, or the error response when there is none to pick."""
         started = time.perf_counter()
         now = self.registry.clock()
@@ -119,11 +158,6 @@ class Proxy:
         self.metrics.decision.observe(time.perf_counter() - started)
         return replica
 
-    # --- proxying ---------------------------------------------------------------------------------------------
-    def start(self, request: Request, path: str, body: bytes | None, info: RequestInfo, policy: Policy) -> None:
-        """Serve one request to ``path`` on a replica, with retries; the answer goes out through ``request``."""
-        Exchange(self, request, path, body, info, policy).attempt()
-
     def count_done(self, replica: Replica, status: int) -> None:
         """Count an answered request and tell the replica's breaker how it went."""
         self.metrics.count(replica.name, str(status))
@@ -132,242 +166,128 @@ class Proxy:
         else:
             self.registry.failure(replica)
 
+    # --- proxying ---------------------------------------------------------------------------------------------
+    async def serve(self, request: web.BaseRequest, path: str, body: bytes | None, info: RequestInfo,
+                    policy: Policy, received_at: float) -> web.StreamResponse:
+        """Serve one request to ``path`` on a replica, with retries; returns the (possibly streamed) answer."""
+        headers, request_id = forward_headers(request, self.config.api_key is not None)
+        method = "GET" if request.method == "HEAD" else request.method  # aiohttp drops a HEAD answer's body
+        tried: list[str] = []
+        last: Retry | None = None
+        while True:
+            if last is not None and len(tried) > self.config.max_retries:
+                return self.replica_error(last, request_id)
+            chosen = self.choose(policy, info, tried)
+            if isinstance(chosen, web.Response):
+                if last is not None and chosen.status == 503:  # report what the replicas said
+                    return self.replica_error(last, request_id)
+                self.metrics.count(last.replica if last else "none", str(chosen.status))
+                chosen.headers[REQUEST_ID_HEADER] = request_id
+                return chosen
+            if tried:
+                self.metrics.retries.labels(last.reason if last else "connect").inc()
+            else:
+                self.metrics.overhead_request.observe(time.perf_counter() - received_at)
+            tried.append(chosen.name)
+            try:
+                return await self.attempt(request, chosen, method, path, headers, body, info, request_id)
+            except Retry as retry:
+                last = retry
 
-class Exchange:
-    """One proxied request and its attempts, driven by the callbacks of the client's and the replica's
-    connections; ``over`` once its answer is settled (or the client went away)."""
+    def replica_error(self, last: Retry, request_id: str) -> web.Response:
+        """The answer that reports the last replica's failure, counted."""
+        self.metrics.count(last.replica, str(last.status))
+        return web.Response(status=last.status, body=last.payload, content_type="application/json",
+                            headers={REPLICA_HEADER: last.replica, REQUEST_ID_HEADER: request_id})
 
-    __slots__ = ("body", "connecting", "dispatched", "fields", "info", "last_error", "method", "over", "path",
-                 "policy", "proxy", "reason", "replica", "request", "request_id", "stream", "ticket", "tried",
-                 "upstream")
-
-    def __init__(self, proxy: Proxy, request: Request, path: str, body: bytes | None, info: RequestInfo,
-                 policy: Policy) -> None:
-        self.proxy = proxy
-        self.request = request
-        self.method = "GET" if request.method == "HEAD" else request.method  # the server drops the body itself
-        self.path = path
-        self.body = body
-        self.info = info
-        self.policy = policy
-        headers, self.request_id = forward_headers(request)
-        self.fields = header_fields(headers, body)
-        self.tried: list[str] = []
-        self.last_error: tuple[int, bytes, str] | None = None  # status, payload, replica of the last failure
-        self.reason = ""  # why the next attempt is a retry
-        self.replica: Replica | None = None
-        self.ticket: Ticket | None = None
-        self.upstream: Response | None = None
-        self.connecting: asyncio.Task[Connection] | None = None
-        self.dispatched = 0.0
-        self.stream: Stream | None = None
-        self.over = False
-        request.on_cancel = self.cancel
-
-    # --- attempts ---------------------------------------------------------------------------------------------
-    def attempt(self) -> None:
-        """Route to a replica not tried yet and send the request there (or answer why there is none)."""
-        proxy = self.proxy
-        chosen = proxy.choose(self.policy, self.info, self.tried)
-        if isinstance(chosen, Answer):
-            if self.last_error is not None and chosen.status == 503:  # report what the replicas said
-                self.answer(self.replica_error())
-                return
-            proxy.metrics.count(self.last_error[2] if self.last_error else "none", str(chosen.status))
-            chosen.headers.append((REQUEST_ID_HEADER, self.request_id))
-            self.answer(chosen)
-            return
-        if self.tried:
-            proxy.metrics.retries.labels(self.reason).inc()
-        else:
-            proxy.metrics.overhead_request.observe(time.perf_counter() - self.request.received_at)
-        self.tried.append(chosen.name)
-        self.replica = chosen
-        self.ticket = chosen.dispatch(self.info.tokens, self.info.stream)
-        self.dispatched = time.perf_counter()
-        connection = proxy.pool.take(chosen.url)
-        if connection is None:
-            self.connect()
-        else:
-            self.send(connection)
-
-    def connect(self) -> None:
-        """Open a new connection to the replica (a task), then send."""
-        task = asyncio.get_running_loop().create_task(self.proxy.pool.connect(self.replica.url))  # type: ignore[union-attr]
-        task.add_done_callback(self.connected)
-        self.connecting = task
-
-    def connected(self, task: asyncio.Task[Connection]) -> None:
-        self.connecting = None
-        if task.cancelled():
-            return
-        error = task.exception()
-        if self.over:  # the client went away meanwhile
-            if error is None:
-                task.result().close()
-            return
-        if isinstance(error, UpstreamError):
-            self.guarded(self.failed, error)
-        elif error is not None:
-            self.crash(error)
-        else:
-            self.guarded(self.send, task.result())
-
-    def send(self, connection: Connection) -> None:
-        self.upstream = self.proxy.pool.start(connection, self.method, self.path, self.fields, self.body,
-                                              self.on_upstream, self.ticket.accepted)  # type: ignore[union-attr]
-
-    def guarded(self, step, *args) -> None:  # type: ignore[no-untyped-def]
-        """Run a step of the exchange; a bug in it answers 500 (or cuts a started stream) instead of killing the
-        connection's protocol callbacks."""
+    async def attempt(self, request: web.BaseRequest, replica: Replica, method: str, path: str,
+                      headers: list[tuple[str, str]], body: bytes | None, info: RequestInfo,
+                      request_id: str) -> web.StreamResponse:
+        """One attempt on ``replica``: its answer, or `Retry` when it can go elsewhere."""
+        ticket = replica.dispatch(info.tokens, info.stream)
+        dispatched = time.perf_counter()
+        url = replica.url + path
+        upstream: Response | None = None
         try:
-            step(*args)
-        except Exception as exc:
-            self.crash(exc)
-
-    # --- the replica's response -------------------------------------------------------------------------------
-    def on_upstream(self, response: Response) -> None:
-        """The replica's response changed (head, body, end, error): take it on."""
-        if response is self.upstream and not self.over:
-            self.guarded(self.progress, response)
-
-    def progress(self, response: Response) -> None:
-        if response.error is not None:
-            self.failed(response.error)
-            return
-        if not response.head_done:
-            return
-        status = response.status
-        replica: Replica = self.replica  # type: ignore[assignment]
-        if status == 503:  # not served: read the reason, then retry elsewhere
-            if response.complete:
-                payload = response.take()
-                self.end_attempt()
+            try:
+                upstream = await self.client.send(method, url, headers, body)
+            except UpstreamClosed:
+                # Most often a kept-alive connection that the replica closed as we sent (its idle timeout): the
+                # request never reached it, so it goes once more to the same replica on a new connection.
+                upstream = await self.client.send(method, url, headers, body, fresh=True)
+            ticket.accepted()
+            if upstream.status == 503:  # not served: read the reason, then retry elsewhere
+                payload = await upstream.read()
                 replica.refused()
-                self.reason = "unavailable"
-                self.last_error = (503, payload, replica.name)
-                self.attempt()
-            return
-        metrics = self.proxy.metrics
-        if self.stream is None:
-            sized = response.content_length is not None and not response.content_type.startswith("text/event-stream")
-            if response.complete:  # a sized body, or a whole stream that came with its head: one write
-                payload = response.take()
-                if not sized and payload:
-                    metrics.ttft(replica.name, time.perf_counter() - self.dispatched)
-                self.proxy.count_done(replica, status)
-                if response.first_body_at:
-                    metrics.overhead_response.observe(time.perf_counter() - response.first_body_at)
-                self.end_attempt()
-                self.answer(Answer(status, payload, response_headers(response, replica, self.request_id)))
-                return
-            if sized or not response.first_body_at:  # a sized body goes out whole; a stream with its first piece
-                return
-            self.stream = self.request.start_stream(status, response_headers(response, replica, self.request_id))
-            metrics.ttft(replica.name, time.perf_counter() - self.dispatched)
-            metrics.overhead_response.observe(time.perf_counter() - response.first_body_at)
-        chunk = response.take()
-        if response.complete:  # settle everything first: the last write may start the client's next request
-            self.proxy.count_done(replica, status)
-            self.end_attempt()
-            self.settle()
-            self.stream.send(chunk, last=True)
-        elif chunk:
-            self.stream.send(chunk)
-            if self.request.write_paused:  # the client lags: stop reading from the replica until it catches up
-                response.pause()
-                self.request.on_writable = self.writable
+                raise Retry("unavailable", 503, payload, replica.name)
+            return await self.relay(request, replica, upstream, request_id, dispatched)
+        except (asyncio.CancelledError, ConnectionError):  # the client went away, or was cut (`SendTimeout`)
+            self.metrics.count(replica.name, "499")
+            raise
+        except UpstreamError as error:
+            return self.failed(request, replica, upstream, error, request_id)
+        finally:
+            if upstream is not None:
+                upstream.release()
+            ticket.end()
 
-    def writable(self) -> None:
-        """The client takes data again: read from the replica again."""
-        self.request.on_writable = None
-        if self.upstream is not None and not self.over:
-            self.upstream.resume()
+    async def relay(self, request: web.BaseRequest, replica: Replica, upstream: Response, request_id: str,
+                    dispatched: float) -> web.StreamResponse:
+        """Relay the replica's answer: a sized one whole, anything else piece by piece as it arrives."""
+        metrics = self.metrics
+        status = upstream.status
+        headers = response_headers(upstream, replica, request_id)
+        streamed = upstream.content_length is None or upstream.content_type.startswith("text/event-stream")
+        if not streamed:
+            payload = await upstream.read()
+            first_body_at = time.perf_counter()
+            response = web.Response(status=status, body=payload)
+            response.headers.extend(headers)
+            self.count_done(replica, status)
+            await send(request, response, b"", self.config.send_timeout_s, last=True)
+            metrics.overhead_response.observe(time.perf_counter() - first_body_at)
+            return response
+        chunk = await upstream.next_chunk()
+        first_body_at = time.perf_counter()
+        if chunk:
+            metrics.ttft(replica.name, first_body_at - dispatched)
+        response = Streamed(status=status)
+        response.headers.extend(headers)
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        send_timeout = self.config.send_timeout_s
+        first = True
+        while not upstream.complete:  # each piece as it came (the head leaves with the first one)
+            await send(request, response, chunk, send_timeout)
+            if first:
+                metrics.overhead_response.observe(time.perf_counter() - first_body_at)
+                first = False
+            chunk = await upstream.next_chunk()
+        self.count_done(replica, status)
+        await send(request, response, chunk, send_timeout, last=True)  # the last piece and the end in one write
+        if first:
+            metrics.overhead_response.observe(time.perf_counter() - first_body_at)
+        return response
 
-    def failed(self, error: UpstreamError) -> None:
-        """The attempt failed: retry before the replica sent body bytes, else 502/504 (or cut a started stream)."""
-        response = self.upstream
-        if (response is not None and isinstance(error, UpstreamClosed) and response.reused
-                and not response.received):
-            # A kept-alive connection that the replica closed as we sent (its idle timeout): the request never
-            # reached it, so it goes again on a fresh connection.
-            response.release()
-            self.upstream = None
-            self.connect()
-            return
-        replica: Replica = self.replica  # type: ignore[assignment]
-        proxy = self.proxy
-        self.end_attempt()
-        proxy.registry.failure(replica)
-        if self.stream is not None:  # bytes reached the client: no retry; it sees a truncated response
-            proxy.metrics.count(replica.name, "502")
-            self.settle()
-            self.request.abort()
-        elif isinstance(error, ReadTimeout):  # it took the request, then went silent: no re-run
-            self.answer(self.timed_out(replica))
-        elif response is not None and response.first_body_at:
-            proxy.metrics.count(replica.name, "502")
-            self.answer(error_response(502, f"replica {replica.name} failed mid-response: {error}",
-                                       code="upstream_failed",
-                                       headers={REPLICA_HEADER: replica.name, REQUEST_ID_HEADER: self.request_id}))
-        else:
-            self.reason = "timeout" if isinstance(error, ConnectFailed) and error.timed_out else "connect"
-            self.last_error = (502, error_body(502, f"replica {replica.name} unreachable: {error}",
-                                               code="upstream_unreachable"), replica.name)
-            self.attempt()
-
-    # --- endings ----------------------------------------------------------------------------------------------
-    def end_attempt(self) -> None:
-        """Give the replica's connection back (or close it when the response is incomplete: the engine aborts the
-        request) and drop the attempt's accounting."""
-        if self.upstream is not None:
-            self.upstream.release()
-            self.upstream = None
-        if self.ticket is not None:
-            self.ticket.end()
-            self.ticket = None
-
-    def settle(self) -> None:
-        self.over = True
-        self.request.on_cancel = self.request.on_writable = None
-
-    def answer(self, answer: Answer) -> None:
-        self.settle()
-        self.request.respond(answer)
-
-    def cancel(self) -> None:
-        """The client went away: close the replica's connection (the engine aborts the request)."""
-        if self.over:
-            return
-        self.over = True
-        if self.connecting is not None:
-            self.connecting.cancel()
-        self.end_attempt()
-        self.proxy.metrics.count(self.replica.name if self.replica is not None else "none", "499")
-
-    def crash(self, error: BaseException) -> None:
-        """A bug in the exchange: 500, or cut a started stream."""
-        log.error("proxying %s %s failed", self.request.method, self.path, exc_info=error)
-        if self.over:
-            return
-        self.end_attempt()
-        self.proxy.metrics.count(self.replica.name if self.replica is not None else "none", "500")
-        if self.stream is not None:
-            self.settle()
-            self.request.abort()
-        else:
-            self.answer(error_response(500, "internal gateway error", code="internal_error",
-                                       headers={REQUEST_ID_HEADER: self.request_id}))
-
-    def replica_error(self) -> Answer:
-        """The answer that reports the last replica's failure (status, payload, replica name), counted."""
-        status, payload, name = self.last_error  # type: ignore[misc]
-        self.proxy.metrics.count(name, str(status))
-        return Answer(status, payload, [(REPLICA_HEADER, name), (REQUEST_ID_HEADER, self.request_id)],
-                      content_type="application/json")
-
-    def timed_out(self, replica: Replica) -> Answer:
-        self.proxy.metrics.count(replica.name, "504")
-        return error_response(504, f"replica {replica.name} sent nothing for {self.proxy.config.idle_timeout_s:g}s",
-                              code="upstream_timeout",
-                              headers={REPLICA_HEADER: replica.name, REQUEST_ID_HEADER: self.request_id})
+    def failed(self, request: web.BaseRequest, replica: Replica, upstream: Response | None, error: UpstreamError,
+               request_id: str) -> web.StreamResponse:
+        """The attempt failed: `Retry` before the replica answered, else 502/504, or cut a started stream."""
+        self.registry.failure(replica)
+        ids = {REPLICA_HEADER: replica.name, REQUEST_ID_HEADER: request_id}
+        if request.writer.output_size > 0:  # bytes reached the client: no retry; it sees a truncated answer
+            self.metrics.count(replica.name, "502")
+            log.warning("replica %s failed mid-answer: %s", replica.name, error)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError(f"replica {replica.name} failed mid-answer")
+        if isinstance(error, ReadTimeout):  # it took the request, then went silent: no re-run
+            self.metrics.count(replica.name, "504")
+            return error_response(504, f"replica {replica.name} sent nothing for {self.config.idle_timeout_s:g}s",
+                                  code="upstream_timeout", headers=ids)
+        if upstream is not None or isinstance(error, UpstreamInvalid):  # it answered, badly: no re-run
+            self.metrics.count(replica.name, "502")
+            return error_response(502, f"replica {replica.name} sent an invalid answer: {error}",
+                                  code="upstream_failed", headers=ids)
+        reason = "timeout" if isinstance(error, ConnectFailed) and error.timed_out else "connect"
+        raise Retry(reason, 502, error_body(502, f"replica {replica.name} unreachable: {error}",
+                                            code="upstream_unreachable"), replica.name)

@@ -23,10 +23,16 @@ class GatewayProcess:
     url: str
     log_path: Path
     args: list[str] = field(default_factory=list)
+    api_key: str | None = None  # from --api-key-file: /replicas and /metrics need it
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The headers /replicas and /metrics need (the API key, when the gateway has one)."""
+        return {} if self.api_key is None else {"Authorization": f"Bearer {self.api_key}"}
 
     def replicas(self) -> dict[str, dict]:
         """GET /replicas keyed by replica name."""
-        data = httpx.get(self.url + "/replicas", timeout=5).json()
+        data = httpx.get(self.url + "/replicas", headers=self.admin_headers, timeout=5).json()
         return {r["name"]: r for r in data["replicas"]}
 
     def metric(self, name: str, **labels: str) -> float:
@@ -34,7 +40,8 @@ class GatewayProcess:
         from prometheus_client.parser import text_string_to_metric_families
 
         total = 0.0
-        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics", timeout=5).text):
+        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics", headers=self.admin_headers,
+                                                                          timeout=5).text):
             for sample in family.samples:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     total += sample.value
@@ -65,7 +72,8 @@ def start_gateway(*args: str, host: str = "127.0.0.1", port: int | None = None, 
     with os.fdopen(fd, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd,
                                 env={**os.environ, **(env or {})})
-    gw = GatewayProcess(proc, f"http://{host}:{port}", Path(log_name), list(args))
+    key = Path(args[args.index("--api-key-file") + 1]).read_text().strip() if "--api-key-file" in args else None
+    gw = GatewayProcess(proc, f"http://{host}:{port}", Path(log_name), list(args), key)
 
     def up() -> bool:
         if proc.poll() is not None:

@@ -194,3 +194,15 @@ def test_a_request_on_a_connection_the_replica_closed_goes_again_on_a_fresh_one(
     finally:
         gw.stop()
         server.shutdown()
+
+
+def test_retries_stop_at_max_retries() -> None:
+    """Four unreachable replicas and --max-retries 1: two are tried, then the last one's failure is the answer."""
+    endpoints = ",".join(f"http://127.0.0.1:{free_port()}" for _ in range(4))
+    gw = start_gateway("--endpoints", endpoints, "--max-retries", "1", "--breaker-failures", "1000", ready=False)
+    try:
+        assert_envelope(httpx.post(gw.url + "/v1/completions", json={"prompt": "a"}, timeout=30), 502,
+                        "upstream_unreachable")
+        assert gw.metric("pypto_gateway_retries_total") == 1
+    finally:
+        gw.stop()
