@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from benchmarks.moe_ep import SIZES, workload  # noqa: E402
+from benchmarks.moe_ep import SIZES, on_two_gloo_ranks, workload  # noqa: E402
 from tests.support.common import free_port  # noqa: E402
 from tests.support.engines import EngineProcess, launch_engine  # noqa: E402
 
@@ -111,16 +110,7 @@ def _sync_rank(rank: int, port: int, steps: int, out: dict) -> None:
 
 
 def sync_cost(steps: int = 500) -> dict:
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        port = free_port()
-        procs = [ctx.Process(target=_sync_rank, args=(r, port, steps, out)) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(300)
-        result = dict(out)
+    result = on_two_gloo_ranks(_sync_rank, steps)
     result["saved_us_per_step"] = round(result["per_field_us"] - result["packed_us"], 1)
     return result
 

@@ -122,7 +122,8 @@ def _collectives_rank(rank: int, port: int, tokens: list[int], hidden: int, top_
     dist.destroy_process_group()
 
 
-def collectives(tokens: list[int], hidden: int, top_k: int) -> dict:
+def on_two_gloo_ranks(target, *args: object) -> dict:
+    """Run ``target(rank, port, *args, out)`` on two spawned processes (a gloo pair); what rank 0 put in ``out``."""
     import multiprocessing as mp
 
     from tests.support.common import free_port
@@ -131,12 +132,16 @@ def collectives(tokens: list[int], hidden: int, top_k: int) -> dict:
     with ctx.Manager() as manager:
         out = manager.dict()
         port = free_port("127.0.0.1")
-        procs = [ctx.Process(target=_collectives_rank, args=(r, port, tokens, hidden, top_k, out)) for r in range(2)]
+        procs = [ctx.Process(target=target, args=(r, port, *args, out)) for r in range(2)]
         for p in procs:
             p.start()
         for p in procs:
             p.join(300)
         return {str(k): v for k, v in out.items()}
+
+
+def collectives(tokens: list[int], hidden: int, top_k: int) -> dict:
+    return on_two_gloo_ranks(_collectives_rank, tokens, hidden, top_k)
 
 
 def main(argv: list[str] | None = None) -> int:
