@@ -151,12 +151,12 @@ def test_unschedulable_sets_degraded_with_the_scheduler_reason() -> None:
 
 
 def test_invalid_spec_makes_no_pods() -> None:
-    body = minimal(parallel={"tensorParallelSize": 2, "pipelineParallelSize": 8}, devices={"perNode": 8})
+    body = minimal(parallel={"tensorParallelSize": 3}, devices={"perNode": 2})  # 3 devices do not split into pods
     spec, problems = validate(body)
     out = p.plan(observe(spec, [], problems=problems))
     assert out.actions == [] and out.status.phase == "Invalid"
     valid = cond(out, "SpecValid")
-    assert valid["status"] == "False" and "pipelineParallelSize" in valid["message"]
+    assert valid["status"] == "False" and "tensorParallelSize" in valid["message"]
     assert [e.reason for e in out.events] == ["InvalidSpec"]
     again = p.plan(observe(spec, [], problems=problems, previous=out.status.to_kube()))
     assert again.events == []

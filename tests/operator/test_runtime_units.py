@@ -191,7 +191,7 @@ def test_webhook_registration_merges_into_a_configuration_it_does_not_own() -> N
 
 
 def test_admission_decision() -> None:
-    case = next(c for c in load_corpus() if c.name == "bad-pipeline-over-node")
+    case = next(c for c in load_corpus() if c.name == "bad-data-parallel-group")
     message = admission_decision(case.body, None, "CREATE")
     assert message is not None and case.expect in message
     assert admission_decision(minimal(), None, "CREATE") is None
