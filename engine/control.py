@@ -55,7 +55,7 @@ class ControlAuth:
             raise APIError(403, "control endpoints are disabled: the engine was started without "
                            "--control-token-file", "permission_error", code="control_disabled")
         value = authorization or ""
-        if not value[:len(_BEARER)].lower() == _BEARER or not value[len(_BEARER):].strip():
+        if value[:len(_BEARER)].lower() != _BEARER or not value[len(_BEARER):].strip():
             raise APIError(401, "control endpoints need `Authorization: Bearer <token>`", "authentication_error",
                            code="missing_token", headers={"WWW-Authenticate": 'Bearer realm="pypto-serving-engine"'})
         try:
