@@ -81,7 +81,7 @@ def test_the_control_secret_holds_the_token_the_engine_pods_read() -> None:
     assert secret["metadata"]["name"] == "demo-control" and secret["metadata"]["namespace"] == "ns1"
     assert secret["metadata"]["ownerReferences"] == [OWNER.reference()]  # garbage-collected with the resource
     assert base64.b64decode(secret["data"]["token"]) == b"f" * 64
-    # a user's extraArgs cannot point the engine at another token file: the operator's flag comes last
+    # extraArgs cannot point the engine at another token file: validation refuses the flag, and ours comes last
     (container,) = d.engine_pod(OWNER, spec_of(engine={"extraArgs": ["--control-token-file", "/tmp/t"]}), 0)[
         "spec"]["containers"]
     assert container["args"][-2:] == ["--control-token-file", "/etc/pypto-serving/control/token"]
