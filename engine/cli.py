@@ -3,6 +3,7 @@
 The HTTP server starts first (`/health` 200, `/ready` 503) and the model loads on the engine loop thread; a load
 failure exits non-zero with the reason. SIGTERM drains: no new requests (503 + Retry-After), in-flight ones
 finish, and the process exits once idle or at `--drain-timeout`; a second SIGTERM/SIGINT exits at once.
+`POST /drain` (and `DELETE /drain`, its undo) need the token in `--control-token-file` (engine/control.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import uvicorn
 
 from pypto_serving.engine.async_engine import AsyncEngine
+from pypto_serving.engine.control import read_token
 from pypto_serving.engine.server import ServerSettings, ServerState, build_app
 from pypto_serving.engine.serving_config import OPTIONS, ConfigError, load_serving_config, resolve, split
 
@@ -90,6 +92,8 @@ def main(argv: list[str]) -> int:
         from pypto_serving.engine.config import EngineConfig  # no torch here
 
         config = EngineConfig(**engine_kwargs)
+        if server["control_token_file"] is not None:
+            read_token(server["control_token_file"])  # fail at start, not at the first drain
     except (ConfigError, ValueError) as exc:
         print(f"pypto-serving engine: {exc}", file=sys.stderr)
         return 2
@@ -109,7 +113,8 @@ def main(argv: list[str]) -> int:
 
     engine = AsyncEngine(load_engine)
     settings = ServerSettings(served_model_name=str(config.served_model_name), model=config.model,
-                              drain_timeout_s=server["drain_timeout"], max_body_bytes=server["max_body_bytes"])
+                              drain_timeout_s=server["drain_timeout"], max_body_bytes=server["max_body_bytes"],
+                              control_token_file=server["control_token_file"])
     app = build_app(engine, settings)
     state: ServerState = app.state.server
     uv_config = uvicorn.Config(app, host=server["host"], port=server["port"], log_level=server["log_level"],

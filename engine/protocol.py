@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from pypto_serving.contract import OWNED_BY
+
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Int = Annotated[int, Field(strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
@@ -300,7 +302,7 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
-    owned_by: str = "pypto-serving"
+    owned_by: str = OWNED_BY  # "vllm": what routers written for vLLM (smg) recognise
     root: str | None = None
     max_model_len: int | None = None
 

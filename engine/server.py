@@ -1,5 +1,7 @@
 """The engine's HTTP app: lifecycle (loading, health, drain), /health, /ready, /load, /drain, /metrics, /v1/models,
-and the wiring of the OpenAI routes (openai_serving.py) and of the error envelope (api_errors.py).
+the endpoints routers written for vLLM probe (/version, /get_load), and the wiring of the OpenAI routes
+(openai_serving.py) and of the error envelope (api_errors.py). /drain and its undo need the operator's token
+(control.py).
 
 `ServerState` is what every route shares: the async engine, admission (loading / draining / unhealthy are 503s),
 the in-flight count a drain waits on, and the tokenize thread.
@@ -22,17 +24,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from pypto_serving import __version__
 from pypto_serving.contract import (
+    AUTHORIZATION_HEADER,
     PATH_DRAIN,
+    PATH_GET_LOAD,
     PATH_HEALTH,
     PATH_LOAD,
     PATH_METRICS,
     PATH_READY,
+    PATH_VERSION,
     REQUEST_ID_HEADER,
     LoadReport,
 )
 from pypto_serving.engine.api_errors import APIError, BodyLimit, install_error_handlers, unavailable
 from pypto_serving.engine.async_engine import AsyncEngine, State
+from pypto_serving.engine.control import ControlAuth
 from pypto_serving.engine.metrics import CONTENT_TYPE, EngineMetrics
 from pypto_serving.engine.openai_serving import create_chat_completion, create_completion
 from pypto_serving.engine.protocol import (
@@ -56,6 +63,7 @@ class ServerSettings:
     drain_timeout_s: float = 120.0
     max_body_bytes: int = 8 * 1024 * 1024
     retry_after_s: int = 1
+    control_token_file: str | None = None  # POST/DELETE /drain need this file's token; None: they answer 403
 
 
 class ServerState:
@@ -65,6 +73,7 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.metrics = EngineMetrics(settings.served_model_name, engine.snapshot, lambda: self.draining)
+        self.control = ControlAuth(settings.control_token_file)
         self.draining = False
         self.inflight = 0
         self.idle = asyncio.Event()
@@ -148,6 +157,15 @@ class ServerState:
             log.info("draining: %d request(s) in flight", self.inflight)
         self.draining = True
 
+    def undrain(self) -> None:
+        """Admit new requests again (409 once a SIGTERM drain is on its way to exiting)."""
+        if self._exit_task is not None:
+            raise APIError(409, "the engine is shutting down; its drain cannot be undone", "conflict",
+                           code="shutting_down")
+        if self.draining:
+            log.info("drain undone: admitting requests again")
+        self.draining = False
+
     def drain_and_exit(self, timeout_s: float | None = None) -> None:
         """Drain, then exit once idle or at the deadline (in-flight requests are then aborted)."""
         self.drain()
@@ -230,20 +248,42 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             status = "ready" if engine.ready else engine.state.value
         return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
+    def load_report() -> LoadReport:
+        snapshot, _ = engine.snapshot()
+        return LoadReport(running=int(snapshot.get("running", 0)), waiting=int(snapshot.get("waiting", 0)),
+                          pending_tokens=int(snapshot.get("pending_tokens", 0)),
+                          kv_cache_usage=float(snapshot.get("kv_cache_usage", 0.0)), draining=state.draining,
+                          max_num_seqs=snapshot.get("max_num_seqs"),  # None until the engine is loaded
+                          dp_rank=snapshot.get("dp_rank"), dp_size=snapshot.get("dp_size"))
+
     @app.get(PATH_LOAD)
     async def load() -> JSONResponse:
-        snapshot, _ = engine.snapshot()
-        report = LoadReport(running=int(snapshot.get("running", 0)), waiting=int(snapshot.get("waiting", 0)),
-                            pending_tokens=int(snapshot.get("pending_tokens", 0)),
-                            kv_cache_usage=float(snapshot.get("kv_cache_usage", 0.0)), draining=state.draining,
-                            max_num_seqs=snapshot.get("max_num_seqs"),  # None until the engine is loaded
-                            dp_rank=snapshot.get("dp_rank"), dp_size=snapshot.get("dp_size"))
-        return JSONResponse(report.to_json())
+        return JSONResponse(load_report().to_json())
 
-    @app.post(PATH_DRAIN)
-    async def drain() -> JSONResponse:
+    @app.get(PATH_GET_LOAD, include_in_schema=False)
+    async def get_load() -> JSONResponse:
+        """vllm-router's power_of_two polls this: {"load": N}, the lower the better (here: pending tokens)."""
+        report = load_report()
+        return JSONResponse({"load": report.pending_tokens, "running": report.running, "waiting": report.waiting})
+
+    @app.get(PATH_VERSION, include_in_schema=False)
+    async def version() -> JSONResponse:
+        """vLLM's `GET /version`: smg takes a worker that answers it for a vLLM one."""
+        return JSONResponse({"version": __version__})
+
+    @app.post(PATH_DRAIN, include_in_schema=False)
+    async def drain(request: Request) -> JSONResponse:
+        """Stop admitting requests (the operator's token required); in-flight ones finish."""
+        state.control.check(request.headers.get(AUTHORIZATION_HEADER))
         state.drain()
         return JSONResponse({"draining": True, "inflight": state.inflight})
+
+    @app.delete(PATH_DRAIN, include_in_schema=False)
+    async def undrain(request: Request) -> JSONResponse:
+        """Undo a drain (the operator's token required): /ready and /load say ready and not draining again."""
+        state.control.check(request.headers.get(AUTHORIZATION_HEADER))
+        state.undrain()
+        return JSONResponse({"draining": False, "inflight": state.inflight})
 
     @app.get(PATH_METRICS)
     async def metrics() -> Response:

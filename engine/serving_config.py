@@ -68,6 +68,8 @@ OPTIONS: dict[str, tuple[type, Any, str, str]] = {
                                 "CPU quota, split across TP ranks)", "engine"),
     "drain_timeout": (float, 120.0, "seconds SIGTERM waits for in-flight requests before exiting", "server"),
     "max_body_bytes": (int, 8 * 1024 * 1024, "largest request body accepted (else 413)", "server"),
+    "control_token_file": (str, None, "file holding the bearer token POST/DELETE /drain require (the operator "
+                           "mounts its Secret there); without it they answer 403", "server"),
     "log_level": (str, "info", "debug|info|warning|error", "server"),
     "access_log": (bool, False, "log every HTTP request", "server"),
 }

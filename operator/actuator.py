@@ -95,17 +95,35 @@ class Actuator:
             return [self.create_pod(m) for m in manifests]
         return list(self.pool.map(self.create_pod, manifests))
 
-    def start_drain(self, namespace: str, pod: str, reason: str, ip: str | None, now: float, restamp: bool) -> None:
-        """Label the pod draining (the gateway stops routing to it) and `POST /drain` to its engine."""
+    def start_drain(self, namespace: str, pod: str, reason: str, ip: str | None, now: float, restamp: bool,
+                    token: str) -> None:
+        """Label the pod draining (the gateway stops routing to it) and `POST /drain` to its engine with the
+        resource's control token."""
         if restamp:
             annotations = {contract.A_DRAIN_STARTED: format_time(now), contract.A_DRAIN_REASON: reason}
             patch = {"metadata": {"labels": {contract.L_DRAINING: "true"}, "annotations": annotations}}
             self.kube.merge_patch("v1", "Pod", pod, patch, namespace)
         if ip:
             try:
-                self.http.post(f"http://{ip}:{contract.ENGINE_PORT}{PATH_DRAIN}").raise_for_status()
+                response = self.http.post(f"http://{ip}:{contract.ENGINE_PORT}{PATH_DRAIN}",
+                                          headers={contract.AUTHORIZATION_HEADER: f"Bearer {token}"})
+                if response.status_code in (401, 403):  # a Secret not ours, or another operator's key
+                    log.warning("the engine of %s refused the operator's drain token (%d): the gateway still stops "
+                                "routing to it (draining label)", pod, response.status_code)
+                response.raise_for_status()
             except httpx.HTTPError as exc:  # retried by the next reconcile (the load shows draining=false)
                 log.info("POST /drain to %s failed: %r", pod, exc)
+
+    def create_control_secret(self, manifest: dict[str, Any]) -> bool:
+        """Create a resource's control Secret; False if one of that name exists (it is never read, changed or
+        deleted: RBAC gives the operator ``create`` on Secrets and nothing else)."""
+        try:
+            self.kube.create(manifest)
+            return True
+        except ApiError as exc:
+            if exc.status == 409:
+                return False
+            raise
 
     def label_pod(self, namespace: str, pod: str, key: str, value: str, annotation: bool = False) -> None:
         """Set one label (or annotation) on a pod (gone already is fine)."""

@@ -17,6 +17,7 @@ from pypto_serving.kube import Kube, load_config
 from pypto_serving.operator import types as t
 from pypto_serving.operator import webhook as wh
 from pypto_serving.operator.actuator import Actuator
+from pypto_serving.operator.control import load_key
 from pypto_serving.operator.controller import Controller, ControllerConfig
 from pypto_serving.operator.defaults import DEFAULT_ENGINE_CPU_LIMIT, DEFAULT_ENGINE_CPU_REQUEST, OperatorDefaults
 from pypto_serving.operator.handlers import build_registry
@@ -102,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
                      help="comma-separated capabilities spec.engine.securityContext may add back (default: none)")
     sec.add_argument("--allow-root-engines", action=argparse.BooleanOptionalAction, default=False,
                      help="let a resource run its engine as root (runAsUser 0, runAsNonRoot false)")
+    p.add_argument("--control-key-file", default=None, metavar="FILE",
+                   help="secret key (>= 32 bytes) the engines' control tokens are derived from; every operator "
+                   "replica needs the same one (the chart mounts its Secret). Unset: a random key per process")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -163,6 +167,10 @@ async def run(args: argparse.Namespace) -> int:
     """Build everything and run kopf until a signal stops it."""
     namespace = own_namespace(args)
     defaults = operator_defaults(args)
+    try:
+        control_key = load_key(args.control_key_file)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     config = load_config(args.kubeconfig, args.context)
     kube = Kube(config)
     metrics = Metrics()
@@ -173,7 +181,9 @@ async def run(args: argparse.Namespace) -> int:
         elector = LeaderElector(kube, args.leader_election_namespace or namespace, args.leader_election_id,
                                 identity(), lease_duration=args.lease_duration, retry_period=args.lease_retry,
                                 on_change=lambda leading: controller.on_leadership(leading))
-    controller = Controller(Reconciler(actuator, metrics, defaults=defaults), metrics,
+    reconciler = Reconciler(actuator, metrics, defaults=defaults, operator_namespace=namespace,
+                            control_key=control_key)
+    controller = Controller(reconciler, metrics,
                             ControllerConfig(workers=args.workers, resync_seconds=args.resync_seconds), elector)
     health = HealthServer(metrics, controller.alive, args.health_host, args.health_port)
 

@@ -8,6 +8,7 @@ device resource, routing and Service type are always set.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -16,6 +17,10 @@ from typing import Any
 
 from pypto_serving.contract import (  # the names every part shares (CONTRACT.md)
     APP,
+    CONTROL_SECRET_KEY,
+    CONTROL_TOKEN_DIR,
+    CONTROL_TOKEN_FILE,
+    CONTROL_TOKEN_FLAG,
     ENGINE,
     ENGINE_PORT,
     ENGINE_PORT_NAME,
@@ -61,6 +66,9 @@ PROBE_PERIOD = 2
 API_KEY_DIR = "/etc/pypto-serving/api-key"
 # Labels of the operator's pods (the helm chart's selector labels), allowed to reach the engines' /load and /drain.
 OPERATOR_POD_LABELS = {L_NAME: APP, L_COMPONENT: OPERATOR}
+# The label Kubernetes (>= 1.21) puts on every namespace: its name. The NetworkPolicy admits the operator's pods
+# only from the operator's own namespace through it.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 # Engine pods, hardened (operator/security.py rejects specs that would weaken this): no capabilities (Ascend NPUs
 # need none: the device plugin grants the device nodes through cgroups), no privilege escalation, RuntimeDefault
 # seccomp, non-root, and no ServiceAccount token (engines never call the API server). A spec's securityContext
@@ -117,6 +125,11 @@ def engine_service_name(name: str) -> str:
 def gateway_name(name: str) -> str:
     """Name of the gateway Deployment, Service, ServiceAccount, Role and RoleBinding."""
     return f"{name}-gateway"
+
+
+def control_secret_name(name: str) -> str:
+    """The Secret holding the engines' control token (mounted into every engine pod)."""
+    return f"{name}-control"
 
 
 def engine_selector(name: str) -> dict[str, str]:
@@ -312,12 +325,18 @@ def engine_pod(owner: Owner, spec: PyptoServingSpec, rank: int, shape_hash: str 
     if dev.hccn_conf_path:
         volumes.append({"name": "hccn-conf", "hostPath": {"path": dev.hccn_conf_path, "type": "File"}})
         mounts.append({"name": "hccn-conf", "mountPath": "/etc/hccn.conf", "readOnly": True})
+    # The control token (POST/DELETE /drain need it): the resource's Secret, one key, read-only.
+    volumes.append({"name": "control-token", "secret": {
+        "secretName": control_secret_name(owner.name),
+        "items": [{"key": CONTROL_SECRET_KEY, "path": CONTROL_SECRET_KEY}]}})
+    mounts.append({"name": "control-token", "mountPath": CONTROL_TOKEN_DIR, "readOnly": True})
     container: dict[str, Any] = {
         "name": ENGINE,
         "image": eng.image,
         "imagePullPolicy": eng.image_pull_policy,
         "command": ["pypto-serving", "engine"],
-        "args": engine_args(spec) + (group_args(spec, shape, where) if shape.multi else []),
+        "args": engine_args(spec) + [CONTROL_TOKEN_FLAG, CONTROL_TOKEN_FILE]
+        + (group_args(spec, shape, where) if shape.multi else []),
         "ports": [{"name": ENGINE_PORT_NAME, "containerPort": ENGINE_PORT, "protocol": "TCP"}],
         "env": engine_env(spec) + (group_env(owner, spec, shape, where) if shape.multi else []),
         "resources": _resources(eng.resources, {dev.resource_name: devices}),
@@ -372,6 +391,14 @@ def engine_service(owner: Owner) -> dict[str, Any]:
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": engine_selector(owner.name),
                      "ports": [{"name": ENGINE_PORT_NAME, "port": ENGINE_PORT, "targetPort": ENGINE_PORT,
                                 "protocol": "TCP"}]}}
+
+
+def control_secret(owner: Owner, token: str) -> dict[str, Any]:
+    """The Secret with the engines' control token (the operator creates it once; see operator/control.py)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": control_secret_name(owner.name), "namespace": owner.namespace,
+                         "labels": _common_labels(owner.name, ENGINE), "ownerReferences": [owner.reference()]},
+            "data": {CONTROL_SECRET_KEY: base64.b64encode(token.encode()).decode()}}
 
 
 def gateway_selector(name: str) -> dict[str, str]:
@@ -432,13 +459,15 @@ def network_policy_name(name: str) -> str:
     return f"{name}-engines"
 
 
-def network_policy(owner: Owner, spec: PyptoServingSpec) -> dict[str, Any]:
+def network_policy(owner: Owner, spec: PyptoServingSpec, operator_namespace: str) -> dict[str, Any]:
     """NetworkPolicy: the engine pods accept TCP 8000 only from this resource's gateway pods (same namespace),
-    from the operator's pods (any namespace: Kubernetes 1.20 does not label namespaces by name) and from
-    ``spec.networkPolicy.extraIngressFrom``. Only a CNI that implements NetworkPolicy enforces it."""
+    from the operator's pods in the operator's own namespace (by the ``kubernetes.io/metadata.name`` label that
+    Kubernetes >= 1.21 sets on every namespace) and from ``spec.networkPolicy.extraIngressFrom``. Only a CNI that
+    implements NetworkPolicy enforces it."""
     peers: list[dict[str, Any]] = [
         {"podSelector": {"matchLabels": gateway_selector(owner.name)}},
-        {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)}},
+        {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: operator_namespace}},
+         "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)}},
     ]
     peers += [copy.deepcopy(peer) for peer in spec.network_policy.extra_ingress_from]
     ingress: list[dict[str, Any]] = [{"from": peers, "ports": [{"protocol": "TCP", "port": ENGINE_PORT}]}]
@@ -456,11 +485,12 @@ def gateway_url(owner: Owner) -> str:
     return f"http://{gateway_name(owner.name)}.{owner.namespace}.svc:{GATEWAY_PORT}"
 
 
-def children(owner: Owner, spec: PyptoServingSpec) -> list[dict[str, Any]]:
-    """Every non-pod object the resource should own (the gateway ones only when enabled)."""
+def children(owner: Owner, spec: PyptoServingSpec, operator_namespace: str) -> list[dict[str, Any]]:
+    """Every non-pod object the resource should own and keeps applied (the gateway ones only when enabled; the
+    control Secret is created once, apart: `control_secret`)."""
     out = [engine_service(owner)]
     if spec.network_policy.enabled:
-        out.append(network_policy(owner, spec))
+        out.append(network_policy(owner, spec, operator_namespace))
     if spec.gateway.enabled:
         out += gateway_objects(owner, spec)
     return out

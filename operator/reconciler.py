@@ -15,6 +15,7 @@ from typing import Any
 from pypto_serving.operator import desired as d
 from pypto_serving.operator import plan as planner
 from pypto_serving.operator.actuator import NETWORK_POLICY_KINDS, Actuator
+from pypto_serving.operator.control import engine_token
 from pypto_serving.operator.defaults import BUILTIN, OperatorDefaults
 from pypto_serving.operator.metrics import Metrics
 from pypto_serving.operator.state import PodView, pod_view
@@ -51,11 +52,13 @@ def status_changed(previous: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 class Reconciler:
-    """observe -> plan -> act -> status."""
+    """observe -> plan -> act -> status. ``operator_namespace`` is where the operator's pods run (the engines'
+    NetworkPolicy admits them from there); ``control_key`` derives each resource's control token (control.py)."""
 
     def __init__(self, actuator: Actuator, metrics: Metrics, clock: Callable[[], float] = time.time,
-                 defaults: OperatorDefaults = BUILTIN) -> None:
+                 defaults: OperatorDefaults = BUILTIN, *, operator_namespace: str, control_key: bytes) -> None:
         self.act, self.metrics, self.clock, self.defaults = actuator, metrics, clock, defaults
+        self.operator_namespace, self.control_key = operator_namespace, control_key
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         """Bring one resource one step closer to its spec."""
@@ -91,7 +94,10 @@ class Reconciler:
 
     def _act(self, body: dict[str, Any], owner: d.Owner, spec: Any, decision: planner.Plan, now: float) -> None:
         shape = d.spec_hash(spec)
+        token = engine_token(self.control_key, owner.namespace, owner.name)
         creates = [a for a in decision.actions if isinstance(a, planner.CreatePod)]
+        if creates:  # before the pods that mount it (a pod waits for a missing Secret; it is never rewritten)
+            self.act.create_control_secret(d.control_secret(owner, token))
         manifests = [d.engine_pod(owner, spec, a.rank, shape, d.GroupPod(a.rank, a.index, a.leader_ip))
                      for a in creates]
         for action, manifest, created in zip(creates, manifests, self.act.create_pods(manifests), strict=True):
@@ -104,7 +110,8 @@ class Reconciler:
             if isinstance(action, planner.LabelPod):
                 self.act.label_pod(owner.namespace, action.pod, action.key, action.value, action.annotation)
             if isinstance(action, planner.StartDrain):
-                self.act.start_drain(owner.namespace, action.pod, action.reason, action.ip, now, action.restamp)
+                self.act.start_drain(owner.namespace, action.pod, action.reason, action.ip, now, action.restamp,
+                                     token)
                 if action.restamp:
                     self.metrics.actions.labels("drain").inc()
                     self.act.event(body, "Normal", "DrainingReplica", f"draining pod {action.pod} ({action.reason})",
@@ -116,7 +123,7 @@ class Reconciler:
                                f"deleted pod {action.pod} ({action.reason})", now)
 
     def _children(self, body: dict[str, Any], owner: d.Owner, spec: Any, now: float, had_gateway: bool) -> None:
-        for child in d.children(owner, spec):
+        for child in d.children(owner, spec, self.operator_namespace):
             result = self.act.apply(child, owner.uid)
             kind, child_name = child["kind"], child["metadata"]["name"]
             if result == "conflict":

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pypto_serving.contract import ENGINE_POD_ENV, ENV_VISIBLE_DEVICES
+from pypto_serving.contract import CONTROL_TOKEN_DIR, CONTROL_TOKEN_FLAG, ENGINE_POD_ENV, ENV_VISIBLE_DEVICES
 from pypto_serving.operator import security
 from pypto_serving.operator.defaults import BUILTIN, FLAGS, OperatorDefaults, defaulted_fields, resolve
 from pypto_serving.operator.groups import group_shape, split_problem
@@ -39,9 +39,10 @@ MANAGED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--tensor
                  "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching", "--no-enable-prefix-caching",
                  "--enable-expert-parallel", "--no-enable-expert-parallel", "--expert-placement-strategy",
                  "--all2all-backend", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless",
-                 "--data-parallel-size", "--data-parallel-rank", "--data-parallel-address", "--data-parallel-rpc-port")
+                 "--data-parallel-size", "--data-parallel-rank", "--data-parallel-address", "--data-parallel-rpc-port",
+                 CONTROL_TOKEN_FLAG)
 MANAGED_ENV = (*ENGINE_POD_ENV, ENV_VISIBLE_DEVICES)
-RESERVED_MOUNTS = ("/dev/shm", "/etc/hccn.conf")
+RESERVED_MOUNTS = ("/dev/shm", "/etc/hccn.conf", CONTROL_TOKEN_DIR)
 MAX_REPLICAS = 1024  # spec.replicas' bound (types.py)
 
 

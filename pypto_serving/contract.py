@@ -70,6 +70,16 @@ REPLICA_HEADER = "x-pypto-replica"  # the gateway: which replica answered
 ROUTING_HEADER = "x-pypto-routing"  # the gateway: a per-request routing policy
 SESSION_HEADER = "x-session-id"  # the gateway's session policy
 PATH_HEALTH, PATH_READY, PATH_LOAD, PATH_DRAIN, PATH_METRICS = "/health", "/ready", "/load", "/drain", "/metrics"
+# Engine control (POST /drain, DELETE /drain undoes it): a bearer token the operator shares with its engines.
+AUTHORIZATION_HEADER = "authorization"  # `Authorization: Bearer <token>` (RFC 6750)
+CONTROL_SECRET_KEY = "token"  # the key of the per-resource Secret the operator creates (`<name>-control`)
+CONTROL_TOKEN_DIR = "/etc/pypto-serving/control"  # where engine pods mount that Secret (read-only)
+CONTROL_TOKEN_FILE = f"{CONTROL_TOKEN_DIR}/{CONTROL_SECRET_KEY}"  # passed as `--control-token-file`
+CONTROL_TOKEN_FLAG = "--control-token-file"
+# What routers written for vLLM probe (smg, vllm-router): `GET /version`, `owned_by` in `/v1/models`, and
+# vllm-router's `GET /get_load` (`{"load": N}`, N = the engine's pending tokens).
+PATH_VERSION, PATH_GET_LOAD = "/version", "/get_load"
+OWNED_BY = "vllm"  # /v1/models `owned_by`: smg classifies a worker as vLLM by it (then reads /metrics' vllm: gauges)
 
 
 class LoadReport(BaseModel):

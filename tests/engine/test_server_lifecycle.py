@@ -198,7 +198,7 @@ def test_post_drain_finishes_in_flight_work_then_sigterm_exits_when_idle(engine_
     stream = StreamReader(engine.url, model, max_tokens=1000, hold=True)
     stream.start()
     wait_for(lambda: stream.events, 60, "the first streamed chunk")
-    drained = httpx.post(f"{engine.url}/drain", timeout=10)
+    drained = httpx.post(f"{engine.url}/drain", headers=engine.control_headers, timeout=10)
     assert drained.status_code == 200 and drained.json() == {"draining": True, "inflight": 1}
     assert_rejected_while_draining(engine.url, model)
     stream.resume.set()
@@ -221,6 +221,9 @@ def test_sigterm_drains_in_flight_streams_before_exiting(engine_factory, tiny_qw
     wait_for(lambda: stream.events, 60, "the first streamed chunk")
     engine.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: httpx.get(f"{engine.url}/ready", timeout=5).status_code == 503, 10, "/ready 503 on SIGTERM")
+    assert_rejected_while_draining(engine.url, model)
+    undo = httpx.delete(f"{engine.url}/drain", headers=engine.control_headers, timeout=10)
+    assert undo.status_code == 409 and undo.json()["error"]["code"] == "shutting_down"  # a SIGTERM is not undone
     assert_rejected_while_draining(engine.url, model)
     # the engine finishes generating while the held stream still has most of it to send: that keeps the engine up
     wait_for(lambda: httpx.get(f"{engine.url}/load", timeout=5).json()["pending_tokens"] == 0, 60, "generation done")

@@ -208,7 +208,7 @@ def test_draining_replica_gets_no_new_requests_and_503s_are_retried(
     blind = gateway_factory("--endpoints", endpoints(keep, victim), "--policy", "round-robin",
                             "--poll-interval", "600")  # polls once at start: learns of the drain only by a 503
     assert {complete(fast).headers["x-pypto-replica"] for _ in range(4)} == {keep.url, victim.url}
-    httpx.post(victim.url + "/drain", timeout=10).raise_for_status()
+    httpx.post(victim.url + "/drain", headers=victim.control_headers, timeout=10).raise_for_status()
     wait_for(lambda: fast.replicas()[victim.url]["state"] == "draining", 5, "drain seen within a poll")
     assert {complete(fast).headers["x-pypto-replica"] for _ in range(6)} == {keep.url}
     answers = [complete(blind) for _ in range(6)]
@@ -260,7 +260,7 @@ def test_request_id_is_made_once_and_kept_across_a_retry(
         gw = gateway_factory("--endpoints", endpoints(keep, tap.url), "--policy", "round-robin",
                              "--poll-interval", "600")  # learns of the drain only from the victim's 503
         wait_for(lambda: gw.replicas()[tap.url]["state"] == "ready", 10, "the tapped replica polled once")
-        httpx.post(victim.url + "/drain", timeout=10).raise_for_status()
+        httpx.post(victim.url + "/drain", headers=victim.control_headers, timeout=10).raise_for_status()
         answers = [complete(gw) for _ in range(2)]  # round-robin: one of them is sent to the victim first
         assert [r.status_code for r in answers] == [200, 200]
         assert gw.metric("pypto_gateway_retries_total", reason="unavailable") == 1

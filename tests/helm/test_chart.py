@@ -85,19 +85,23 @@ def test_chart_rbac_is_operator_rbac() -> None:
 
 
 def test_rbac_reads_no_secret_and_touches_no_webhook_configuration_but_its_own() -> None:
-    """The security review's findings: no Secret at all (the chart owns the webhook's and mounts it); no webhook
+    """The security review's findings: no Secret read, changed or deleted (the chart owns the webhook's and the
+    control key's and mounts them); Secrets only created (each resource's control Secret); no webhook
     configuration but its own, by name."""
     for doc in rbac_docs():
         for rule in doc["rules"]:
-            assert "secrets" not in rule["resources"], rule
+            if "secrets" in rule["resources"]:
+                assert rule["resources"] == ["secrets"] and rule["verbs"] == ["create"], rule
             if "validatingwebhookconfigurations" in rule["resources"]:
                 assert rule["resourceNames"] and set(rule["verbs"]) <= {"get", "update", "delete"}, rule
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
     for values in ({}, LIST_MODE, {"webhook.mode": "url"}):
         for doc in render(values):
             for rule in doc.get("rules") or []:
-                if {"secrets", "validatingwebhookconfigurations"} & set(rule["resources"]):
+                if "validatingwebhookconfigurations" in rule["resources"]:
                     assert rule.get("resourceNames"), (values, doc["kind"], rule)
+                if "secrets" in rule["resources"]:
+                    assert rule["verbs"] == ["create"], (values, doc["kind"], rule)
     # no leader election: no Lease rule, so no own-namespace Role
     url = render({"webhook.mode": "url", "operator.leaderElection.enabled": False, "operator.replicas": 1})
     assert not [d for d in url if d["kind"] == "Role"]
@@ -112,6 +116,7 @@ def test_default_render_is_service_mode_watching_all_namespaces() -> None:
         ("PodDisruptionBudget", "pps-pypto-serving-operator", "pypto-system"),
         ("Role", "pps-pypto-serving-operator-self", "pypto-system"),
         ("RoleBinding", "pps-pypto-serving-operator-self", "pypto-system"),
+        ("Secret", "pps-pypto-serving-control-key", "pypto-system"),
         ("Secret", "pps-pypto-serving-webhook-tls", "pypto-system"),
         ("Service", "pps-pypto-serving-operator-metrics", "pypto-system"),
         ("Service", "pps-pypto-serving-webhook", "pypto-system"),
@@ -146,7 +151,13 @@ def test_operator_pods_are_locked_down_and_match_the_engines_network_policy() ->
     assert env["TMPDIR"] == mounts["scratch"]["mountPath"]
     assert operator_args(docs).webhook_cert_dir == mounts["webhook-tls"]["mountPath"]
     assert mounts["webhook-tls"]["readOnly"] is True
-    assert {v["name"] for v in pod["spec"]["volumes"]} == {"scratch", "webhook-tls"}
+    assert {v["name"] for v in pod["spec"]["volumes"]} == {"scratch", "webhook-tls", "control-key"}
+    # the control key (engine drain tokens derive from it): the chart's Secret, mounted read-only, >= 32 bytes
+    key_volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "control-key")
+    assert mounts["control-key"]["readOnly"] is True
+    assert operator_args(docs).control_key_file == mounts["control-key"]["mountPath"] + "/key"
+    key = secret_data(find(docs, "Secret", key_volume["secret"]["secretName"]), "key")
+    assert len(key) >= 32 and key != secret_data(find(render(), "Secret", key_volume["secret"]["secretName"]), "key")
     # the engines' NetworkPolicy admits the operator's pods by these labels (operator/desired.py)
     assert desired.OPERATOR_POD_LABELS.items() <= pod["metadata"]["labels"].items()
     assert {p["name"] for p in container["ports"]} == {"health", "webhook"}
@@ -191,14 +202,15 @@ def test_url_mode_leaves_the_webhooks_to_the_operator() -> None:
     assert args.webhook_mode == "url" and args.webhook_host is None
     config = find(docs, "ValidatingWebhookConfiguration", args.webhook_config_name)
     assert "webhooks" not in config  # helm owns the object (uninstall deletes it); each operator pod fills it in
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["pps-pypto-serving-control-key"]
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == ["pps-pypto-serving-operator-metrics"]
 
 
 def test_webhook_off() -> None:
     docs = render({"webhook.enabled": False, "metrics.service.enabled": False})
     assert operator_args(docs).webhook_mode == "none"
-    assert not [d for d in docs if d["kind"] in ("ValidatingWebhookConfiguration", "Secret", "Service")]
+    assert not [d for d in docs if d["kind"] in ("ValidatingWebhookConfiguration", "Service")]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["pps-pypto-serving-control-key"]
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == ["pps-pypto-serving-operator"]
     assert "webhook" not in {p["name"] for p in operator_container(docs)["ports"]}
 

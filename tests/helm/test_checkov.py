@@ -46,7 +46,7 @@ def checkov() -> Path:
 
 def operator_objects() -> list[dict[str, Any]]:
     """What the operator creates for a resource using every feature (engine pod, Services, NetworkPolicy,
-    gateway with an API key), resolved with the defaults the chart passes to the operator."""
+    control Secret, gateway with an API key), resolved with the defaults the chart passes to the operator."""
     args = [a.replace("$(POD_IP)", "10.1.2.3") for a in operator_container(
         [doc for doc in yaml.safe_load_all(template_text().stdout) if doc])["args"]]
     defaults = operator_cli.operator_defaults(operator_cli.parser().parse_args(args))
@@ -57,7 +57,8 @@ def operator_objects() -> list[dict[str, Any]]:
     spec, problems = validate(body, defaults)
     assert spec is not None, problems
     owner = d.Owner("qwen3", "llm", "0c6b2f9e-0000-4000-8000-000000000001")
-    return [d.engine_pod(owner, spec, 0), *d.children(owner, spec)]
+    return [d.engine_pod(owner, spec, 0), *d.children(owner, spec, "pypto-system"),
+            d.control_secret(owner, "0" * 64)]
 
 
 def scan(checkov: Path, files: list[Path]) -> list[dict[str, Any]]:

@@ -23,6 +23,18 @@ OPERATOR_BIN = str(Path(sys.executable).parent / "pypto-serving")
 # The built-in allow-list plus the cache's tiny models, which the tests mount by hostPath (the chart's
 # security.allowedHostPaths does the same for the demo).
 TEST_HOST_PATHS = ",".join((*DEFAULT_ALLOWED_HOST_PATHS, str(MODELS_DIR)))
+# One control key for every operator a test run starts (as the chart's Secret is for every replica): a new leader
+# derives the tokens the engines its predecessor created accept.
+CONTROL_KEY = b"pypto-serving-test-control-key-0123456789"
+
+
+def control_key_file(directory: Path) -> Path:
+    """CONTROL_KEY in a file only its owner reads (the operator's --control-key-file)."""
+    path = directory / "control.key"
+    if not path.exists():
+        path.write_bytes(CONTROL_KEY)
+        path.chmod(0o600)
+    return path
 
 
 @dataclass
@@ -42,7 +54,7 @@ class OperatorProcess:
         command = [OPERATOR_BIN, "operator", "--namespace", self.namespace, "--health-host", "127.0.0.1",
                    "--health-port", str(self.health_port), "--resync-seconds", "10", "--lease-duration", "4",
                    "--lease-retry", "1", "--leader-election-id", "op-lease", "--allowed-host-paths", TEST_HOST_PATHS,
-                   *self.extra]
+                   "--control-key-file", str(control_key_file(self.log_path.parent)), *self.extra]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after this returns
         self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

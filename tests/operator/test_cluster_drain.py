@@ -1,7 +1,10 @@
-"""Scale-down is a two-phase drain: a streamed request in flight on the victim completes before it is deleted."""
+"""Scale-down is a two-phase drain: a streamed request in flight on the victim completes before it is deleted.
+The engines' /drain needs the resource's control token, which the operator sends and nobody else has; a drain
+can be undone."""
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -11,7 +14,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.operator.clusterkit import OperatorProcess, engine_pods, kubectl_apply, resource, wait_ready
+from pypto_serving.operator.control import engine_token
+from tests.operator.clusterkit import (
+    CONTROL_KEY,
+    OperatorProcess,
+    engine_pods,
+    kubectl_apply,
+    resource,
+    wait_ready,
+)
 from tests.support.common import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -62,6 +73,15 @@ def running(ip: str) -> int:
     return int(httpx.get(f"http://{ip}:8000/load", timeout=5, trust_env=False).json()["running"])
 
 
+def control(method: str, ip: str, token: str | None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return httpx.request(method, f"http://{ip}:8000/drain", headers=headers, timeout=10, trust_env=False)
+
+
+def draining(ip: str) -> bool:
+    return bool(httpx.get(f"http://{ip}:8000/load", timeout=5, trust_env=False).json()["draining"])
+
+
 def test_scale_down_drains_the_victim_and_its_stream_completes(cluster: Any, namespace: str, kube: Any,
                                                                operator: OperatorProcess,
                                                                model_volume: dict[str, Any]) -> None:
@@ -71,6 +91,17 @@ def test_scale_down_drains_the_victim_and_its_stream_completes(cluster: Any, nam
     ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in engine_pods(kube, namespace, "drain")}
     streams = {name: Stream(f"http://{ip}:8000").start() for name, ip in ips.items()}
     wait_for(lambda: all(running(ip) == 1 for ip in ips.values()), 60, "both streams running")
+
+    # The control Secret: owned by the resource, holding the token the operator derives; no one else may drain.
+    secret = kube.get("v1", "Secret", "drain-control", namespace)
+    assert secret["metadata"]["ownerReferences"][0]["name"] == "drain"
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert token == engine_token(CONTROL_KEY, namespace, "drain")
+    for ip in ips.values():
+        assert control("POST", ip, None).status_code == 401
+        assert control("POST", ip, "not-the-token").status_code == 403
+        assert control("DELETE", ip, "not-the-token").status_code == 403
+        assert not draining(ip)
 
     # Both replicas carry one request: the tie goes to the highest rank.
     cluster.kubectl("scale", "pps", "drain", "-n", namespace, "--replicas=1")
@@ -105,3 +136,20 @@ def test_scale_down_drains_the_victim_and_its_stream_completes(cluster: Any, nam
     survivors = [p["metadata"]["name"] for p in engine_pods(kube, namespace, "drain", include_terminating=False)]
     assert survivors == ["drain-dp-0"]
     wait_ready(kube, namespace, "drain", 1)
+
+    # A drain is undone with the same token: the pod turns unready, then Ready again, and serves.
+    survivor = ips["drain-dp-0"]
+    assert control("POST", survivor, token).status_code == 200 and draining(survivor)
+    wait_for(lambda: not pod_ready(kube, namespace, "drain-dp-0"), 30, "drain-dp-0 unready while drained")
+    assert control("DELETE", survivor, "not-the-token").status_code == 403 and draining(survivor)
+    assert control("DELETE", survivor, token).status_code == 200 and not draining(survivor)
+    wait_for(lambda: pod_ready(kube, namespace, "drain-dp-0"), 30, "drain-dp-0 Ready again")
+    served = httpx.post(f"http://{survivor}:8000/v1/completions", timeout=30, trust_env=False,
+                        json={"model": "tiny", "prompt": "back", "max_tokens": 2})
+    assert served.status_code == 200
+
+
+def pod_ready(kube: Any, namespace: str, name: str) -> bool:
+    pod = kube.get("v1", "Pod", name, namespace) or {}
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])

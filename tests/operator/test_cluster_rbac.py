@@ -1,6 +1,7 @@
 """The operator's RBAC as the chart renders it, checked by the real apiserver's authorizer (`kubectl auth can-i
---as=system:serviceaccount:...` and impersonated requests): it cannot read a Secret other than its webhook
-certificate, in any namespace, and cannot create, update or delete a webhook configuration other than its own."""
+--as=system:serviceaccount:...` and impersonated requests): it cannot read, change or delete any Secret (it may
+only create one: each resource's control Secret), in any namespace, and cannot create, update or delete a webhook
+configuration other than its own."""
 
 from __future__ import annotations
 
@@ -53,15 +54,17 @@ def test_operator_cannot_read_other_secrets_or_touch_other_webhook_configuration
         for verb, target, ns in [("update", f"leases.coordination.k8s.io/{own_config}", namespace),
                                  ("create", "leases.coordination.k8s.io", namespace),
                                  ("create", "pods", namespace), ("watch", "pyptoservings.serving.pypto.io",
-                                                                 namespace)]:
+                                                                 namespace),
+                                 ("create", "secrets", namespace)]:  # the control Secrets, never read back
             assert can_i(cluster, account, verb, target, ns), f"the operator cannot {verb} {target} in {ns}"
         # What the review found and must stay impossible.
         for verb, target, ns in [
             ("get", "secret/db-password", other), ("list", "secrets", other), ("get", "secrets", None),
             ("list", "secrets", None), ("watch", "secrets", namespace), ("get", "secret/neighbour", namespace),
-            ("list", "secrets", namespace), ("create", "secrets", namespace), ("get", f"secret/{own_secret}",
-                                                                             namespace),
-            ("delete", f"secret/{own_secret}", namespace),
+            ("list", "secrets", namespace), ("get", f"secret/{own_secret}", namespace),
+            ("delete", f"secret/{own_secret}", namespace), ("get", "secret/demo-control", namespace),
+            ("patch", "secret/demo-control", namespace), ("update", "secret/demo-control", namespace),
+            ("delete", "secret/demo-control", namespace), ("patch", "secret/neighbour", namespace),
             ("update", f"validatingwebhookconfigurations/{own_config}", None),
             ("delete", f"validatingwebhookconfigurations/{unrelated}", None),
             ("update", f"validatingwebhookconfigurations/{unrelated}", None),
@@ -73,6 +76,7 @@ def test_operator_cannot_read_other_secrets_or_touch_other_webhook_configuration
             assert not can_i(cluster, account, verb, target, ns), f"the operator may {verb} {target} in {ns}"
         if mode == "namespace-list":  # Roles only: nothing outside the watched namespace
             assert not can_i(cluster, account, "create", "pods", other)
+            assert not can_i(cluster, account, "create", "secrets", other)
             assert not can_i(cluster, account, "list", "pyptoservings.serving.pypto.io", None)
         # The same through real requests (impersonated): the authorizer refuses them.
         for args in (("get", "secret", "db-password", "-n", other), ("get", "secret", "neighbour", "-n", namespace),

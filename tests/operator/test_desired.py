@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from pypto_serving.operator import desired as d
@@ -43,7 +44,7 @@ def test_engine_pod_follows_the_contract() -> None:
                                  "--port", "8000", "--tensor-parallel-size", "4", "--pipeline-parallel-size", "1",
                                  "--dtype", "auto",
                                  "--max-model-len", "4096", "--block-size", "128", "--enable-prefix-caching",
-                                 "--enforce-eager"]
+                                 "--enforce-eager", "--control-token-file", "/etc/pypto-serving/control/token"]
     assert container["resources"] == {"requests": {"cpu": "4", "huawei.com/Ascend910": "4"},
                                       "limits": {"huawei.com/Ascend910": "4"}}
     env = env_map(container)
@@ -62,13 +63,31 @@ def test_engine_pod_follows_the_contract() -> None:
     volumes = {v["name"]: v for v in pspec["volumes"]}
     assert volumes["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}
     assert volumes["model"] == {"name": "model", "hostPath": {"path": "/data/m"}}
+    assert volumes["control-token"] == {"name": "control-token", "secret": {
+        "secretName": "demo-control", "items": [{"key": "token", "path": "token"}]}}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts == {"dshm": "/dev/shm", "model": "/models"}
+    assert mounts == {"dshm": "/dev/shm", "model": "/models", "control-token": "/etc/pypto-serving/control"}
+    assert all(m["readOnly"] for m in container["volumeMounts"] if m["name"] in ("model", "control-token"))
     assert pspec["terminationGracePeriodSeconds"] >= 120
     assert pspec["subdomain"] == "demo-engines" and pspec["hostname"] == "demo-dp-2"
     term = pspec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == d.engine_selector("demo")
+
+
+def test_the_control_secret_holds_the_token_the_engine_pods_read() -> None:
+    secret = d.control_secret(OWNER, "f" * 64)
+    assert secret["kind"] == "Secret" and secret["type"] == "Opaque"
+    assert secret["metadata"]["name"] == "demo-control" and secret["metadata"]["namespace"] == "ns1"
+    assert secret["metadata"]["ownerReferences"] == [OWNER.reference()]  # garbage-collected with the resource
+    assert base64.b64decode(secret["data"]["token"]) == b"f" * 64
+    # extraArgs cannot point the engine at another token file: validation refuses the flag, and ours comes last
+    (container,) = d.engine_pod(OWNER, spec_of(engine={"extraArgs": ["--control-token-file", "/tmp/t"]}), 0)[
+        "spec"]["containers"]
+    assert container["args"][-2:] == ["--control-token-file", "/etc/pypto-serving/control/token"]
+    volume = next(v for v in d.engine_pod(OWNER, spec_of(), 0)["spec"]["volumes"] if v["name"] == "control-token")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volume["secret"]["items"][0]["key"] in secret["data"]
 
 
 def test_pipeline_parallel_pod_requests_tp_x_pp_devices_and_passes_both_flags() -> None:
@@ -156,15 +175,16 @@ def test_gateway_objects() -> None:
 
 
 def test_children_depend_on_gateway_and_network_policy_enabled() -> None:
-    assert [o["kind"] for o in d.children(OWNER, spec_of(gateway={"enabled": False}))] == ["Service", "NetworkPolicy"]
+    no_gateway = d.children(OWNER, spec_of(gateway={"enabled": False}), "ops")
+    assert [o["kind"] for o in no_gateway] == ["Service", "NetworkPolicy"]
     assert [o["kind"] for o in d.children(OWNER, spec_of(gateway={"enabled": False},
-                                                          networkPolicy={"enabled": False}))] == ["Service"]
-    assert len(d.children(OWNER, spec_of())) == 7
+                                                          networkPolicy={"enabled": False}), "ops")] == ["Service"]
+    assert len(d.children(OWNER, spec_of(), "ops")) == 7
 
 
 def test_network_policy_admits_only_the_gateway_and_the_operator_on_the_engine_port() -> None:
     peer = {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}
-    policy = d.network_policy(OWNER, spec_of(networkPolicy={"extraIngressFrom": [peer]}))
+    policy = d.network_policy(OWNER, spec_of(networkPolicy={"extraIngressFrom": [peer]}), "pypto-system")
     assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
     assert policy["metadata"]["name"] == "demo-engines" and policy["metadata"]["namespace"] == "ns1"
     assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
@@ -180,8 +200,11 @@ def test_network_policy_admits_only_the_gateway_and_the_operator_on_the_engine_p
         "spec"]["template"]["metadata"]["labels"]
     assert rule["from"][0] == {"podSelector": {"matchLabels": d.gateway_selector("demo")}}
     assert rule["from"][0]["podSelector"]["matchLabels"].items() <= gateway_pod_labels.items()
-    assert rule["from"][1] == {"namespaceSelector": {}, "podSelector": {"matchLabels": {
-        "app.kubernetes.io/name": "pypto-serving", "app.kubernetes.io/component": "operator"}}}
+    # the operator's pods, and only in the operator's own namespace (one peer: namespace AND pod labels)
+    assert rule["from"][1] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "pypto-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "pypto-serving",
+                                        "app.kubernetes.io/component": "operator"}}}
     assert rule["from"][2] == peer and len(rule["from"]) == 3
 
 

@@ -82,9 +82,9 @@ def test_large_replica_pods_leader_and_worker() -> None:
     assert {"name": c.GROUP_PORT_NAME, "containerPort": c.GROUP_PORT + 1, "protocol": "TCP"} in lc["ports"]
     assert len(wc["ports"]) == 1
     # group pods reach each other on any port; a plain replica's NetworkPolicy is unchanged
-    policy = d.network_policy(OWNER, spec)["spec"]["ingress"]
+    policy = d.network_policy(OWNER, spec, "ops")["spec"]["ingress"]
     assert policy[1] == {"from": [{"podSelector": {"matchLabels": d.engine_selector("demo")}}]}
-    assert len(d.network_policy(OWNER, spec_of())["spec"]["ingress"]) == 1
+    assert len(d.network_policy(OWNER, spec_of(), "ops")["spec"]["ingress"]) == 1
 
 
 def test_dp_ep_group_pods_all_serve() -> None:

@@ -9,11 +9,15 @@ If the engine exits or misses the deadline, it fails with the tail of its log. T
     def test_something(engine_factory, tiny_qwen3_dir):
         engine = engine_factory(tiny_qwen3_dir, extra_args=["--max-model-len", "256"])
         httpx.get(f"{engine.url}/load")
+
+Each engine gets a control token of its own (`--control-token-file`, as the operator's pods do): a test drains it
+with ``httpx.post(f"{engine.url}/drain", headers=engine.control_headers)``.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,11 +38,18 @@ START_TIMEOUT_S = float(os.environ.get("PYPTO_ENGINE_START_TIMEOUT", "240"))
 class EngineProcess:
     """One running `pypto-serving engine` subprocess."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, log_path: Path, args: list[str]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log_path: Path, args: list[str],
+                 control_token: str | None = None) -> None:
         self.proc = proc
         self.url = url
         self.log_path = log_path
         self.args = args
+        self.control_token = control_token
+
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """The Authorization header its control endpoints (POST/DELETE /drain) accept."""
+        return {"Authorization": f"Bearer {self.control_token}"} if self.control_token else {}
 
     def __repr__(self) -> str:
         return f"EngineProcess({self.url}, pid={self.proc.pid}, log={self.log_path})"
@@ -96,12 +107,19 @@ def launch_engine(model_dir: str | Path, *, host: str = "127.0.0.1", port: int |
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pypto-engine-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"engine-{port}.log"
+    token = None
+    if "--control-token-file" not in extra_args:  # every test engine gets a token, as the operator's pods do
+        token = secrets.token_hex(16)
+        token_file = log_dir / f"engine-{port}.token"
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        extra_args = [*extra_args, "--control-token-file", str(token_file)]
     args = engine_command(model_dir, host, port, extra_args)
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
-    return EngineProcess(proc, f"http://{host}:{port}", log_path, args)
+    return EngineProcess(proc, f"http://{host}:{port}", log_path, args, token)
 
 
 def start_engine(model_dir: str | Path, *, host: str = "127.0.0.1", port: int | None = None,

@@ -26,6 +26,10 @@
 {{- printf "%s-webhook" (include "pypto-serving.fullname" .) }}
 {{- end }}
 
+{{- define "pypto-serving.controlKeySecretName" -}}
+{{- printf "%s-control-key" (include "pypto-serving.fullname" .) }}
+{{- end }}
+
 {{- define "pypto-serving.webhookSecretName" -}}
 {{- printf "%s-webhook-tls" (include "pypto-serving.fullname" .) }}
 {{- end }}
