@@ -9,6 +9,7 @@ DEVICES = ("auto", "cpu", "cuda", "npu")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 PLACEMENTS = ("linear", "round_robin")  # expert_parallel.py, without importing torch here
 ALL2ALL_BACKENDS = ("allgather_reducescatter", "alltoall")
+ATTENTION_BACKENDS = ("auto", "cpu", "torch_ref", "npu")  # engine/attention_backends/, without importing torch
 
 
 @dataclass
@@ -47,6 +48,8 @@ class EngineConfig:
     # torch threads per rank on cpu; None: the cores this process may use (CPU affinity, capped by the cgroup CPU
     # quota, i.e. a pod's cpu limit), split evenly across TP ranks
     cpu_threads: int | None = None
+    # engine/attention_backends/: auto = the device's own (cpu: the in-place kernel; others: torch_ref)
+    attention_backend: str = "auto"
     # A replica spanning several pods (nodes): vLLM's multi-node flags. Node 0 (the leader) runs the scheduler and
     # the OpenAI server; the others run their ranks only (headless). Ranks are split evenly, node by node.
     nnodes: int = 1
@@ -108,6 +111,9 @@ class EngineConfig:
         if self.all2all_backend not in ALL2ALL_BACKENDS:
             raise ValueError(f"all2all_backend: must be one of {', '.join(ALL2ALL_BACKENDS)}, got "
                              f"{self.all2all_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend: must be one of {', '.join(ATTENTION_BACKENDS)}, got "
+                             f"{self.attention_backend!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads: must be >= 1, got {self.cpu_threads!r}")
         self._check_nodes()

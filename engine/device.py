@@ -130,6 +130,14 @@ def resolve_dtype(requested: str, checkpoint_dtype: torch.dtype | None, device_t
     return dtype
 
 
+def attention_backend(device_type: str, requested: str = "auto") -> str:
+    """The attention backend (engine/attention_backends/) for the device: ``auto`` is the in-place kernel on cpu
+    and the plain-torch reference elsewhere (cuda, and npu until its torch_npu backend is filled in)."""
+    if requested != "auto":
+        return requested
+    return "cpu" if device_type == "cpu" else "torch_ref"
+
+
 def parse_cpu_max(text: str) -> float | None:
     """cgroup v2 `cpu.max` ("QUOTA PERIOD" or "max PERIOD") as cores, None when unlimited."""
     fields = text.split()

@@ -19,21 +19,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pypto_serving.engine import data_parallel, expert_parallel
+from pypto_serving.engine import attention_backends, data_parallel, expert_parallel
 from pypto_serving.engine import device as devices
+from pypto_serving.engine.attention_backends import StepAttention
 from pypto_serving.engine.config import EngineConfig
-from pypto_serving.engine.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from pypto_serving.engine.layers.attention import AttentionMetadata
 from pypto_serving.engine.layers.linear import set_tp_group
 from pypto_serving.engine.layers.sampler import Sampler, SampleResult, SamplingBatch
 from pypto_serving.engine.loader import checkpoint_dtype, load_hf_config, load_weights
 from pypto_serving.engine.models import model_class
 from pypto_serving.engine.pipeline import Stage, StageLink, partition_layers, stage_of_rank
-
-# Decode groups: a group is split when padding it to a longer member would gather more than GROUP_PAD_BYTES of
-# unused K/V per layer (about the cost of one more gather + SDPA call), and kept under GROUP_MAX_BYTES of gathered
-# K/V per layer so the workspace stays in the CPU's cache between the gather and the attention that reads it.
-GROUP_PAD_BYTES = 256 << 10
-GROUP_MAX_BYTES = 4 << 20
 
 
 @dataclass
@@ -106,6 +101,9 @@ class ModelRunner:
         self.model.eval()
         self.link = StageLink(self.stage, rank, tp, hf_config.hidden_size, self.dtype, self.device, config.leader_last)
         self.num_kv_blocks = self._allocate_kv_cache(max_model_len)
+        self.attn_backend = attention_backends.create(  # the pool it reads includes the DP+EP scratch block
+            devices.attention_backend(device_type, config.attention_backend), self.device, self.dtype,
+            self.block_size, self.kv_cache.shape[2], self.block_bytes_per_layer)
         self.sampler = Sampler(config.seed, self.device)
         self.busy_s = 0.0  # time spent computing steps (not waiting for the previous stage)
         self.dp_sync_s = 0.0  # DP+EP: time spent in the per-step metadata all-reduce
@@ -134,17 +132,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        self.k_work = self.v_work = torch.empty(0)
         return num_blocks
-
-    def _workspace(self, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather buffers of at least ``blocks`` blocks, grown geometrically and reused across steps."""
-        if self.k_work.shape[0] < blocks:
-            size = max(blocks, int(self.k_work.shape[0] * 1.5))
-            shape = (size, *self.kv_cache.shape[3:])
-            self.k_work = torch.empty(shape, dtype=self.dtype, device=self.device)
-            self.v_work = torch.empty(shape, dtype=self.dtype, device=self.device)
-        return self.k_work, self.v_work
 
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat token ids and positions (decodes first), attention metadata, and each sample row's token index."""
@@ -153,63 +141,28 @@ class ModelRunner:
         for i in range(1, len(qlens)):
             starts[i] = starts[i - 1] + qlens[i - 1]
         decodes = sorted((i for i, n in enumerate(qlens) if n == 1), key=ctxs.__getitem__)
-        prefills = [i for i, n in enumerate(qlens) if n > 1]
+        order = decodes + [i for i, n in enumerate(qlens) if n > 1]
         ids: list[int] = [step.input_ids[starts[i]] for i in decodes]
         positions: list[int] = [ctxs[i] - 1 for i in decodes]
         slots: list[int] = [tables[i][p // bs] * bs + p % bs for i, p in zip(decodes, positions, strict=True)]
         new_start = {i: k for k, i in enumerate(decodes)}
-        meta = AttentionMetadata(slot_mapping=torch.empty(0))
-        need = self._decode_groups(decodes, ctxs, tables, meta)
         pos_parts, slot_parts = [torch.tensor(positions, dtype=torch.long)], [torch.tensor(slots, dtype=torch.long)]
         offset = len(decodes)
-        for i in prefills:
+        for i in order[len(decodes):]:
             n, ctx = qlens[i], ctxs[i]
             ids.extend(step.input_ids[starts[i]:starts[i] + n])
             pos = torch.arange(ctx - n, ctx)
             table = torch.tensor(tables[i][: -(-ctx // bs)], dtype=torch.long)
             pos_parts.append(pos)
             slot_parts.append(table[pos // bs] * bs + pos % bs)
-            chunk = PrefillChunk(offset, offset + n)
-            if ctx > n:  # earlier tokens are cached: attend over the gathered context
-                chunk.blocks = table.to(self.device)
-                q_pos = torch.arange(ctx - n, ctx)[:, None]
-                chunk.mask = (torch.arange(ctx)[None, :] <= q_pos).to(self.device)
-                need = max(need, table.numel())
-            meta.prefills.append(chunk)
             new_start[i] = offset
             offset += n
-        meta.slot_mapping = torch.cat(slot_parts).to(self.device)
-        if need:
-            meta.k_work, meta.v_work = self._workspace(need)
+        meta = self.attn_backend.prepare(StepAttention(
+            torch.cat(slot_parts).to(self.device), [qlens[i] for i in order], [ctxs[i] for i in order],
+            [tables[i] for i in order]))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         sample_index = [new_start[i] + qlens[i] - 1 for i in step.sample_rows]
         return input_ids, torch.cat(pos_parts).to(self.device), meta, sample_index
-
-    def _decode_groups(self, decodes: list[int], ctxs: list[int], tables: list[list[int]],
-                       meta: AttentionMetadata) -> int:
-        """Cut the length-sorted decodes into padded groups; returns the largest gather (in blocks)."""
-        bs, need, start = self.block_size, 0, 0
-        pad_blocks = max(1, GROUP_PAD_BYTES // self.block_bytes_per_layer)
-        max_blocks = max(1, GROUP_MAX_BYTES // self.block_bytes_per_layer) if self.device.type == "cpu" else 1 << 62
-        while start < len(decodes):
-            end, useful = start + 1, -(-ctxs[decodes[start]] // bs)
-            while end < len(decodes):
-                nb, size = -(-ctxs[decodes[end]] // bs), end - start + 1
-                # extending pads every member to nb blocks (decodes are sorted by length)
-                if nb * size - useful - nb > pad_blocks or nb * size > max_blocks:
-                    break
-                useful += nb
-                end += 1
-            members = decodes[start:end]
-            width = -(-ctxs[members[-1]] // bs)
-            blocks = torch.tensor([tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in members],
-                                  dtype=torch.long)
-            lens = torch.tensor([ctxs[i] for i in members])
-            mask = (torch.arange(width * bs)[None, :] < lens[:, None]).view(len(members), 1, 1, -1)
-            meta.decodes.append(DecodeGroup(start, end, blocks.view(-1).to(self.device), width, mask.to(self.device)))
-            need = max(need, blocks.numel())
-            start = end
-        return need
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> SampleResult | None:

@@ -93,15 +93,20 @@ def test_auto_dtype_follows_checkpoint() -> None:
     assert runner.model.lm_head.weight.dtype == torch.bfloat16
 
 
-def test_decode_groups_split_by_length_and_size(arch_runner: tuple[str, ModelRunner],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Many decodes of different lengths in one step, cut into several padded groups, still match transformers."""
-    from pypto_serving.engine import model_runner
+@pytest.mark.parametrize("backend", ["torch_ref", "cpu"])
+def test_decodes_of_many_lengths_match_transformers(arch_runner: tuple[str, ModelRunner], backend: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many decodes of different lengths in one step match transformers: cut into several padded groups (the
+    reference backend), or read in place by the CPU kernel."""
+    from pypto_serving.engine.attention_backends import create, torch_ref
 
     path, runner = arch_runner
     block_bytes = runner.block_bytes_per_layer
-    monkeypatch.setattr(model_runner, "GROUP_PAD_BYTES", 2 * block_bytes)
-    monkeypatch.setattr(model_runner, "GROUP_MAX_BYTES", 12 * block_bytes)
+    monkeypatch.setattr(torch_ref, "GROUP_PAD_BYTES", 2 * block_bytes)
+    monkeypatch.setattr(torch_ref, "GROUP_MAX_BYTES", 12 * block_bytes)
+    monkeypatch.setattr(runner, "attn_backend", create(backend, runner.device, runner.dtype, runner.block_size,
+                                                       runner.num_kv_blocks, block_bytes))
+    assert runner.attn_backend.name == backend  # the kernel builds on this machine: no silent fallback
     hf = hf_model(path)
     lengths = [3, 30, 7, 18, 5, 26, 11, 4]  # context after the new token
     seqs = [[(13 * i + 7 * j) % 900 + 5 for j in range(n)] for i, n in enumerate(lengths)]
@@ -115,7 +120,10 @@ def test_decode_groups_split_by_length_and_size(arch_runner: tuple[str, ModelRun
                           tables))
     step = _step([s[-1] for s in seqs], [1] * len(seqs), lengths, tables, sample_rows=list(range(len(seqs))))
     _, _, meta, _ = runner.prepare(step)
-    assert len(meta.decodes) >= 3 and all((g.end - g.start) * g.blocks_per_seq <= 12 for g in meta.decodes)
+    if backend == "torch_ref":
+        assert len(meta.decodes) >= 3 and all((g.end - g.start) * g.blocks_per_seq <= 12 for g in meta.decodes)
+    else:
+        assert meta.num_decodes == len(seqs) and not meta.decodes
     got = _logits(runner, step)
     for i, s in enumerate(seqs):
         torch.testing.assert_close(got[i], hf(torch.tensor([s])).logits[0, -1], rtol=1e-4, atol=1e-4)
