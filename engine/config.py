@@ -50,6 +50,7 @@ class EngineConfig:
     cpu_threads: int | None = None
     # engine/attention_backends/: auto = the device's own (cpu: the in-place kernel; others: torch_ref)
     attention_backend: str = "auto"
+    cpu_prepack: bool = True  # cpu: oneDNN matmuls with weights prepacked once at load (engine/cpu_matmul.py)
     # A replica spanning several pods (nodes): vLLM's multi-node flags. Node 0 (the leader) runs the scheduler and
     # the OpenAI server; the others run their ranks only (headless). Ranks are split evenly, node by node.
     nnodes: int = 1

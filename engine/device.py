@@ -138,6 +138,16 @@ def attention_backend(device_type: str, requested: str = "auto") -> str:
     return "cpu" if device_type == "cpu" else "torch_ref"
 
 
+def prepare_model(model: torch.nn.Module, device: torch.device, cpu_prepack: bool = True) -> int:
+    """Device-specific rewrites of a loaded model: on cpu, prepacked oneDNN matmuls (engine/cpu_matmul.py).
+    Returns the number of layers rewritten."""
+    if device.type == "cpu" and cpu_prepack:
+        from pypto_serving.engine import cpu_matmul
+
+        return cpu_matmul.prepack(model)
+    return 0
+
+
 def parse_cpu_max(text: str) -> float | None:
     """cgroup v2 `cpu.max` ("QUOTA PERIOD" or "max PERIOD") as cores, None when unlimited."""
     fields = text.split()

@@ -101,6 +101,7 @@ class ModelRunner:
         self.model.eval()
         self.link = StageLink(self.stage, rank, tp, hf_config.hidden_size, self.dtype, self.device, config.leader_last)
         self.num_kv_blocks = self._allocate_kv_cache(max_model_len)
+        self.packed_linears = devices.prepare_model(self.model, self.device, config.cpu_prepack)
         self.attn_backend = attention_backends.create(  # the pool it reads includes the DP+EP scratch block
             devices.attention_backend(device_type, config.attention_backend), self.device, self.dtype,
             self.block_size, self.kv_cache.shape[2], self.block_bytes_per_layer)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pypto_serving.engine.layers.linear import tp_group, tp_rank_size
+from pypto_serving.engine.layers.linear import Kernel, matmul, tp_group, tp_rank_size
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -39,8 +39,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the full vocabulary: each rank's slice, all-gathered (supported by gloo, NCCL and HCCL alike)."""
 
+    kernel: Kernel | None = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = matmul(self, hidden, None)
         if self.tp_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]

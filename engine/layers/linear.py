@@ -1,10 +1,13 @@
 """Tensor-parallel linear layers (Megatron style): column-parallel shards outputs, row-parallel shards inputs.
 
 Each parameter carries a ``weight_loader(param, tensor[, shard_id])`` that copies this rank's slice of a
-checkpoint tensor. With a single rank (no process group) they are plain linears.
+checkpoint tensor. With a single rank (no process group) they are plain linears. A device may replace the matmul
+after loading (``kernel``: e.g. oneDNN with a prepacked weight on cpu, engine/cpu_matmul.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,8 +39,19 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape), requires_grad=False)
 
 
+Kernel = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (x, bias) -> x W^T + bias
+
+
+def matmul(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + bias through the module's device kernel when one was installed, else ``F.linear``."""
+    kernel: Kernel | None = module.kernel
+    return kernel(x, bias) if kernel is not None else F.linear(x, module.weight, bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split across ranks; the output stays sharded."""
+
+    kernel: Kernel | None = None
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -56,7 +70,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return matmul(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -101,6 +115,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split across ranks; partial outputs are all-reduced."""
 
+    kernel: Kernel | None = None
+
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank_size()
@@ -121,7 +137,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = matmul(self, x, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
             dist.all_reduce(y, group=_TP_GROUP)
         return y

@@ -1,10 +1,14 @@
 """Token sampling for one step: penalties, min_tokens bans, greedy / temperature, min-p, top-k, top-p, seeds.
 
 Processing order (as vLLM): repetition, frequency and presence penalties -> banned tokens -> temperature ->
-min-p -> top-k -> top-p -> sample. Sampling draws ``argmax(p / q)`` with ``q ~ Exp(1)`` (an exact draw from p);
-rows with a request seed take q from a generator seeded by (seed, output position), so the same seed gives the
-same tokens whatever else is in the batch. Logprobs are those of the raw model distribution (before penalties
-and temperature), like vLLM's default.
+min-p -> top-k -> top-p -> sample. Fast paths: an all-greedy step is one argmax; greedy rows never compute a
+softmax; rows without top-k / top-p draw from the whole distribution by inverse CDF (one cumulative sum and one
+uniform number per row, instead of a random number per vocabulary entry); rows with top-k / top-p keep only
+their ``topk`` candidates (the nucleus search widens them only while some row's nucleus is not inside yet) and
+never sort the whole vocabulary unless a nucleus really spans it. Rows with a request seed take their uniform
+number from a generator seeded by (seed, output position), so the same seed gives the same tokens whatever else
+is in the batch. Logprobs are those of the raw model distribution (before penalties and temperature), like vLLM's
+default.
 """
 
 from __future__ import annotations
@@ -71,25 +75,42 @@ class Sampler:
         return SampleResult(token_ids, logprobs)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch, greedy: list[bool]) -> torch.Tensor:
-        temps = torch.tensor([1.0 if g else t for g, t in zip(greedy, batch.temperatures, strict=True)],
-                             device=logits.device)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
-        if any(p > 0 for p in batch.min_ps):
-            min_p = torch.tensor(batch.min_ps, device=logits.device)
+        rows = [i for i, g in enumerate(greedy) if not g]
+        sampled = logits.argmax(dim=-1) if any(greedy) else torch.empty(len(greedy), dtype=torch.long,
+                                                                         device=logits.device)
+        index = torch.tensor(rows, device=logits.device)
+        temps = torch.tensor([batch.temperatures[i] for i in rows], device=logits.device)
+        probs = torch.softmax((logits if len(rows) == len(greedy) else logits[index]) / temps[:, None], dim=-1)
+        min_ps = [batch.min_ps[i] for i in rows]
+        if any(p > 0 for p in min_ps):
+            min_p = torch.tensor(min_ps, device=logits.device)
             probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p[:, None], 0.0)
-            probs = probs / probs.sum(dim=-1, keepdim=True)
-        if any(k > 0 for k in batch.top_ks) or any(p < 1.0 for p in batch.top_ps):
-            probs = _top_k_top_p(probs, batch.top_ks, batch.top_ps)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for i, seed in enumerate(batch.seeds):
-            if seed is not None and not greedy[i]:
-                gen = torch.Generator(device=logits.device).manual_seed(seed_for(seed, batch.output_positions[i]))
-                noise[i].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
-        if any(greedy):
-            mask = torch.tensor(greedy, device=logits.device)
-            sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
+        uniform = self._uniform([batch.seeds[i] for i in rows], [batch.output_positions[i] for i in rows])
+        top_ks, top_ps = [batch.top_ks[i] for i in rows], [batch.top_ps[i] for i in rows]
+        cut = [k > 0 or p < 1.0 for k, p in zip(top_ks, top_ps, strict=True)]
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for want in (False, True):
+            part = [j for j, c in enumerate(cut) if c == want]
+            if not part:
+                continue
+            sub = torch.tensor(part, device=logits.device)
+            p = probs if len(part) == len(rows) else probs[sub]
+            if want:
+                cand, ids = _top_k_top_p(p, [top_ks[j] for j in part], [top_ps[j] for j in part])
+                tokens[sub] = ids.gather(1, _draw(cand, uniform[sub])[:, None])[:, 0]
+            else:
+                tokens[sub] = _draw(p, uniform[sub])
+        sampled[index] = tokens
         return sampled
+
+    def _uniform(self, seeds: list[int | None], positions: list[int]) -> torch.Tensor:
+        """One uniform number in [0, 1) per row: the engine's generator, or the row's (seed, output position)."""
+        u = torch.rand(len(seeds), generator=self.generator, device=self.device)
+        for i, seed in enumerate(seeds):
+            if seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(seed_for(seed, positions[i]))
+                u[i] = torch.rand(1, generator=gen, device=self.device)[0]
+        return u
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -126,16 +147,39 @@ class Sampler:
         return out
 
 
-def _top_k_top_p(probs: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    """Zero every token outside each row's top-k and its smallest top-p nucleus."""
+def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Column drawn from each row of non-negative ``weights`` (any scale) by inverse CDF with ``uniform`` in [0, 1).
+
+    ``1 - u`` is in (0, 1], so the first column whose cumulative weight reaches it has a positive weight."""
+    cdf = weights.cumsum(dim=-1)
+    target = (1.0 - uniform.to(cdf.dtype))[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target)[:, 0].clamp_(max=weights.shape[1] - 1)
+
+
+def _top_k_top_p(probs: torch.Tensor, top_ks: list[int], top_ps: list[float],
+                 start: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidates in descending order: their probabilities (zero outside the row's top-k and its
+    smallest top-p nucleus) and token ids, [rows, K]. K is the largest top-k; with a row without top-k, at least
+    ``start``, widened 4x while such a row's nucleus is not inside K yet (the whole vocabulary is sorted only then)."""
     vocab = probs.shape[1]
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=probs.device)[None, :]
-    k = torch.tensor([k if k > 0 else vocab for k in top_ks], device=probs.device)
-    sorted_p = sorted_p.masked_fill(ranks >= k[:, None], 0.0)
+    ks = [k if 0 < k < vocab else vocab for k in top_ks]
+    width = max(ks) if vocab not in ks else min(vocab, max([k for k in ks if k < vocab] + [start]))
     # top-p over what top-k kept; p >= 1 never drops (rounding in the cumsum must not cut the tail)
     p = torch.tensor([p if p < 1.0 else 2.0 for p in top_ps], device=probs.device, dtype=probs.dtype)
-    before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the higher-ranked tokens
-    drop = before >= p[:, None] * sorted_p.sum(dim=-1, keepdim=True)
+    k = torch.tensor(ks, device=probs.device)
+    unbounded = torch.tensor([k == vocab for k in ks], device=probs.device)
+    total = probs.sum(dim=-1, keepdim=True)  # the mass top-k keeps when a row has no top-k
+    while True:
+        cand, ids = probs.topk(width, dim=-1)
+        ranks = torch.arange(width, device=probs.device)[None, :]
+        cand = cand.masked_fill(ranks >= k[:, None], 0.0)
+        kept = torch.where(unbounded[:, None], total, cand.sum(dim=-1, keepdim=True))
+        cum = cand.cumsum(dim=-1)
+        # a row whose top-k is unbounded needs its nucleus inside the candidates (or every token)
+        inside = ~unbounded | (cum[:, -1] >= p * kept[:, 0])
+        if width == vocab or bool(inside.all()):
+            break
+        width = min(vocab, width * 4)
+    drop = (cum - cand) >= p[:, None] * kept  # mass of the higher-ranked tokens already reaches p
     drop[:, 0] = False
-    return probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+    return cand.masked_fill(drop, 0.0), ids
