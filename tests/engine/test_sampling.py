@@ -70,6 +70,31 @@ def test_truncation_keeps_exactly_the_allowed_tokens(settings: dict, keep: list[
     assert_distribution(freq, renormalized(keep))
 
 
+def _full_sort_truncation(probs: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """The definition: sort the whole vocabulary, keep the top k, then the smallest nucleus of what k kept."""
+    vocab = probs.shape[1]
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab)[None, :]
+    k = torch.tensor([k if k > 0 else vocab for k in top_ks])
+    sorted_p = sorted_p.masked_fill(ranks >= k[:, None], 0.0)
+    p = torch.tensor([p if p < 1.0 else 2.0 for p in top_ps])
+    drop = sorted_p.cumsum(dim=-1) - sorted_p >= p[:, None] * sorted_p.sum(dim=-1, keepdim=True)
+    drop[:, 0] = False
+    return probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+
+
+@pytest.mark.parametrize("sharpness", [0.5, 3.0, 12.0])  # flat (the nucleus spans most of the vocabulary) to peaked
+def test_top_k_top_p_candidates_equal_the_full_sort(sharpness: float) -> None:
+    from pypto_serving.engine.layers.sampler import _top_k_top_p
+
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(6, 5000, generator=gen) * sharpness, dim=-1)
+    top_ks, top_ps = [0, 5, 0, 300, 1, 0], [0.9, 1.0, 0.5, 0.95, 0.3, 0.999]
+    cand, ids = _top_k_top_p(probs, top_ks, top_ps, start=16)
+    got = torch.zeros_like(probs).scatter(1, ids, cand)
+    torch.testing.assert_close(got, _full_sort_truncation(probs, top_ks, top_ps), rtol=0, atol=0)
+
+
 def test_greedy_is_argmax_and_bans_apply() -> None:
     logits = torch.tensor([[1.0, 5.0, 3.0], [9.0, 1.0, 2.0]])
     sampler = Sampler(seed=0, device=torch.device("cpu"))
