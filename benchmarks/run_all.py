@@ -24,6 +24,8 @@ RUNS = REPO_ROOT / "docs" / "benchmarks" / "runs.json"
 # name -> command (relative to the repository root), in the order they run.
 BENCHMARKS: dict[str, list[str]] = {
     "engine_vs_transformers": ["benchmarks/engine_vs_transformers.py"],
+    "engine_cpu_speed": ["benchmarks/engine_cpu_speed.py"],
+    "vllm_cpu_compare": ["benchmarks/vllm_cpu_compare.py"],
     "pp": ["benchmarks/pp_bench.py"],
     "moe_ep": ["benchmarks/moe_ep.py"],
     "dp_ep": ["benchmarks/dp_ep.py"],
