@@ -58,6 +58,10 @@ ARG TORCH_NPU_VERSION=""
 ARG ENGINE_UID=1000
 ARG ENGINE_GID=1000
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# a C compiler: the cpu attention backend builds its kernel for the node's CPU on first use (-march=native, cached
+# under ~/.cache/pypto-serving/kernels); without one it falls back to the torch_ref backend
+RUN command -v cc >/dev/null || (apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*)
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     --mount=type=bind,source=constraints/image.txt,target=/tmp/image.txt \
     python3 -m pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
