@@ -132,6 +132,9 @@ def bench(bin_dir: Path, port: int, model_dir: Path, workload: str, seed: int, o
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, timeout=3600)
     data = json.loads((out_dir / name).read_text())
+    if data["completed"] == 0 or data.get("failed", 0):
+        raise RuntimeError(f"{workload} on port {port}: {data.get('failed')} requests failed, {data['completed']} "
+                           "completed (see the server log)")
     return {"output_tok_s": data["output_throughput"], "ttft_p50_ms": data["median_ttft_ms"],
             "tpot_p50_ms": data["median_tpot_ms"], "completed": data["completed"]}
 
