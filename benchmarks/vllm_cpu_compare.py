@@ -95,8 +95,10 @@ def start(kind: str, model_dir: Path, port: int, threads: int, dtype: str, log_p
                    VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}")
         command = [str(VENV / "bin" / "vllm"), "serve", str(model_dir), "--port", str(port),
                    "--served-model-name", "m", "--dtype", dtype, "--max-model-len", "1024"]
+    # not the repository root: its top-level operator/ folder would shadow the standard library's `operator` in
+    # vLLM's spawned engine process
     with open(log_path, "ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent)
 
 
 def wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> None:
@@ -130,7 +132,7 @@ def bench(bin_dir: Path, port: int, model_dir: Path, workload: str, seed: int, o
                str(model_dir), *WORKLOADS[workload], "--ignore-eos", "--seed", str(seed), "--save-result",
                "--result-dir", str(out_dir), "--result-filename", name]
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, timeout=3600)
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, timeout=3600, cwd=out_dir)
     data = json.loads((out_dir / name).read_text())
     if data["completed"] == 0 or data.get("failed", 0):
         raise RuntimeError(f"{workload} on port {port}: {data.get('failed')} requests failed, {data['completed']} "
