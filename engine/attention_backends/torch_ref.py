@@ -86,10 +86,9 @@ class TorchRefBackend(AttentionBackend):
         self._decode_groups(step, meta)
         return meta
 
-    def _prefill_chunks(self, step: StepAttention, meta: TorchRefMetadata, first: int | None = None) -> None:
-        """Chunks of the prefills (sequences from ``first``, default: after the decodes)."""
-        bs = self.block_size
-        first = step.num_decodes if first is None else first
+    def _prefill_chunks(self, step: StepAttention, meta: TorchRefMetadata) -> None:
+        """Chunks of the prefills (the sequences after the decodes)."""
+        bs, first = self.block_size, step.num_decodes
         offset = sum(step.query_lens[:first])
         for n, ctx, table in zip(step.query_lens[first:], step.context_lens[first:], step.block_tables[first:],
                                  strict=True):
