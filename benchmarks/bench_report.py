@@ -174,11 +174,18 @@ VLLM_WORKLOADS = {"c16": "64 prompts 256 -> 128 tokens, concurrency 16",
                   "prefix": "shared prefix (4 x 192 + 64 own -> 128), 64 prompts, concurrency 16"}
 
 
-def vllm_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[str], list[str]]:
-    lines = ["## Engine vs vLLM-CPU (`vllm bench serve`)", ""]
-    if not data:
-        return [*lines, "Not measured yet (benchmarks/vllm_cpu_compare.py).", ""], []
-    lines += [run_note(runs, "vllm_cpu_compare"), "",
+def vllm_section(data: dict[str, Any] | None, runs: dict[str, Any], sub: bool = False) -> tuple[list[str], list[str]]:
+    """The float32 comparison (``sub``: a further dtype's, under its own heading, only when measured)."""
+    if sub:
+        if not data:
+            return [], []
+        lines = [f"### {data['dtype']}", ""]
+    else:
+        lines = ["## Engine vs vLLM-CPU (`vllm bench serve`)", ""]
+        if not data:
+            return [*lines, "Not measured yet (benchmarks/vllm_cpu_compare.py).", ""], []
+        lines += [run_note(runs, "vllm_cpu_compare"), ""]
+    lines += [
               f"vLLM-CPU {data['vllm']} and this engine on the same ~50M Qwen3, {data['dtype']}, "
               f"torch {data['torch']}, "
               f"{data['threads']} thread(s) each, the same client (`vllm bench serve`, random tokens, EOS ignored), "
@@ -193,11 +200,12 @@ def vllm_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[lis
                      f"{r['ratio_tok_s']:.2f}x | {fmt(p['ttft_p50_ms'], 0)} | {fmt(v['ttft_p50_ms'], 0)} | "
                      f"{fmt(p['tpot_p50_ms'])} | {fmt(v['tpot_p50_ms'])} |")
         if w == "c1":
-            headline.append(f"| TPOT at concurrency 1 vs vLLM-CPU | {r['ratio_tpot']:.2f}x | <= 1.1x: "
-                            f"{'met' if r['ratio_tpot'] <= 1.1 else '**missed**'} |")
+            headline.append(f"| TPOT at concurrency 1 vs vLLM-CPU ({data['dtype']}) | {r['ratio_tpot']:.2f}x | "
+                            f"<= 1.1x: {'met' if r['ratio_tpot'] <= 1.1 else '**missed**'} |")
         else:
-            headline.append(f"| output tok/s vs vLLM-CPU, {VLLM_WORKLOADS.get(w, w)} | {r['ratio_tok_s']:.2f}x | "
-                            f">= 1.0x: {'met' if r['ratio_tok_s'] >= 1.0 else '**missed**'} |")
+            verdict = "met" if r["ratio_tok_s"] >= 1.0 else "**missed**"
+            headline.append(f"| output tok/s vs vLLM-CPU ({data['dtype']}), {VLLM_WORKLOADS.get(w, w)} | "
+                            f"{r['ratio_tok_s']:.2f}x | >= 1.0x: {verdict} |")
     return [*lines, ""], headline
 
 
@@ -679,6 +687,8 @@ def write_report(out: Path = OUT) -> Path:
     engine, engine_head = engine_section(load("engine_vs_transformers"), runs)
     cpu, cpu_head = engine_cpu_section(load("engine_cpu_speed"), runs)
     vllm, vllm_head = vllm_section(load("vllm_cpu_compare"), runs)
+    vllm_bf16, vllm_bf16_head = vllm_section(load("vllm_cpu_compare_bfloat16"), runs, sub=True)
+    vllm, vllm_head = vllm + vllm_bf16, vllm_head + vllm_bf16_head
     moe, moe_head = moe_section(load("moe_ep"), runs)
     dp_ep, dp_ep_head = dp_ep_section(load("dp_ep"), runs)
     overhead, overhead_head = gateway_overhead_section(load("gateway_overhead"), runs)

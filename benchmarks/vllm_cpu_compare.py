@@ -16,7 +16,8 @@ the pinned uv and torch from /opt/wheels), with the fixes it needs on torch 2.13
 * ``VLLM_CPU_OMP_THREADS_BIND=0-<threads-1>``.
 
 Run: `.venv/bin/python benchmarks/vllm_cpu_compare.py [--rounds 2] [--threads 2] [--dtype float32]`; writes
-docs/benchmarks/vllm_cpu_compare.json. Slow on a shared 2-core machine: vLLM compiles its graphs at start.
+docs/benchmarks/vllm_cpu_compare.json (bfloat16: vllm_cpu_compare_bfloat16.json). Slow on a shared 2-core
+machine: vLLM compiles its graphs at start.
 """
 
 from __future__ import annotations
@@ -179,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
                for k in results}
         summary[w] = {**med, "ratio_tok_s": med["pypto"]["output_tok_s"] / med["vllm"]["output_tok_s"],
                       "ratio_tpot": med["pypto"]["tpot_p50_ms"] / med["vllm"]["tpot_p50_ms"]}
-    RESULT.write_text(json.dumps({
+    result = RESULT if args.dtype == "float32" else RESULT.with_name(f"vllm_cpu_compare_{args.dtype}.json")
+    result.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "vllm": VLLM_VERSION, "torch": torch.__version__,
         "dtype": args.dtype, "threads": args.threads, "rounds": args.rounds, "model": model_dir.name,
         "load_average_start": round(load_start, 2), "load_averages": loads, "summary": summary,
         "runs": results}, indent=2) + "\n")
-    log(f"wrote {RESULT}: {json.dumps(summary)}")
+    log(f"wrote {result}: {json.dumps(summary)}")
     return 0
 
 
