@@ -65,7 +65,7 @@ def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
 def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], int]]) -> dict[str, Any]:
     """All requests at once; wall time from the first add to the last token."""
     engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=1024, cpu_threads=1,
-                                    max_num_seqs=len(requests), **overrides))
+                                    cpu_prepack=True, max_num_seqs=len(requests), **overrides))
     try:
         warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         engine.add_request("warm", requests[0][0][:64], warm)

@@ -90,7 +90,7 @@ def start(kind: str, model_dir: Path, port: int, threads: int, dtype: str, log_p
     if kind == "pypto":
         command = [str(REPO_ROOT / ".venv" / "bin" / "pypto-serving"), "engine", "--model", str(model_dir),
                    "--port", str(port), "--served-model-name", "m", "--dtype", dtype, "--max-model-len", "1024",
-                   "--cpu-threads", str(threads), "--no-access-log"]
+                   "--cpu-threads", str(threads), "--no-access-log", "--cpu-prepack"]
     else:
         env.update(VLLM_TARGET_DEVICE="cpu", LD_PRELOAD=str(TCMALLOC), VLLM_CPU_KVCACHE_SPACE="2",
                    VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}")

@@ -24,7 +24,8 @@ def test_prepacked_linears_give_the_plain_logits(dtype: str) -> None:
     path = str(tiny_model_dir("qwen2"))  # tied embeddings: the LM head shares the embedding's weight
     plain = ModelRunner(EngineConfig(model=path, num_kv_blocks=8, block_size=4, dtype=dtype, cpu_prepack=False),
                         "cpu", 512)
-    packed = ModelRunner(EngineConfig(model=path, num_kv_blocks=8, block_size=4, dtype=dtype), "cpu", 512)
+    packed = ModelRunner(EngineConfig(model=path, num_kv_blocks=8, block_size=4, dtype=dtype, cpu_prepack=True),
+                         "cpu", 512)
     assert plain.packed_linears == 0
     if not cpu_matmul.supported(packed.dtype):  # bfloat16 needs oneDNN support on this CPU
         assert packed.packed_linears == 0

@@ -72,10 +72,10 @@ def test_webhook_rejects_every_invalid_resource_at_apply_time(
         good = minimal("good", replicas=0)
         kubectl_apply(cluster, namespace, good)
         broken = copy.deepcopy(good)
-        broken["spec"]["parallel"] = {"tensorParallelSize": 2, "pipelineParallelSize": 4}
-        broken["spec"]["devices"] = {**broken["spec"].get("devices", {}), "perNode": 4}
+        broken["spec"]["parallel"] = {"tensorParallelSize": 3}
+        broken["spec"]["devices"] = {**broken["spec"].get("devices", {}), "perNode": 2}
         result = kubectl_apply(cluster, namespace, broken, check=False)
-        assert result.returncode != 0 and "tensorParallelSize x pipelineParallelSize = 8" in result.stderr
+        assert result.returncode != 0 and "3 devices do not split evenly into 2 pods" in result.stderr
         cluster.kubectl("label", "pps", "good", "-n", namespace, "team=serving")
         assert op.healthy()
     finally:
@@ -103,9 +103,9 @@ def test_without_the_webhook_the_reconciler_flags_invalid_resources(
         assert any(e["reason"] == "InvalidSpec" for e in events(kube, namespace, case.name)), case.name
 
     # fixing the spec makes it valid (replicas 0: no engine needed)
-    cluster.kubectl("patch", "pps", "bad-pipeline-over-node", "-n", namespace, "--type=merge",  # TP 4 x PP 2 fits
-                    "-p", '{"spec":{"replicas":0,"parallel":{"pipelineParallelSize":2}}}')
-    wait_for(lambda: condition(get_resource(kube, namespace, "bad-pipeline-over-node"), "SpecValid").get("status")
+    cluster.kubectl("patch", "pps", "bad-data-parallel-group", "-n", namespace, "--type=merge",  # one DP rank
+                    "-p", '{"spec":{"replicas":0,"parallel":{"dataParallelSize":1}}}')
+    wait_for(lambda: condition(get_resource(kube, namespace, "bad-data-parallel-group"), "SpecValid").get("status")
              == "True", 60, "SpecValid=True after the fix")
     assert operator.healthy()  # nothing crashed the operator
 

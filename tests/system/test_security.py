@@ -122,8 +122,10 @@ def test_network_policy_admits_only_the_gateway_and_the_operator(serving_system:
     assert set(gateway_peer) == {"podSelector"}  # same namespace only
     assert selected(system, gateway_peer["podSelector"]["matchLabels"]) == gateways
     assert not engines & selected(system, gateway_peer["podSelector"]["matchLabels"])
-    assert operator_peer == {"namespaceSelector": {}, "podSelector": {"matchLabels": {
-        "app.kubernetes.io/name": "pypto-serving", "app.kubernetes.io/component": "operator"}}}
+    # the operator only from its own namespace (here the system's), by the namespace's name label
+    assert operator_peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": system.namespace}},
+                             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "pypto-serving",
+                                                             "app.kubernetes.io/component": "operator"}}}
 
 
 def test_gateway_enforces_the_api_key(serving_system: System) -> None:
