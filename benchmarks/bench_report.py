@@ -283,7 +283,7 @@ def pp_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[list[
                   f"prepacked at load {p['17']:.1f} / {p['34']:.1f} ms. `F.linear` has MKL repack the whole weight "
                   "on every call, a cost that does not shrink with the batch: two half batches paid "
                   f"{2 * d['17'] / d['34']:.2f}x the compute of one full batch for the same tokens; with the weights "
-                  f"prepacked once (layers/linear.py) it is {2 * p['17'] / p['34']:.2f}x. What remains is reading "
+                  f"prepacked once (engine/cpu_matmul.py) it is {2 * p['17'] / p['34']:.2f}x. What remains is reading "
                   "the weights from memory once per micro-batch."]
     lines += ["",
               "Where the gap to 2x goes: (1) Each micro-batch carries half of the sequences and every stage streams "
