@@ -179,7 +179,7 @@ def vllm_section(data: dict[str, Any] | None, runs: dict[str, Any], sub: bool = 
     if sub:
         if not data:
             return [], []
-        lines = [f"### {data['dtype']}", ""]
+        lines = [f"### {data['dtype']}", "", run_note(runs, f"vllm_cpu_compare_{data['dtype']}"), ""]
     else:
         lines = ["## Engine vs vLLM-CPU (`vllm bench serve`)", ""]
         if not data:
