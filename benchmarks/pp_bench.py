@@ -9,11 +9,14 @@ of the engine microbenchmark (10 layers, hidden 512, vocab 16384), float32, one 
 * PP=2 non-blocking: two micro-batches in flight (the default), with the even split (5,5) and with a split that
   gives the last stage fewer layers because it also runs the LM head over a 16k vocabulary (6,4).
 
-Reported per run: wall seconds, CPU seconds (engine and stage processes), output tokens per wall and per CPU
-second, steps, the stages' idle (bubble) ratios, the 1-minute load average at its end, and the speed-ups. The
-machine is shared: the contenders run interleaved ``--repeats`` times and each keeps its best wall time (every
-run is in the JSON). Under load, wall time measures the machine's other work as much as the engine; per CPU
-second is robust to it but cannot show what pipelining buys (running two stages at once).
+Reported per run: wall seconds, CPU seconds (engine and stage processes), each stage's own CPU seconds, output
+tokens per wall and per CPU second, steps, the stages' idle (bubble) ratios, the 1-minute load average at its end,
+and the speed-ups. The machine is shared: the contenders run interleaved ``--repeats`` times and each keeps its
+best wall time (every run is in the JSON). Under load, wall time measures the machine's other work as much as the
+engine; per CPU second is robust to it but cannot show what pipelining buys (running two stages at once). So the
+report adds the pipeline bound: the speed-up the stage CPU seconds allow on two otherwise idle cores, where the
+busiest stage sets the pace (the blocking run's stages take turns, so its stages' CPU seconds add up; PP=1's one
+stage does all the work).
 
 Run: `.venv/bin/python benchmarks/pp_bench.py [--requests 64] [--repeats 2]`; writes docs/benchmarks/pp.json.
 """
@@ -26,6 +29,7 @@ import os
 import platform
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,11 +39,14 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import psutil  # noqa: E402
+import torch  # noqa: E402
 
 from benchmarks.engine_vs_transformers import cpu_seconds  # noqa: E402
+from pypto_serving.engine import cpu_matmul  # noqa: E402
 from pypto_serving.engine.config import EngineConfig  # noqa: E402
+from pypto_serving.engine.layers.linear import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from pypto_serving.engine.llm_engine import LLMEngine  # noqa: E402
-from pypto_serving.engine.microbench import bench_model_dir  # noqa: E402
+from pypto_serving.engine.microbench import SIZES, bench_model_dir  # noqa: E402
 from pypto_serving.engine.sampling_params import SamplingParams  # noqa: E402
 
 RESULT = REPO_ROOT / "docs" / "benchmarks" / "pp.json"
@@ -62,6 +69,44 @@ def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
             for _ in range(n)]
 
 
+def projection_ms(batches: tuple[int, ...] = (17, 34), layers: int = 5) -> dict[str, dict[str, float]]:
+    """Thread CPU ms of one stage's projections (``layers`` decoder layers of the bench model: qkv, o, gate_up,
+    down) for a decode batch: through ``F.linear`` (MKL packs each weight again on every call) and through the
+    weights prepacked once, as the engine runs them on cpu (engine/cpu_matmul.py)."""
+    torch.set_num_threads(1)  # as each rank runs
+    h, i, d = SIZES["hidden"], SIZES["intermediate"], SIZES["hidden"] // SIZES["heads"]
+    shapes = [(h, (SIZES["heads"] + 2 * SIZES["kv_heads"]) * d, ColumnParallelLinear),
+              (SIZES["heads"] * d, h, RowParallelLinear), (h, 2 * i, ColumnParallelLinear), (i, h, RowParallelLinear)]
+    torch.manual_seed(0)
+    variants: dict[str, list[torch.nn.Module]] = {}
+    for kind in ("dense", "prepacked"):
+        variants[kind] = [cls(n_in, n_out) for _ in range(layers) for n_in, n_out, cls in shapes]
+        for m in variants[kind]:
+            m.weight.data.normal_()
+        if kind == "prepacked" and not cpu_matmul.prepack(torch.nn.ModuleList(variants[kind])):
+            return {}  # no oneDNN in this torch: nothing to compare
+    inputs = {b: [torch.randn(b, n_in) for _ in range(layers) for n_in, _, _ in shapes] for b in batches}
+    best = {kind: {b: float("inf") for b in batches} for kind in variants}
+    for _ in range(15):  # interleaved, so a busy spell of the shared machine hits both variants
+        for kind, mods in variants.items():
+            for b, xs in inputs.items():
+                start = time.thread_time()
+                for m, x in zip(mods, xs, strict=True):
+                    m(x)
+                best[kind][b] = min(best[kind][b], time.thread_time() - start)
+    return {kind: {str(b): round(t * 1e3, 2) for b, t in times.items()} for kind, times in best.items()}
+
+
+def stage_cpu_seconds(engine: LLMEngine) -> list[float]:
+    """CPU seconds so far of each pipeline stage: its (TP rank 0) process, or PP=1's model runner thread."""
+    procs = getattr(engine.executor, "procs", None)
+    if procs is None:
+        runner = next(t.native_id for t in threading.enumerate() if t.name == "pypto-model-runner")
+        return [next(t.user_time + t.system_time for t in psutil.Process().threads() if t.id == runner)]
+    tp = engine.config.tensor_parallel_size
+    return [sum(psutil.Process(procs[s * tp].pid).cpu_times()[:2]) for s in range(len(procs) // tp)]
+
+
 def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], int]]) -> dict[str, Any]:
     """All requests at once; wall time from the first add to the last token."""
     engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=1024, cpu_threads=1,
@@ -72,6 +117,7 @@ def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], 
         while engine.has_unfinished_requests():
             engine.step()
         stats0 = engine.stats()
+        stage0 = stage_cpu_seconds(engine)
         cpu0, start = cpu_seconds(psutil.Process()), time.perf_counter()
         for i, (prompt, n) in enumerate(requests):
             engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
@@ -82,12 +128,13 @@ def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], 
                     raise RuntimeError(out.error)
                 tokens += len(out.new_token_ids)
         wall, cpu = time.perf_counter() - start, cpu_seconds(psutil.Process()) - cpu0
+        stage_cpu = [b - a for a, b in zip(stage0, stage_cpu_seconds(engine), strict=True)]
         stats = engine.stats()
     finally:
         engine.shutdown()
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "output_tokens": tokens,
             "output_tokens_per_s": round(tokens / wall, 1), "output_tokens_per_cpu_s": round(tokens / cpu, 1),
-            "load_average": os.getloadavg()[0],
+            "load_average": os.getloadavg()[0], "stage_cpu_s": [round(c, 2) for c in stage_cpu],
             "steps": stats["num_steps"] - stats0["num_steps"],
             "stage_idle_ratio": [round(r, 3) for r in stats["pp_stage_idle_ratio"]]}
 
@@ -98,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--projections-only", action="store_true",
+                        help="only remeasure the per-micro-batch projection cost into the existing --out JSON")
     args = parser.parse_args(argv)
+    if args.projections_only:
+        report = json.loads(args.out.read_text())
+        report["projection_ms"] = projection_ms()
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"one stage's projections (5 layers), thread CPU ms by decode batch: {report['projection_ms']}")
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     model = bench_model_dir()
     requests = workload(args.requests)
@@ -125,13 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     if "pp2_6_4" in results and "pp2_blocking" in results:
         speedups["pp2_6_4_vs_pp2_blocking"] = round(results["pp2_6_4"]["output_tokens_per_s"]
                                                     / results["pp2_blocking"]["output_tokens_per_s"], 2)
+    bounds = {}  # the speed-ups the stages' CPU seconds allow on two free cores (the busiest stage sets the pace)
+    for key in ("pp2", "pp2_6_4"):
+        for base in ("pp2_blocking", "pp1"):  # their stages take turns: all of their stage CPU is on the clock
+            if key in results and base in results:
+                bounds[f"{key}_vs_{base}"] = round(sum(results[base]["stage_cpu_s"]) / max(results[key]["stage_cpu_s"]),
+                                                   2)
+    projections = projection_ms()
+    log(f"one stage's projections (5 layers), thread CPU ms by decode batch: {projections}")
     machine = {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "python": platform.python_version()}
     report = {"machine": machine,
               "requests": len(requests), "repeats": args.repeats, "results": results, "speedups": speedups,
-              "all_runs": all_runs}
+              "pipeline_bounds": bounds, "projection_ms": projections, "all_runs": all_runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    log(json.dumps(speedups))
+    log(f"speed-ups {json.dumps(speedups)}; pipeline bounds from the stage CPU seconds {json.dumps(bounds)}")
     return 0
 
 

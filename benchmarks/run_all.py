@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "engine_vs_transformers": ["benchmarks/engine_vs_transformers.py"],
     "engine_cpu_speed": ["benchmarks/engine_cpu_speed.py"],
     "vllm_cpu_compare": ["benchmarks/vllm_cpu_compare.py"],
+    "vllm_cpu_compare_bfloat16": ["benchmarks/vllm_cpu_compare.py", "--dtype", "bfloat16"],
     "pp": ["benchmarks/pp_bench.py"],
     "moe_ep": ["benchmarks/moe_ep.py"],
     "dp_ep": ["benchmarks/dp_ep.py"],
