@@ -81,13 +81,7 @@ class Actuator:
     # --- engine pods ---------------------------------------------------------------------------------------------
     def create_pod(self, manifest: dict[str, Any]) -> bool:
         """Create an engine pod; False if a pod of that name already exists."""
-        try:
-            self.kube.create(manifest)
-            return True
-        except ApiError as exc:
-            if exc.status == 409:
-                return False
-            raise
+        return self._create_once(manifest)
 
     def create_pods(self, manifests: Sequence[dict[str, Any]]) -> list[bool]:
         """Create several pods concurrently (scale-up latency)."""
@@ -117,6 +111,10 @@ class Actuator:
     def create_control_secret(self, manifest: dict[str, Any]) -> bool:
         """Create a resource's control Secret; False if one of that name exists (it is never read, changed or
         deleted: RBAC gives the operator ``create`` on Secrets and nothing else)."""
+        return self._create_once(manifest)
+
+    def _create_once(self, manifest: dict[str, Any]) -> bool:
+        """Create ``manifest``; False (not an error) when an object of that name already exists."""
         try:
             self.kube.create(manifest)
             return True
