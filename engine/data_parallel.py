@@ -121,10 +121,10 @@ class DPGroup:
         work. False when the group is idle and this engine has nothing to do."""
         if self.in_wave:
             return True
-        if has_work and self._seen != self.wave:
+        if self._seen != self.wave:  # no peer started this wave (as far as the watcher saw)
+            if not has_work:
+                return False
             self._store.set(_wave_key(self.wave), str(self.rank))
-        elif not has_work and self._seen != self.wave:
-            return False
         self.in_wave = True
         return True
 

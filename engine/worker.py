@@ -141,8 +141,7 @@ class MultiprocExecutor:
         self.stage_busy_s = [0.0] * (world // tp)  # seconds each stage spent computing (its TP rank 0 reports)
         for rank in range(config.ranks_per_node):  # node 0's ranks; other nodes run theirs (node_worker.py)
             parent, child = ctx.Pipe()
-            name = (f"pypto-pp{stage_of_rank(rank, tp, world // tp, config.leader_last)}-tp{rank % tp}" if world > tp
-                    else f"pypto-tp-rank{rank}")
+            name = f"pypto-pp{self._stage_of[rank]}-tp{rank % tp}" if world > tp else f"pypto-tp-rank{rank}"
             proc = ctx.Process(target=worker_main, name=name, daemon=True,
                                args=(config, device_type, max_model_len, rank, world, init_method, child))
             proc.start()

@@ -59,6 +59,12 @@ class StaticDiscovery(Discovery):
         registry.replace((url, url, "ready") for url in self.endpoints)
 
 
+def pod_ready(pod: dict[str, Any]) -> bool:
+    """The pod's Ready condition is True."""
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
 def pod_entry(pod: dict[str, Any], default_port: int = ENGINE_PORT) -> tuple[str, str, str] | None:
     """(name, url, state) of an engine pod, or None while it has no IP or does not serve (a worker of a multi-pod
     serving group). State is ``ready`` (eligible: Ready, Running, not terminating, not labelled draining, and
@@ -75,7 +81,7 @@ def pod_entry(pod: dict[str, Any], default_port: int = ENGINE_PORT) -> tuple[str
         for p in container.get("ports") or []:
             if p.get("name") == ENGINE_PORT_NAME and p.get("containerPort"):
                 port = int(p["containerPort"])
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    ready = pod_ready(pod)
     if meta.get("deletionTimestamp"):
         state = "terminating"
     elif labels.get(L_DRAINING, "").lower() == "true":
@@ -100,9 +106,8 @@ def group_of(pod: dict[str, Any]) -> tuple[str, str, int] | None:
 
 def member_up(pod: dict[str, Any]) -> bool:
     """A group member that can take part in its group's steps: Running, Ready and not terminating."""
-    status = pod.get("status") or {}
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-    return ready and status.get("phase") == "Running" and not (pod.get("metadata") or {}).get("deletionTimestamp")
+    running = (pod.get("status") or {}).get("phase") == "Running"
+    return pod_ready(pod) and running and not (pod.get("metadata") or {}).get("deletionTimestamp")
 
 
 class GroupMembers:
