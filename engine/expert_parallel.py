@@ -62,6 +62,7 @@ class EPLayout:
 
 _config = ExpertParallelConfig()
 _dp_tokens: list[int] = []  # this step's token count of every DP rank (set by the model runner under DP+EP)
+_dp_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's gathered-row index, built by its first layer
 
 
 def configure(config: ExpertParallelConfig) -> None:
@@ -89,8 +90,8 @@ def layout() -> EPLayout:
 
 def set_dp_tokens(tokens: list[int]) -> None:
     """This step's token count of every DP rank (from the step's metadata all-reduce)."""
-    global _dp_tokens
-    _dp_tokens = tokens
+    global _dp_tokens, _dp_rows
+    _dp_tokens, _dp_rows = tokens, None
 
 
 def expert_owners(num_experts: int, ep_size: int, placement: str) -> list[int]:
@@ -152,13 +153,16 @@ def gather_dp_tokens(x: torch.Tensor, lay: EPLayout) -> tuple[torch.Tensor, torc
     padded = x.new_zeros((width, x.shape[1]))
     padded[:sizes[lay.tp_rank]] = x[start:start + sizes[lay.tp_rank]]
     everyone = device.all_gather(padded, lay.ep_group)
-    rows, own = [], []
-    for r in range(lay.ep_size):  # EP rank r holds TP slice r % TP of DP rank r // TP's tokens
-        dp_rank, tp_rank = divmod(r, lay.tp_size)
-        n = token_slices(_dp_tokens[dp_rank], lay.tp_size)[tp_rank]
-        rows.extend(range(r * width, r * width + n))
-        own.extend([dp_rank == lay.dp_rank] * n)
-    return everyone, torch.tensor(rows, device=x.device), torch.tensor(own, dtype=torch.bool, device=x.device)
+    global _dp_rows
+    if _dp_rows is None:  # the same for every MoE layer of the step
+        rows, own = [], []
+        for r in range(lay.ep_size):  # EP rank r holds TP slice r % TP of DP rank r // TP's tokens
+            dp_rank, tp_rank = divmod(r, lay.tp_size)
+            n = token_slices(_dp_tokens[dp_rank], lay.tp_size)[tp_rank]
+            rows.extend(range(r * width, r * width + n))
+            own.extend([dp_rank == lay.dp_rank] * n)
+        _dp_rows = torch.tensor(rows, device=x.device), torch.tensor(own, dtype=torch.bool, device=x.device)
+    return everyone, *_dp_rows
 
 
 def return_dp_tokens(partial: torch.Tensor, num_tokens: int, lay: EPLayout) -> torch.Tensor:
