@@ -26,6 +26,7 @@ from pypto_serving.startup import freeze_startup_objects
 
 if TYPE_CHECKING:
     from pypto_serving.engine.detokenizer import TextStream
+    from pypto_serving.engine.load_feed import LoadFeed
     from pypto_serving.engine.metrics import RequestTimer
     from pypto_serving.engine.protocol import LogprobEntry
 
@@ -50,6 +51,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: Any
     accepted: asyncio.Future[None]
+    dispatch_id: str | None = None  # the gateway's id of this attempt, listed in the pushed load once admitted
 
 
 @dataclass
@@ -83,6 +85,8 @@ class AsyncEngine:
         self._snapshot: tuple[dict[str, Any], dict[str, Any]] = (dict(IDLE_LOAD), {})
         self._healthy = True
         self._on_state: Callable[[State], None] | None = None
+        self.feed: LoadFeed | None = None  # pushed load (GET /load?watch=1): every new snapshot goes to it
+        self._admitted: list[tuple[str, str]] = []  # loop thread: (core id, dispatch id) since the last snapshot
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -112,13 +116,15 @@ class AsyncEngine:
         """Requests the server still waits on."""
         return len(self._sinks)
 
-    async def add(self, request_id: str, prompt_token_ids: list[int], params: Any, sink: Sink) -> None:
-        """Queue a request; returns once the engine accepted it (ValueError if it rejected it)."""
+    async def add(self, request_id: str, prompt_token_ids: list[int], params: Any, sink: Sink,
+                  dispatch_id: str | None = None) -> None:
+        """Queue a request; returns once the engine accepted it (ValueError if it rejected it). ``dispatch_id``: the
+        gateway's id of this attempt, listed in the next pushed load update once admitted."""
         if not self.ready or not self.healthy():
             raise RuntimeError("the engine is not ready")
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sinks[request_id] = sink
-        self._push(_Add(request_id, prompt_token_ids, params, accepted))
+        self._push(_Add(request_id, prompt_token_ids, params, accepted, dispatch_id))
         try:
             await accepted
         except ValueError:
@@ -132,6 +138,8 @@ class AsyncEngine:
         """Abort a request (idempotent); its sink gets nothing more."""
         if self._sinks.pop(request_id, None) is not None:
             self._push(request_id)
+            if self.feed is not None:
+                self.feed.finished(request_id)
 
     def abort_all(self, reason: str = "aborted", finish_reason: str = "abort") -> None:
         """Abort every request; each sink gets a final output with `finish_reason`."""
@@ -161,6 +169,8 @@ class AsyncEngine:
     def _dispatch(self, outputs: list[Any]) -> None:
         for out in outputs:
             sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+            if out.finished and self.feed is not None:
+                self.feed.finished(out.request_id)
             if sink is not None:
                 sink(out)
 
@@ -238,6 +248,8 @@ class AsyncEngine:
             self._call(_resolve, command.accepted, exc if isinstance(exc, ValueError) else RuntimeError(str(exc)))
             return
         active.add(command.request_id)
+        if command.dispatch_id is not None:
+            self._admitted.append((command.request_id, command.dispatch_id))
         self._call(_resolve, command.accepted, None)
 
     def _step(self, engine: Any, active: set[str]) -> list[Any]:
@@ -257,11 +269,18 @@ class AsyncEngine:
     def _publish(self) -> None:
         engine = self.engine
         try:
-            self._snapshot = (dict(engine.load()), dict(engine.stats()))
+            load = dict(engine.load())
+            changed = load != self._snapshot[0]
+            self._snapshot = (load, dict(engine.stats()))
             self._healthy = bool(engine.is_healthy())
         except Exception:
             log.exception("engine load/stats failed")
             self._healthy = False
+            return
+        if changed or self._admitted:  # the pushed load: this snapshot with the requests admitted before it
+            admitted, self._admitted = self._admitted, []
+            if self.feed is not None:
+                self._call(self.feed.publish, load, admitted)
 
 
 def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -309,9 +328,10 @@ class Generation:
     """The core requests of one API call (n choices per prompt) and their merged outputs."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, choices: list[Choice],
-                 on_close: Callable[[], None] = lambda: None) -> None:
+                 on_close: Callable[[], None] = lambda: None, dispatch_id: str | None = None) -> None:
         self.engine = engine
         self.request_id = request_id  # the API call's id (x-request-id), the prefix of its choices' core ids
+        self.dispatch_id = dispatch_id  # the gateway's attempt id (x-pypto-dispatch), if it sent one
         self.choices = choices
         self.by_id = {c.request_id: c for c in choices}
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -321,8 +341,10 @@ class Generation:
     async def start(self) -> None:
         """Hand every choice to the engine; on a rejection (ValueError) nothing stays behind."""
         try:
+            last = self.choices[-1]  # the pushed load lists the call once all its choices are in
             for choice in self.choices:
-                await self.engine.add(choice.request_id, choice.prompt_ids, choice.params, self.queue.put_nowait)
+                await self.engine.add(choice.request_id, choice.prompt_ids, choice.params, self.queue.put_nowait,
+                                      self.dispatch_id if choice is last else None)
         except BaseException:
             self.close()
             raise

@@ -71,7 +71,7 @@ class EngineServer(uvicorn.Server):
         self.signals += 1
         if self.signals > 1 or self.loop is None:
             log.warning("%s: exiting now", signal.Signals(sig).name)
-            self.should_exit = True
+            self.request_exit()
             self.force_exit = self.signals > 1
             if self.loop is not None:
                 self.loop.call_soon_threadsafe(self.state.engine.abort_all, "the engine was stopped")
@@ -81,6 +81,8 @@ class EngineServer(uvicorn.Server):
         self.loop.call_soon_threadsafe(self.state.drain_and_exit)
 
     def request_exit(self) -> None:
+        if self.state.feed is not None:
+            self.state.feed.close()  # uvicorn waits for open responses: end the load streams
         self.should_exit = True
 
 

@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
+from pypto_serving.contract import DISPATCH_HEADER, dispatch_id_of
 from pypto_serving.engine.api_errors import APIError, unavailable
 from pypto_serving.engine.async_engine import Choice, Generation
 from pypto_serving.engine.detokenizer import TextStream
@@ -237,7 +238,8 @@ def make_generation(state: ServerState, request: Request, body: SamplingRequest,
                               body.skip_special_tokens)
             choices.append(Choice(index, p, f"{prefix}-{index}", ids, params, text, state.metrics.timer(),
                                   eos | set(params.stop_token_ids)))
-    return Generation(state.engine, request.state.request_id, choices, state.end)
+    return Generation(state.engine, request.state.request_id, choices, state.end,
+                      dispatch_id_of(request.headers.get(DISPATCH_HEADER)))
 
 
 # ------------------------------------------------------------------------------------------------- completions

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from pypto_serving import __version__
@@ -40,6 +40,7 @@ from pypto_serving.contract import (
 from pypto_serving.engine.api_errors import APIError, BodyLimit, install_error_handlers, unavailable
 from pypto_serving.engine.async_engine import AsyncEngine, State
 from pypto_serving.engine.control import ControlAuth
+from pypto_serving.engine.load_feed import LoadFeed
 from pypto_serving.engine.metrics import CONTENT_TYPE, EngineMetrics
 from pypto_serving.engine.openai_serving import create_chat_completion, create_completion
 from pypto_serving.engine.protocol import (
@@ -79,6 +80,7 @@ class ServerState:
         self.idle = asyncio.Event()
         self.idle.set()
         self.request_exit: Callable[[], None] = lambda: None  # set by the CLI: makes uvicorn exit
+        self.feed: LoadFeed | None = None  # the pushed load (set by build_app)
         self._token_text: dict[int, str] = {}
         self._serial = itertools.count()
         self._exit_task: asyncio.Task[None] | None = None
@@ -156,6 +158,7 @@ class ServerState:
         if not self.draining:
             log.info("draining: %d request(s) in flight", self.inflight)
         self.draining = True
+        self.load_changed()
 
     def undrain(self) -> None:
         """Admit new requests again (409 once a SIGTERM drain is on its way to exiting)."""
@@ -165,6 +168,12 @@ class ServerState:
         if self.draining:
             log.info("drain undone: admitting requests again")
         self.draining = False
+        self.load_changed()
+
+    def load_changed(self) -> None:
+        """Push a load update now (the drain state is part of it)."""
+        if self.feed is not None:
+            self.feed.changed()
 
     def drain_and_exit(self, timeout_s: float | None = None) -> None:
         """Drain, then exit once idle or at the deadline (in-flight requests are then aborted)."""
@@ -248,16 +257,24 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             status = "ready" if engine.ready else engine.state.value
         return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
-    def load_report() -> LoadReport:
-        snapshot, _ = engine.snapshot()
+    def load_report(snapshot: dict[str, Any] | None = None) -> LoadReport:
+        snapshot = engine.snapshot()[0] if snapshot is None else snapshot
         return LoadReport(running=int(snapshot.get("running", 0)), waiting=int(snapshot.get("waiting", 0)),
                           pending_tokens=int(snapshot.get("pending_tokens", 0)),
                           kv_cache_usage=float(snapshot.get("kv_cache_usage", 0.0)), draining=state.draining,
                           max_num_seqs=snapshot.get("max_num_seqs"),  # None until the engine is loaded
                           dp_rank=snapshot.get("dp_rank"), dp_size=snapshot.get("dp_size"))
 
+    feed = state.feed = engine.feed = LoadFeed(load_report)
+
     @app.get(PATH_LOAD)
-    async def load() -> JSONResponse:
+    async def load(watch: str | None = None) -> Response:
+        """The engine's load; with ``?watch=1``, pushed as server-sent events (engine/load_feed.py)."""
+        if watch not in (None, "", "0", "false"):
+            if feed.full():
+                raise unavailable("too many load watchers", "watchers", settings.retry_after_s)
+            return StreamingResponse(feed.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store"})
         return JSONResponse(load_report().to_json())
 
     @app.get(PATH_GET_LOAD, include_in_schema=False)

@@ -26,9 +26,9 @@ from pypto_serving.gateway.client import UpstreamError
 from pypto_serving.gateway.config import GatewayConfig
 from pypto_serving.gateway.discovery import Discovery
 from pypto_serving.gateway.errors import error_response, json_response
+from pypto_serving.gateway.load_watcher import LoadWatcher
 from pypto_serving.gateway.metrics import GatewayMetrics
 from pypto_serving.gateway.policies import POLICIES, Policy, make_policy
-from pypto_serving.gateway.poller import Poller
 from pypto_serving.gateway.proxy import Proxy, new_request_id
 from pypto_serving.gateway.replicas import Registry
 from pypto_serving.gateway.request import RequestInfo, request_info
@@ -61,7 +61,7 @@ def stamped(request: web.BaseRequest, response: web.StreamResponse) -> web.Strea
 
 
 class Gateway:
-    """Everything one gateway holds: registry, discovery, poller, policies, proxy, metrics."""
+    """Everything one gateway holds: registry, discovery, load watcher, policies, proxy, metrics."""
 
     def __init__(self, config: GatewayConfig, discovery: Discovery) -> None:
         self.config = config
@@ -70,7 +70,8 @@ class Gateway:
         self.registry = Registry(config.breaker)
         self.registry.on_eject = lambda replica: self.metrics.ejections.labels(replica.name).inc()
         self.discovery = discovery
-        self.poller = Poller(self.registry, self.metrics, config.poll_interval_s, config.poll_timeout_s)
+        self.loads = LoadWatcher(self.registry, self.metrics, config.poll_interval_s, config.poll_timeout_s,
+                                 config.policy_config.stale_after_s, config.load_watch)
         self.proxy = Proxy(config, self.registry, self.metrics)
         self.policies: dict[str, Policy] = {name: make_policy(name, config.policy_config) for name in POLICIES}
         self.default_policy = self.policies[config.policy]
@@ -78,14 +79,14 @@ class Gateway:
         self._key = None if config.api_key is None else config.api_key.encode()
 
     async def start(self) -> None:
-        """Start discovery and polling (first readings are awaited briefly)."""
-        await self.poller.start()
+        """Start discovery and the load streams (or polling)."""
+        await self.loads.start()
         await self.discovery.start(self.registry)
 
     async def stop(self) -> None:
-        """Stop discovery and polling and close the upstream connections."""
+        """Stop discovery and the load streams and close the upstream connections."""
         await self.discovery.stop()
-        await self.poller.stop()
+        await self.loads.stop()
         await self.proxy.stop()
 
     # --- handlers ---------------------------------------------------------------------------------------------
@@ -182,7 +183,8 @@ class Gateway:
                         "draining": r.reading.draining}
             items.append({"name": r.name, "address": r.url, "state": r.state(now), "load": load,
                           "load_age_s": None if r.reading is None else round(now - r.reading.received_at, 4),
-                          "inflight": r.inflight, "local_pending_tokens": r.unabsorbed_tokens,
+                          "load_source": r.load_source, "inflight": r.inflight, "unadmitted": r.unabsorbed,
+                          "local_pending_tokens": r.unabsorbed_tokens,
                           "consecutive_failures": r.breaker.consecutive_failures})
         return stamped(request, json_response({"policy": self.default_policy.name, "replicas": items}))
 

@@ -39,7 +39,10 @@ def parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("tuning")
     d = GatewayConfig()
     pc, bc = PolicyConfig(), BreakerConfig()
-    t.add_argument("--poll-interval", type=float, default=d.poll_interval_s, help="seconds between /load polls")
+    t.add_argument("--load-watch", action=argparse.BooleanOptionalAction, default=d.load_watch,
+                   help="take each engine's pushed load (GET /load?watch=1); --no-load-watch: poll every engine")
+    t.add_argument("--poll-interval", type=float, default=d.poll_interval_s,
+                   help="seconds between /load polls (engines without a load stream, or --no-load-watch)")
     t.add_argument("--poll-timeout", type=float, default=d.poll_timeout_s)
     t.add_argument("--stale-after", type=float, default=pc.stale_after_s, help="seconds before a load is stale")
     t.add_argument("--saturation-tokens", type=int, default=d.saturation_tokens,
@@ -87,7 +90,8 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
         if not api_key:
             raise SystemExit(f"pypto-serving gateway: {args.api_key_file} is empty")
     config = GatewayConfig(
-        policy=args.policy, api_key=api_key, poll_interval_s=args.poll_interval, poll_timeout_s=args.poll_timeout,
+        policy=args.policy, api_key=api_key, load_watch=args.load_watch, poll_interval_s=args.poll_interval,
+        poll_timeout_s=args.poll_timeout,
         saturation_tokens=args.saturation_tokens, retry_after_s=args.retry_after, max_retries=args.max_retries,
         connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
         max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,

@@ -130,6 +130,16 @@ class Response:
             raise UpstreamTooLarge(f"response body over {self._limit} bytes")
         return chunk
 
+    async def next_line(self, max_bytes: int) -> bytes:
+        """The next line of an endless body (server-sent events), b"" at its end. Lines are bounded by
+        ``max_bytes`` (`UpstreamTooLarge`), the body as a whole is not."""
+        try:
+            return await self._raw.content.readuntil(b"\n", max_size=max_bytes)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _error(exc) from exc
+        except aiohttp.http_exceptions.LineTooLong as exc:
+            raise UpstreamTooLarge(f"a line over {max_bytes} bytes: {exc}") from exc
+
     async def read(self) -> bytes:
         """The whole body."""
         body = bytearray()

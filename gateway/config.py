@@ -15,7 +15,8 @@ class GatewayConfig:
 
     policy: str = DEFAULT_POLICY
     api_key: str | None = None  # bearer token required on /v1/* when set
-    poll_interval_s: float = 0.05  # /load polling period per replica
+    load_watch: bool = True  # each engine pushes its load (GET /load?watch=1); False: poll every engine
+    poll_interval_s: float = 0.05  # /load polling period per replica (engines that do not push)
     poll_timeout_s: float = 1.0
     saturation_tokens: int = 0  # every candidate at or above this many pending tokens -> 429 (0: never)
     retry_after_s: int = 1  # Retry-After of a 429

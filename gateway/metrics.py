@@ -92,8 +92,8 @@ class GatewayMetrics:
         self.ejections = Counter("pypto_gateway_ejections", "Replicas ejected by their circuit breaker",
                                  ["replica"], registry=r)
         self.replicas = Gauge("pypto_gateway_replicas", "Known replicas by state", ["state"], registry=r)
-        self.poll_failures = Counter("pypto_gateway_load_poll_failures", "Failed /load polls", ["replica"],
-                                     registry=r)
+        self.poll_failures = Counter("pypto_gateway_load_poll_failures", "Failed /load polls and load streams",
+                                     ["replica"], registry=r)
 
     def count(self, replica: str, code: str) -> None:
         """One more answered request."""

@@ -18,13 +18,14 @@ forwarded either way; ``X-Forwarded-For`` and ``Forwarded`` get the client's add
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
 
 from aiohttp import web
 
-from pypto_serving.contract import REPLICA_HEADER, REQUEST_ID_HEADER
+from pypto_serving.contract import DISPATCH_HEADER, REPLICA_HEADER, REQUEST_ID_HEADER
 from pypto_serving.gateway.client import (
     Client,
     ConnectFailed,
@@ -47,7 +48,7 @@ log = logging.getLogger("pypto_serving.gateway")
 # never forwarded: hop-by-hop (RFC 9110 7.6.1), framing set anew, Expect (the gateway already read the body), Host
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
-                        "expect"})
+                        "expect", DISPATCH_HEADER})  # the dispatch id is the gateway's own, set per attempt
 NOT_RELAYED = HOP_BY_HOP | {"server", "date"}  # the gateway's own
 
 
@@ -96,6 +97,15 @@ def new_request_id() -> str:
     """A 128-bit random hex id. From the process's Mersenne Twister (seeded from os.urandom when the process
     starts), not uuid4: an id needs uniqueness, not secrecy, and os.urandom is one syscall per request."""
     return f"{random.getrandbits(128):032x}"
+
+
+_DISPATCH_PREFIX = f"{random.getrandbits(48):012x}-"  # this gateway process
+_dispatch_serial = itertools.count()
+
+
+def next_dispatch_id() -> str:
+    """A new attempt id, unique to this gateway process: the engine lists it in its pushed load once admitted."""
+    return f"{_DISPATCH_PREFIX}{next(_dispatch_serial)}"
 
 
 def response_headers(upstream: Response, replica: Replica, request_id: str) -> list[tuple[str, str]]:
@@ -204,9 +214,11 @@ class Proxy:
                       headers: list[tuple[str, str]], body: bytes | None, info: RequestInfo,
                       request_id: str) -> web.StreamResponse:
         """One attempt on ``replica``: its answer, or `Retry` when it can go elsewhere."""
-        ticket = replica.dispatch(info.tokens, info.stream)
+        dispatch_id = next_dispatch_id()
+        ticket = replica.dispatch(info.tokens, info.stream, dispatch_id)
         dispatched = time.perf_counter()
         url = replica.url + path
+        headers = [*headers, (DISPATCH_HEADER, dispatch_id)]
         upstream: Response | None = None
         try:
             try:

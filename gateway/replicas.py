@@ -1,6 +1,14 @@
 """Replica registry: each engine replica's address, eligibility, last load reading, local accounting, breaker.
 
-Load accounting closes the gap between two polls of ``/load`` without counting a request twice:
+Load accounting counts every request this gateway sent exactly once: in the engine's reading once the engine has
+admitted it, in the gateway's local extra (``unabsorbed``, at its estimated pending tokens) before.
+
+With the pushed load (``GET /load?watch=1``, gateway/load_watcher.py) this is exact: every attempt carries a
+dispatch id (``x-pypto-dispatch``), each update lists the ids the engine admitted, and its counts include those
+requests. A listed ticket leaves the local extra (`Replica.pushed`); an unlisted one stays in it until it is
+listed or ends, in whatever order the two happen.
+
+Polling (engines that do not stream their load) closes the gap between two polls of ``/load`` by time instead:
 
 * at dispatch a request's estimated pending tokens (prompt estimate + max_tokens) are added to the
   replica's ``unabsorbed`` extra;
@@ -60,6 +68,7 @@ class Ticket:
     replica: Replica = field(repr=False)
     tokens: int
     dispatched_at: float
+    dispatch_id: str = ""  # x-pypto-dispatch of this attempt (the pushed load lists it once admitted)
     accepted_at: float | None = None
     absorbed: bool = False
     ended: bool = False
@@ -84,6 +93,7 @@ class Replica:
     url: str
     clock: Clock = field(default=time.monotonic, repr=False)
     discovery_state: str = "ready"  # from discovery: ready | not-ready | draining (label) | terminating
+    load_source: str = "none"  # where readings come from now: "watch" (pushed), "poll", or "none" yet
     breaker: Breaker = field(default_factory=Breaker)
     reading: LoadReading | None = None
     refused_at: float | None = None  # answered 503 (draining / not ready); eligible again after a newer reading
@@ -92,6 +102,7 @@ class Replica:
     unabsorbed: int = 0  # requests dispatched but not yet in a reading
     unabsorbed_tokens: int = 0
     _tickets: set[Ticket] = field(default_factory=set, repr=False)
+    _by_id: dict[str, Ticket] = field(default_factory=dict, repr=False)
 
     # --- load -------------------------------------------------------------------------------------------------
     def fresh_reading(self, stale_after: float, now: float | None = None) -> LoadReading | None:
@@ -124,8 +135,20 @@ class Replica:
             return True
         return reading.waiting == 0 and reading.running + self.unabsorbed < reading.max_num_seqs
 
+    def pushed(self, reading: LoadReading, admitted: Iterable[str]) -> None:
+        """Apply an update of the pushed load: its counts include exactly the requests whose dispatch ids it lists
+        (ids this gateway does not know, or no longer tracks, are someone else's or finished: ignored)."""
+        self.reading = reading
+        if self.refused_at is not None and reading.received_at > self.refused_at and not reading.draining:
+            self.refused_at = None
+        by_id = self._by_id
+        for dispatch_id in admitted:
+            ticket = by_id.get(dispatch_id)
+            if ticket is not None:
+                self._absorb(ticket)
+
     def update(self, reading: LoadReading) -> None:
-        """Apply a new ``/load`` reading: absorb every accepted request it counts."""
+        """Apply a new polled ``/load`` reading: absorb every accepted request it counts."""
         if self.reading is not None and reading.requested_at < self.reading.requested_at:
             return  # an older poll answered late
         self.reading = reading
@@ -161,11 +184,13 @@ class Replica:
         self.refused_at = self.clock()
 
     # --- accounting -------------------------------------------------------------------------------------------
-    def dispatch(self, tokens: int, stream: bool = True) -> Ticket:
+    def dispatch(self, tokens: int, stream: bool = True, dispatch_id: str = "") -> Ticket:
         """Count a request sent to this replica now; the caller must ``end()`` the returned ticket."""
         now = self.clock()
-        ticket = Ticket(self, tokens, now, accepted_at=None if stream else now + ADMIT_MARGIN_S)
+        ticket = Ticket(self, tokens, now, dispatch_id, accepted_at=None if stream else now + ADMIT_MARGIN_S)
         self._tickets.add(ticket)
+        if dispatch_id:
+            self._by_id[dispatch_id] = ticket
         self.inflight += 1
         self.inflight_tokens += tokens
         self.unabsorbed += 1
@@ -181,6 +206,8 @@ class Replica:
     def _end(self, ticket: Ticket) -> None:
         self._absorb(ticket)
         self._tickets.discard(ticket)
+        if ticket.dispatch_id:
+            self._by_id.pop(ticket.dispatch_id, None)
         self.inflight -= 1
         self.inflight_tokens -= ticket.tokens
 

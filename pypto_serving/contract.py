@@ -8,9 +8,9 @@ spells one of these names on its own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 # --- ports -------------------------------------------------------------------------------------------------------
 ENGINE_PORT = 8000
@@ -80,6 +80,24 @@ CONTROL_TOKEN_FLAG = "--control-token-file"
 # vllm-router's `GET /get_load` (`{"load": N}`, N = the engine's pending tokens).
 PATH_VERSION, PATH_GET_LOAD = "/version", "/get_load"
 OWNED_BY = "vllm"  # /v1/models `owned_by`: smg classifies a worker as vLLM by it (then reads /metrics' vllm: gauges)
+# Pushed load: `GET /load?watch=1` answers server-sent events, one `data:` line of a `LoadUpdate` each, sent when the
+# load changes (at most one per LOAD_PUSH_MIN_INTERVAL_S) and at least every LOAD_HEARTBEAT_S. The gateway tags each
+# attempt with DISPATCH_HEADER; an update lists the dispatch ids the engine admitted since the previous update (the
+# first update of a stream: every admitted request still in flight), and its counts include those requests.
+LOAD_WATCH_PARAM = "watch"
+DISPATCH_HEADER = "x-pypto-dispatch"
+LOAD_PUSH_MIN_INTERVAL_S = 0.01
+LOAD_HEARTBEAT_S = 1.0
+MAX_DISPATCH_ID_LEN = 64
+MAX_ADMITTED_PER_UPDATE = 256  # more ids go out in several updates (each with the same counts)
+_DISPATCH_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_.")
+
+
+def dispatch_id_of(value: str | None) -> str | None:
+    """A dispatch id as the engine accepts it (1-64 characters of [A-Za-z0-9._-]), else None."""
+    if value and len(value) <= MAX_DISPATCH_ID_LEN and _DISPATCH_ID_CHARS.issuperset(value):
+        return value
+    return None
 
 
 class LoadReport(BaseModel):
@@ -118,3 +136,15 @@ class LoadReport(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ValueError(f"invalid /load document: {exc.errors(include_url=False, include_input=False)}") from None
+
+
+DispatchId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_DISPATCH_ID_LEN,
+                                             pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+class LoadUpdate(LoadReport):
+    """One event of the pushed load (``GET /load?watch=1``): the engine's load, and the dispatch ids it admitted
+    since the previous event (its counts include them)."""
+
+    admitted: list[DispatchId] = Field(default_factory=list, max_length=MAX_ADMITTED_PER_UPDATE,
+                                       description="Dispatch ids (x-pypto-dispatch) admitted since the last event.")

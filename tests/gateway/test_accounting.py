@@ -108,3 +108,83 @@ def test_registry_replace_and_readiness() -> None:
     old = reg.get("b")
     reg.upsert("b", "http://b2")  # a new address is a new replica
     assert reg.get("b") is not old and reg.get("b").url == "http://b2"
+
+
+# --- pushed load (GET /load?watch=1): absorption by dispatch id -----------------------------------------------------
+
+def pushed(r: Replica, clock: Clock, pending: int, running: int, admitted: tuple[str, ...] = ()) -> None:
+    r.pushed(reading(clock, pending=pending, running=running), admitted)
+
+
+def test_pushed_dispatch_then_admitted_then_end() -> None:
+    clock = Clock()
+    r = Replica("a", "http://a", clock=clock)
+    pushed(r, clock, 100, 1)
+    ticket = r.dispatch(50, stream=True, dispatch_id="d1")
+    assert r.pending_tokens(2.0) == 150  # not admitted yet: local estimate on top of the reading
+    pushed(r, clock, 100, 1)  # an update that does not list it: still counted locally
+    assert r.pending_tokens(2.0) == 150 and r.unabsorbed == 1
+    ticket.accepted()  # first bytes: irrelevant with pushed load, only the listing absorbs
+    pushed(r, clock, 100, 1)
+    assert r.unabsorbed == 1
+    pushed(r, clock, 162, 2, ("d1",))  # the engine's own count of it (62 tokens) replaces the estimate
+    assert r.pending_tokens(2.0) == 162 and r.requests(2.0) == 2 and r.unabsorbed == 0
+    pushed(r, clock, 162, 2, ("d1",))  # listed again (a reconnect's full list): counted once still
+    assert r.pending_tokens(2.0) == 162
+    ticket.end()
+    assert r.inflight == 0 and r.unabsorbed_tokens == 0 and r.inflight_tokens == 0 and not r._by_id
+
+
+def test_pushed_end_before_admitted_and_unknown_ids_are_ignored() -> None:
+    clock = Clock()
+    r = Replica("a", "http://a", clock=clock)
+    pushed(r, clock, 0, 0)
+    ticket = r.dispatch(40, stream=False, dispatch_id="d1")
+    other = r.dispatch(30, stream=True, dispatch_id="d2")
+    ticket.end()  # e.g. the client went away before the engine admitted it
+    assert r.unabsorbed == 1 and r.unabsorbed_tokens == 30
+    pushed(r, clock, 0, 0, ("d1", "someone-elses", "d2"))  # d1 finished, d2 admitted (and already done)
+    assert r.unabsorbed == 0 and r.pending_tokens(2.0) == 0
+    other.end()
+    assert r.inflight == 0 and r.inflight_tokens == 0 and r.unabsorbed_tokens == 0
+
+
+def test_pushed_admitted_in_another_order_than_dispatched() -> None:
+    clock = Clock()
+    r = Replica("a", "http://a", clock=clock)
+    tickets = [r.dispatch(10 * (i + 1), dispatch_id=f"d{i}") for i in range(3)]
+    pushed(r, clock, 30, 1, ("d2",))
+    assert r.unabsorbed == 2 and r.pending_tokens(2.0) == 30 + 10 + 20
+    tickets[0].end()
+    pushed(r, clock, 50, 2, ("d1",))
+    assert r.unabsorbed == 0 and r.pending_tokens(2.0) == 50
+    for ticket in tickets:
+        ticket.end()
+        ticket.end()  # idempotent
+    assert r.inflight == 0 and r.inflight_tokens == 0 and r.unabsorbed_tokens == 0
+
+
+def test_pushed_silence_makes_the_reading_stale() -> None:
+    clock = Clock()
+    r = Replica("a", "http://a", clock=clock)
+    pushed(r, clock, 500, 2)
+    r.dispatch(20, dispatch_id="d1")
+    assert r.pending_tokens(2.0) == 520
+    clock.now += 2.5  # no update or heartbeat for longer than the bound
+    assert r.fresh_reading(2.0) is None and r.pending_tokens(2.0) == 20
+
+
+def test_pushed_draining_and_refusal() -> None:
+    clock = Clock()
+    r = Replica("a", "http://a", clock=clock)
+    r.pushed(reading(clock, 0, draining=True), ())
+    assert not r.eligible()
+    clock.now += 0.01
+    r.pushed(reading(clock, 0), ())
+    assert r.eligible()
+    r.refused()
+    r.pushed(reading(clock, 0), ())  # received at the same instant: not newer than the refusal
+    assert not r.eligible()
+    clock.now += 0.01
+    r.pushed(reading(clock, 0), ())
+    assert r.eligible()

@@ -6,6 +6,9 @@ Every engine here is a real `pypto-serving engine` process and every request goe
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -161,10 +164,27 @@ def test_routing_follows_load(shared_engines: list[EngineProcess],
         wait_for(lambda: gw.replicas()[busy.url]["load"]["pending_tokens"] > 1000, 10, "the gateway sees the load")
         served = Counter(complete(gw, max_tokens=4).headers["x-pypto-replica"] for _ in range(12))
     assert served[idle.url] >= 11, served  # least-pending-tokens: the busy replica gets (almost) none
+    assert {r["load_source"] for r in gw.replicas().values()} == {"watch"}  # the engines push their load
     # round-robin, chosen per request by header, ignores load
     rr = Counter(complete(gw, headers={"x-pypto-routing": "round-robin"}).headers["x-pypto-replica"]
                  for _ in range(6))
     assert rr[busy.url] == 3 and rr[idle.url] == 3
+
+
+def test_routing_avoids_a_busy_engine_while_other_processes_saturate_the_cpu(
+        shared_engines: list[EngineProcess], gateway_factory: Callable[..., GatewayProcess]) -> None:
+    busy, idle = shared_engines
+    gw = gateway_factory("--endpoints", endpoints(*shared_engines))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
+    try:
+        with Background(busy.url, 3):  # long streams the gateway did not send
+            wait_for(lambda: gw.replicas()[busy.url]["load"]["pending_tokens"] > 1000, 30, "the gateway sees the load")
+            served = Counter(complete(gw, max_tokens=4).headers["x-pypto-replica"] for _ in range(12))
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert served[idle.url] >= 10, served
 
 
 def test_saturated_replicas_get_429_with_retry_after(shared_engines: list[EngineProcess],
@@ -205,11 +225,11 @@ def test_draining_replica_gets_no_new_requests_and_503s_are_retried(
     keep = shared_engines[0]
     victim = engine_factory(tiny_qwen3_dir, extra_args=ENGINE_ARGS)
     fast = gateway_factory("--endpoints", endpoints(keep, victim), "--policy", "round-robin")
-    blind = gateway_factory("--endpoints", endpoints(keep, victim), "--policy", "round-robin",
+    blind = gateway_factory("--endpoints", endpoints(keep, victim), "--policy", "round-robin", "--no-load-watch",
                             "--poll-interval", "600")  # polls once at start: learns of the drain only by a 503
     assert {complete(fast).headers["x-pypto-replica"] for _ in range(4)} == {keep.url, victim.url}
     httpx.post(victim.url + "/drain", headers=victim.control_headers, timeout=10).raise_for_status()
-    wait_for(lambda: fast.replicas()[victim.url]["state"] == "draining", 5, "drain seen within a poll")
+    wait_for(lambda: fast.replicas()[victim.url]["state"] == "draining", 5, "drain pushed by the engine")
     assert {complete(fast).headers["x-pypto-replica"] for _ in range(6)} == {keep.url}
     answers = [complete(blind) for _ in range(6)]
     assert [r.status_code for r in answers] == [200] * 6
@@ -224,7 +244,8 @@ def test_killed_replica_requests_succeed_elsewhere_and_the_breaker_ejects_it(
     keep = shared_engines[1]
     victim = engine_factory(tiny_qwen3_dir, extra_args=ENGINE_ARGS)
     gw = gateway_factory("--endpoints", endpoints(keep, victim), "--policy", "round-robin",
-                         "--poll-interval", "600", "--breaker-failures", "3", "--breaker-backoff", "60")
+                         "--no-load-watch", "--poll-interval", "600", "--breaker-failures", "3", "--breaker-backoff",
+                         "60")  # only requests count failures
     assert {complete(gw).headers["x-pypto-replica"] for _ in range(4)} == {keep.url, victim.url}
     victim.proc.kill()
     victim.proc.wait(10)
@@ -257,7 +278,7 @@ def test_request_id_is_made_once_and_kept_across_a_retry(
     victim = engine_factory(tiny_qwen3_dir, extra_args=ENGINE_ARGS)
     host, port = victim.url.removeprefix("http://").split(":")
     with Tap(host, int(port)) as tap:
-        gw = gateway_factory("--endpoints", endpoints(keep, tap.url), "--policy", "round-robin",
+        gw = gateway_factory("--endpoints", endpoints(keep, tap.url), "--policy", "round-robin", "--no-load-watch",
                              "--poll-interval", "600")  # learns of the drain only from the victim's 503
         wait_for(lambda: gw.replicas()[tap.url]["state"] == "ready", 10, "the tapped replica polled once")
         httpx.post(victim.url + "/drain", headers=victim.control_headers, timeout=10).raise_for_status()
