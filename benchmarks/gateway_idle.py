@@ -5,7 +5,7 @@ The replicas are fake engines, all in one process (this script with ``--fake-eng
 replica on its own port, each answering `/load` the way the engine does (the engine's own `LoadFeed` for the
 stream, the same JSON document for a poll), so the engine-side number is what N engines would spend together.
 Each configuration is measured for ``--seconds`` after every replica has a reading; CPU from /proc.
-Run: `.venv/bin/python benchmarks/gateway_idle.py [--replicas 4,16,64] [--seconds 10]`; writes
+Run: `.venv/bin/python benchmarks/gateway_idle.py [--replicas 4,16,64] [--seconds 30]`; writes
 docs/benchmarks/gateway_idle.json.
 """
 
@@ -22,11 +22,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gateway_common import cpu_seconds, gateway, write_result
-from tests.support.common import free_port
 
 
-def serve_fake_engines(ports: list[int]) -> None:
-    """One uvicorn server per port, each with the engine's `/load` (JSON, or the pushed stream with ?watch=1)."""
+def serve_fake_engines(count: int) -> None:
+    """``count`` uvicorn servers on loopback ports of their own (printed as one line), each with the engine's `/load`
+    (JSON, or the pushed stream with ?watch=1)."""
+    import socket
+
     import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -48,18 +50,25 @@ def serve_fake_engines(ports: list[int]) -> None:
 
         return api
 
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+    print(",".join(str(sock.getsockname()[1]) for sock in sockets), flush=True)
+
     async def main() -> None:
-        servers = [uvicorn.Server(uvicorn.Config(app(), host="127.0.0.1", port=port, log_level="warning",
-                                                 lifespan="off")) for port in ports]
-        await asyncio.gather(*(server.serve() for server in servers))
+        servers = [uvicorn.Server(uvicorn.Config(app(), log_level="warning", lifespan="off")) for _ in sockets]
+        await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in zip(servers, sockets, strict=True)))
 
     asyncio.run(main())
 
 
 def measure(count: int, seconds: float, watch: bool) -> dict:
-    ports = [free_port() for _ in range(count)]
-    engines = subprocess.Popen([sys.executable, __file__, "--fake-engines", ",".join(map(str, ports))])
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    engines = subprocess.Popen([sys.executable, __file__, "--fake-engines", str(count)], stdout=subprocess.PIPE,
+                               text=True)
+    urls = [f"http://127.0.0.1:{port}" for port in engines.stdout.readline().strip().split(",")]
     try:
         deadline = time.monotonic() + 60
         for url in urls:
@@ -100,11 +109,11 @@ def measure(count: int, seconds: float, watch: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", default="4,16,64")
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=30.0, help="per configuration (CPU time has 10 ms ticks)")
     parser.add_argument("--fake-engines", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fake_engines:
-        serve_fake_engines([int(p) for p in args.fake_engines.split(",")])
+        serve_fake_engines(int(args.fake_engines))
         return 0
     rows = []
     for count in (int(n) for n in args.replicas.split(",")):

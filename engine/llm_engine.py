@@ -16,10 +16,12 @@ nothing to run, and waits for it; a step that fails, or a peer that is gone, bre
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from pypto_serving.contract import MAX_RUNNING_REMAINING
 from pypto_serving.engine import device as devices
 from pypto_serving.engine.block_manager import BlockManager
 from pypto_serving.engine.config import EngineConfig
@@ -412,11 +414,11 @@ class LLMEngine:
         slots (``max_num_seqs``: a router can tell a replica with a free slot from one whose next request waits)."""
         pending = 0
         for seq in self._requests.values():
-            pending += max(0, seq.num_prompt_tokens - seq.num_computed_tokens)
-            pending += seq.params.max_tokens - seq.num_output_tokens
+            pending += left_of(seq)
+        remaining = heapq.nsmallest(MAX_RUNNING_REMAINING, (left_of(seq) for seq in self.scheduler.running))
         load = {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "pending_tokens": pending, "kv_cache_usage": self.block_manager.usage(),
-                "max_num_seqs": self.scheduler.max_num_seqs}
+                "max_num_seqs": self.scheduler.max_num_seqs, "running_remaining": remaining}
         if self.dp is not None:
             load |= {"dp_rank": self.dp.rank, "dp_size": self.dp.size}
         return load
@@ -459,6 +461,11 @@ class LLMEngine:
                 self.dp.declare_down("shut down")
                 self.dp.close()
             self.executor.shutdown()
+
+
+def left_of(seq: Sequence) -> int:
+    """Tokens a request has left at most: prompt tokens not computed yet + tokens up to its max_tokens."""
+    return max(0, seq.num_prompt_tokens - seq.num_computed_tokens) + seq.params.max_tokens - seq.num_output_tokens
 
 
 def _sampling_batch(seqs: list[Sequence], vocab_size: int) -> SamplingBatch:

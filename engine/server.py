@@ -263,6 +263,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                           pending_tokens=int(snapshot.get("pending_tokens", 0)),
                           kv_cache_usage=float(snapshot.get("kv_cache_usage", 0.0)), draining=state.draining,
                           max_num_seqs=snapshot.get("max_num_seqs"),  # None until the engine is loaded
+                          running_remaining=snapshot.get("running_remaining"),
                           dp_rank=snapshot.get("dp_rank"), dp_size=snapshot.get("dp_size"))
 
     feed = state.feed = engine.feed = LoadFeed(load_report)

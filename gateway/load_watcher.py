@@ -126,7 +126,7 @@ class LoadWatcher:
                 except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                     raise ContractBroken(f"bad load update: {exc}") from None
                 now = clock()
-                replica.pushed(_reading(update, now), update.admitted)
+                replica.pushed(LoadReading.from_report(update, now, now), update.admitted)
                 if first:
                     replica.load_source = "watch"
                     self.registry.success(replica)  # closes a half-open breaker
@@ -160,9 +160,3 @@ class LoadWatcher:
     def _failed(self, replica: Replica, exc: Exception) -> None:
         log.debug("load of %s failed: %r", replica.name, exc)
         self.metrics.poll_failures.labels(replica.name).inc()
-
-
-def _reading(update: LoadUpdate, now: float) -> LoadReading:
-    return LoadReading(running=update.running, waiting=update.waiting, pending_tokens=update.pending_tokens,
-                       kv_cache_usage=update.kv_cache_usage, draining=update.draining,
-                       max_num_seqs=update.max_num_seqs, requested_at=now, received_at=now)

@@ -48,6 +48,7 @@ class LoadReading:
     kv_cache_usage: float = 0.0
     draining: bool = False
     max_num_seqs: int | None = None  # the engine's batch slots (None: not reported)
+    running_remaining: tuple[int, ...] = ()  # tokens left of the running requests, smallest first (some engines)
     requested_at: float = 0.0
     received_at: float = 0.0
 
@@ -55,10 +56,15 @@ class LoadReading:
     def from_json(cls, data: object, requested_at: float, received_at: float) -> LoadReading:
         """Build a reading from the engine's JSON, validated as the contract's ``LoadReport`` (missing fields
         read as zero); ValueError when the engine's answer breaks the contract."""
-        report = LoadReport.parse(data)
+        return cls.from_report(LoadReport.parse(data), requested_at, received_at)
+
+    @classmethod
+    def from_report(cls, report: LoadReport, requested_at: float, received_at: float) -> LoadReading:
+        """Build a reading from a validated report (or pushed update)."""
         return cls(running=report.running, waiting=report.waiting, pending_tokens=report.pending_tokens,
                    kv_cache_usage=report.kv_cache_usage, draining=report.draining, max_num_seqs=report.max_num_seqs,
-                   requested_at=requested_at, received_at=received_at)
+                   running_remaining=tuple(sorted(report.running_remaining or ())), requested_at=requested_at,
+                   received_at=received_at)
 
 
 @dataclass(eq=False, slots=True)

@@ -90,6 +90,7 @@ LOAD_PUSH_MIN_INTERVAL_S = 0.01
 LOAD_HEARTBEAT_S = 1.0
 MAX_DISPATCH_ID_LEN = 64
 MAX_ADMITTED_PER_UPDATE = 256  # more ids go out in several updates (each with the same counts)
+MAX_RUNNING_REMAINING = 16  # /load's running_remaining: the next slots to free up, enough to rank replicas
 _DISPATCH_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_.")
 
 
@@ -114,6 +115,10 @@ class LoadReport(BaseModel):
     kv_cache_usage: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of KV-cache blocks in use.")
     draining: bool = Field(default=False, description="The engine accepts no new requests.")
     max_num_seqs: int | None = Field(default=None, gt=0, description="Batch slots, once the model is loaded.")
+    running_remaining: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, max_length=MAX_RUNNING_REMAINING, description="For the running requests, the tokens each has "
+        "left at most (prompt tokens not computed + tokens up to max_tokens), smallest first, at most 16: when the "
+        "next batch slots free up.")
     dp_rank: int | None = Field(default=None, ge=0, description="DP+EP: this engine's data-parallel rank (its "
                                 "load is its own; each rank is routed to like a replica).")
     dp_size: int | None = Field(default=None, gt=0, description="DP+EP: the engines of its lockstep group.")

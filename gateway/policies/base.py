@@ -6,6 +6,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pypto_serving.gateway.replicas import Replica
 from pypto_serving.gateway.request import RequestInfo
@@ -36,13 +37,13 @@ class Policy(ABC):
     def select(self, candidates: Sequence[Replica], request: RequestInfo, now: float) -> Replica:
         """Choose the replica that serves ``request`` (``candidates`` is non-empty)."""
 
-    def pick_min(self, candidates: Sequence[Replica], score: Callable[[Replica], float]) -> Replica:
-        """The candidate with the lowest score, ties broken at random."""
+    def pick_min(self, candidates: Sequence[Replica], score: Callable[[Replica], Any]) -> Replica:
+        """The candidate with the lowest score (a number, or a tuple compared in order), ties broken at random."""
         best: list[Replica] = []
-        best_score = float("inf")
+        best_score: Any = None
         for replica in candidates:
             value = score(replica)
-            if value < best_score:
+            if best_score is None or value < best_score:
                 best, best_score = [replica], value
             elif value == best_score:
                 best.append(replica)

@@ -1,8 +1,21 @@
-"""`least-pending-tokens` (default): among the replicas with a free batch slot (all of them when none has one), the
-one with the fewest pending tokens (engine reading + local extra).
+"""`least-pending-tokens` (default): the replica where the request would get its first token soonest.
 
-Pending tokens alone would send a request to a replica whose slots are all taken by short requests with a queue
-behind them rather than to one running a single long request next to a free slot: the request would wait there.
+Measured on heavy-tailed traffic (benchmarks/gateway_routing.py), what decides a request's time to first token is
+whether it starts at once or waits for a batch slot, and how long that wait is. Pending tokens alone mislead both
+ways: a replica running one long request next to a free slot has many pending tokens but starts a new request at
+once, and one whose slots hold two medium requests has fewer than one holding a long and an almost finished one,
+though the latter frees a slot far sooner. So the score, compared as a tuple, is:
+
+1. **Starts at once** (tier 0): a free batch slot (``max_num_seqs`` above running + waiting + this gateway's
+   requests not admitted yet) and KV room. Among those, the smallest batch (a step is faster, and no prefill of
+   someone else's shares it), then the fewest pending tokens.
+2. **Waits** (tier 1): the tokens the request would wait for: the engine reports how many tokens each running
+   request has left at most (``running_remaining``, smallest first), so with k requests queued ahead of it the
+   request starts when the (k+1)-th of them finishes. Beyond the reported ones, a fluid estimate (pending tokens
+   per slot). KV pressure (over 95% of the blocks in use) makes a free slot count as busy: the request would wait
+   for blocks. An engine that does not report its slots is scored by pending tokens per slot here too.
+3. **Unknown** replicas (no reading, or one older than ``stale_after_s``: the load stream went silent) rank as
+   waiting for the tokens this gateway itself sent them, so they are tried after every replica known to be free.
 """
 
 from __future__ import annotations
@@ -13,14 +26,36 @@ from pypto_serving.gateway.policies.base import Policy
 from pypto_serving.gateway.replicas import Replica
 from pypto_serving.gateway.request import RequestInfo
 
+KV_FULL = 0.95  # KV-cache usage above which a new request would wait for blocks
+
+
+def start_cost(replica: Replica, stale_after: float, now: float) -> tuple[int, int, int]:
+    """(tier, tokens to wait for or batch size, pending tokens): the lower, the sooner a new request starts."""
+    reading = replica.fresh_reading(stale_after, now)
+    if reading is None:
+        return 1, replica.inflight_tokens + 1, replica.inflight_tokens
+    pending = reading.pending_tokens + replica.unabsorbed_tokens
+    slots = reading.max_num_seqs
+    if slots is None:  # an engine that does not say: pending tokens per request in it
+        return 1, pending // max(1, reading.running + reading.waiting + replica.unabsorbed), pending
+    ahead = reading.waiting + replica.unabsorbed
+    free = slots - reading.running
+    kv_full = reading.kv_cache_usage > KV_FULL
+    if ahead < free and not kv_full:
+        return 0, reading.running + ahead, pending
+    remaining = reading.running_remaining
+    position = max(0, ahead - free)  # running requests that must finish before this one starts, minus one
+    if position < len(remaining):
+        return 1, remaining[position], pending
+    return 1, (remaining[-1] if remaining else 0) + pending // slots, pending
+
 
 class LeastPendingTokens(Policy):
-    """Free batch slot first, then least pending tokens (prompt tokens not yet computed + tokens still to generate),
-    ties at random."""
+    """The replica where the request starts soonest: a free slot first (smallest batch), else the shortest wait
+    for one (from the running requests' remaining tokens), unknown replicas last; ties at random."""
 
     name = "least-pending-tokens"
 
     def select(self, candidates: Sequence[Replica], request: RequestInfo, now: float) -> Replica:
         stale = self.config.stale_after_s
-        free = [r for r in candidates if r.has_free_slot(stale, now)]
-        return self.pick_min(free or candidates, lambda r: r.pending_tokens(stale, now))
+        return self.pick_min(candidates, lambda r: start_cost(r, stale, now))

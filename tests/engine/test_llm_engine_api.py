@@ -100,10 +100,11 @@ def test_load_counts_pending_tokens(engine: LLMEngine) -> None:
     engine.add_request("a", [5] * 10, SamplingParams(max_tokens=5))
     engine.add_request("b", [6] * 20, SamplingParams(max_tokens=7))
     assert engine.load() == {"running": 0, "waiting": 2, "pending_tokens": 10 + 5 + 20 + 7, "kv_cache_usage": 0.0,
-                             "max_num_seqs": engine.scheduler.max_num_seqs}
+                             "max_num_seqs": engine.scheduler.max_num_seqs, "running_remaining": []}
     engine.step()  # both prefilled, one token each
     load = engine.load()
     assert (load["running"], load["waiting"], load["pending_tokens"]) == (2, 0, 4 + 6)
+    assert load["running_remaining"] == [4, 6]  # when their slots free up, the sooner first
     assert load["kv_cache_usage"] == pytest.approx(3 / 128)  # blocks of 16: 1 + 2
     engine.abort_request("a")
     engine.abort_request("a")  # idempotent

@@ -16,10 +16,11 @@ from pypto_serving.gateway.request import RequestInfo, request_info
 NOW = 1000.0
 
 
-def replica(name: str, pending: int = 0, running: int = 0, waiting: int = 0, slots: int | None = None) -> Replica:
+def replica(name: str, pending: int = 0, running: int = 0, waiting: int = 0, slots: int | None = None,
+            remaining: tuple[int, ...] = (), kv: float = 0.0) -> Replica:
     r = Replica(name, f"http://{name}", clock=lambda: NOW)
     r.update(LoadReading(running=running, waiting=waiting, pending_tokens=pending, max_num_seqs=slots,
-                         requested_at=NOW, received_at=NOW))
+                         running_remaining=remaining, kv_cache_usage=kv, requested_at=NOW, received_at=NOW))
     return r
 
 
@@ -39,20 +40,44 @@ def test_least_pending_tokens_includes_local_extra() -> None:
 
 def test_least_pending_tokens_prefers_a_free_batch_slot() -> None:
     """One long request next to a free slot beats two short ones with a queue behind them: the request would wait
-    there although its pending tokens are fewer. Without free slots anywhere, pending tokens decide again."""
+    there although its pending tokens are fewer. Among free slots, the smallest batch, then fewer pending tokens."""
     policy = make_policy("least-pending-tokens")
-    long_one = replica("long", pending=600, running=1, slots=2)
-    queued = replica("queued", pending=300, running=2, waiting=8, slots=2)
+    long_one = replica("long", pending=600, running=1, slots=2, remaining=(600,))
+    queued = replica("queued", pending=300, running=2, waiting=8, slots=2, remaining=(10, 20))
     assert policy.select([long_one, queued], RequestInfo(), NOW) is long_one
     long_one.dispatch(20)  # sent since the reading: it takes the free slot
     assert not long_one.has_free_slot(2.0, NOW)
-    assert policy.select([long_one, queued], RequestInfo(), NOW) is queued  # both full: fewer pending tokens
-    full_short = replica("full-short", pending=60, running=2, slots=2)
-    full_long = replica("full-long", pending=1200, running=2, slots=2)
-    assert policy.select([full_long, full_short], RequestInfo(), NOW) is full_short
-    unknown = replica("old-engine", pending=50, running=5)  # no max_num_seqs reported: pending tokens only
-    assert unknown.has_free_slot(2.0, NOW)
-    assert policy.select([unknown, replica("slot", pending=70, running=0, slots=4)], RequestInfo(), NOW) is unknown
+    empty, busier = replica("empty", pending=900, slots=4), replica("busier", pending=10, running=2, slots=4)
+    assert policy.select([busier, empty], RequestInfo(), NOW) is empty  # smallest batch first
+    twin = replica("twin", pending=800, slots=4)
+    assert policy.select([empty, twin], RequestInfo(), NOW) is twin  # same batch: fewer pending tokens
+
+
+def test_least_pending_tokens_waits_for_the_slot_that_frees_first() -> None:
+    """Both full: the replica whose next running request finishes first, not the one with fewer pending tokens."""
+    policy = make_policy("least-pending-tokens")
+    nearly_done = replica("nearly-done", pending=505, running=2, slots=2, remaining=(5, 500))
+    medium = replica("medium", pending=200, running=2, slots=2, remaining=(100, 100))
+    assert policy.select([medium, nearly_done], RequestInfo(), NOW) is nearly_done
+    nearly_done.dispatch(30)  # queued behind it now: the next one waits for the long request there
+    assert policy.select([medium, nearly_done], RequestInfo(), NOW) is medium
+    queue = replica("queue", pending=2000, running=2, waiting=5, slots=2, remaining=(1, 2))  # past what it reported
+    assert policy.select([queue, medium], RequestInfo(), NOW) is medium
+
+
+def test_least_pending_tokens_kv_pressure_unknown_and_silent_engines() -> None:
+    policy = make_policy("least-pending-tokens")
+    kv_full = replica("kv-full", pending=10, running=1, slots=4, remaining=(300,), kv=0.99)
+    full = replica("full", pending=100, running=4, slots=4, remaining=(50, 60, 70, 80))
+    assert policy.select([kv_full, full], RequestInfo(), NOW) is full  # no blocks: it waits 300, not 50
+    no_slots = replica("old-engine", pending=50, running=5)  # no max_num_seqs reported: tried after a free slot
+    assert policy.select([no_slots, replica("slot", pending=70, running=0, slots=4)], RequestInfo(), NOW).name == "slot"
+    silent = Replica("silent", "http://silent", clock=lambda: NOW)  # no reading: unknown, not idle
+    assert policy.select([silent, replica("free", pending=400, running=3, slots=4)], RequestInfo(), NOW).name == "free"
+    assert policy.select([silent, full], RequestInfo(), NOW) is silent  # nothing of ours there vs a 50-token wait
+    for _ in range(3):
+        silent.dispatch(40)
+    assert policy.select([silent, full], RequestInfo(), NOW) is full
 
 
 def test_load_reading_is_checked_against_the_contract() -> None:
