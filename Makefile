@@ -53,6 +53,26 @@ $(CHECKOV): constraints/checkov.txt
 .PHONY: checkov
 checkov: $(CHECKOV) ## install the pinned checkov into the cache (tests/helm/test_checkov.py runs it)
 
+# The routers people pick instead of ours (smg, vllm-router, sglang-router), for the side-by-side routing benchmarks:
+# their own venv in the cache, hash-pinned by constraints/peers.txt (`make peers-lock`); benchmarks only.
+PEERS_DIR := $(CACHE_DIR)/peers
+export PYPTO_PEERS_VENV := $(PEERS_DIR)
+
+$(PEERS_DIR)/.installed: constraints/peers.txt
+	@echo "==> installing the peer routers (hash-pinned by constraints/peers.txt) into $(PEERS_DIR)"
+	$(PYTHON) -m venv --clear $(PEERS_DIR)
+	$(PEERS_DIR)/bin/pip --isolated --disable-pip-version-check install --quiet --require-hashes --no-deps \
+		-r constraints/peers.txt
+	@touch $@
+
+.PHONY: peers
+peers: $(PEERS_DIR)/.installed ## install smg, vllm-router and sglang-router into the cache (routing benchmarks)
+
+.PHONY: peers-lock
+peers-lock: $(UV) ## re-pin the peer routers with hashes
+	printf 'smg==1.13.0\nvllm-router==0.1.17\nsglang-router==0.3.2\n' | $(UV) pip compile - --generate-hashes \
+		--universal --python-version 3.11 --no-header --quiet -o constraints/peers.txt
+
 .PHONY: checkov-lock
 checkov-lock: $(UV) ## re-pin checkov (CHECKOV_PIN=checkov==X.Y.Z, default: the current version) with hashes
 	echo "$${CHECKOV_PIN:-checkov==$(CHECKOV_VERSION)}" | $(UV) pip compile - --generate-hashes --universal \
@@ -158,5 +178,5 @@ chaos: install tools ## fault matrix under load on a fresh local cluster + bad i
 
 BENCH_ARGS ?=
 .PHONY: bench
-bench: $(VENV)/.installed-bench tools ## every benchmark side by side, then docs/benchmarks.md with plots
+bench: $(VENV)/.installed-bench tools peers ## every benchmark side by side, then docs/benchmarks.md with plots
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)

@@ -149,3 +149,54 @@ def write_result(name: str, result: dict) -> Path:
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **result}, indent=2) + "\n")
     print(f"wrote {path.relative_to(REPO_ROOT)}")
     return path
+
+
+PEERS_VENV = Path(os.environ.get("PYPTO_PEERS_VENV", Path.home() / ".cache" / "pypto-serving" / "peers"))
+def peer_commands(venv: Path, workers: list[str]) -> dict[str, list[str]]:
+    """Router name -> a command line serving on {port} (formatted later); empty when the venv lacks them."""
+    smg, vllm_router, sglang_router = venv / "bin" / "smg", venv / "bin" / "vllm-router", venv / "bin" / "sglang-router"
+    out: dict[str, list[str]] = {}
+    if smg.exists():
+        for policy in ("least_load", "cache_aware", "prefix_hash"):
+            out[f"smg {policy}"] = [str(smg), "launch", "--host", "127.0.0.1", "--port", "{port}", "--policy", policy,
+                                    "--prometheus-port", "{metrics_port}", "--worker-urls", *workers]
+    if vllm_router.exists():
+        for policy in ("power_of_two", "cache_aware"):
+            out[f"vllm-router {policy}"] = [str(vllm_router), "--host", "127.0.0.1", "--port", "{port}", "--policy",
+                                            policy, "--prometheus-port", "{metrics_port}",
+                                            "--worker-startup-check-interval", "1", "--worker-urls", *workers]
+    if sglang_router.exists():
+        out["sglang-router cache_aware"] = [str(sglang_router), "launch", "--host", "127.0.0.1", "--port", "{port}",
+                                            "--policy", "cache_aware", "--prometheus-port", "{metrics_port}",
+                                            "--worker-urls", *workers]
+    return out
+
+
+class PeerRouter:
+    """One peer router process, serving until stopped."""
+
+    def __init__(self, command: list[str], log: Path) -> None:
+        port, metrics_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        argv = [a.format(port=port, metrics_port=metrics_port) for a in command]
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                return httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 120, f"{Path(argv[0]).name} to serve")
+        time.sleep(2.0)  # their health and load monitors run every second
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)

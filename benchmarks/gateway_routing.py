@@ -20,22 +20,28 @@ docs/benchmarks/gateway_routing.json (after every run, so an interrupted run kee
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 
-from benchmarks.gateway_common import Nginx, gateway, model_name, start_engines, write_result
+from benchmarks.gateway_common import (
+    PEERS_VENV,
+    Nginx,
+    PeerRouter,
+    gateway,
+    model_name,
+    peer_commands,
+    start_engines,
+    write_result,
+)
 from pypto_serving.engine.bench import BenchRequest, run_benchmark
-from tests.support.common import free_port, wait_for
+from tests.support.common import wait_for
 from tests.support.models import tiny_model_dir
 
 
@@ -52,62 +58,11 @@ def heavy_tailed(count: int, long_share: float, seed: int) -> list[BenchRequest]
     return out
 
 
-PEERS_VENV = Path(os.environ.get("PYPTO_PEERS_VENV", Path.home() / ".cache" / "pypto-serving" / "peers"))
 GATEWAY_POLICIES = ("least-pending-tokens", "least-requests")
 
 
 def idle(urls: list[str]) -> bool:
     return all(httpx.get(u + "/load", timeout=5).json()["running"] == 0 for u in urls)
-
-
-def peer_commands(venv: Path, workers: list[str]) -> dict[str, list[str]]:
-    """Router name -> a command line serving on {port} (formatted later); empty when the venv lacks them."""
-    smg, vllm_router, sglang_router = venv / "bin" / "smg", venv / "bin" / "vllm-router", venv / "bin" / "sglang-router"
-    out: dict[str, list[str]] = {}
-    if smg.exists():
-        for policy in ("least_load", "cache_aware", "prefix_hash"):
-            out[f"smg {policy}"] = [str(smg), "launch", "--host", "127.0.0.1", "--port", "{port}", "--policy", policy,
-                                    "--prometheus-port", "{metrics_port}", "--worker-urls", *workers]
-    if vllm_router.exists():
-        for policy in ("power_of_two", "cache_aware"):
-            out[f"vllm-router {policy}"] = [str(vllm_router), "--host", "127.0.0.1", "--port", "{port}", "--policy",
-                                            policy, "--prometheus-port", "{metrics_port}",
-                                            "--worker-startup-check-interval", "1", "--worker-urls", *workers]
-    if sglang_router.exists():
-        out["sglang-router cache_aware"] = [str(sglang_router), "launch", "--host", "127.0.0.1", "--port", "{port}",
-                                            "--policy", "cache_aware", "--prometheus-port", "{metrics_port}",
-                                            "--worker-urls", *workers]
-    return out
-
-
-class PeerRouter:
-    """One peer router process, serving until stopped."""
-
-    def __init__(self, command: list[str], log: Path) -> None:
-        port, metrics_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        argv = [a.format(port=port, metrics_port=metrics_port) for a in command]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{argv[0]} exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                return httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 120, f"{Path(argv[0]).name} to serve")
-        time.sleep(2.0)  # their health and load monitors run every second
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 def summarize(runs: list[dict]) -> dict:

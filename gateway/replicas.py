@@ -107,6 +107,7 @@ class Replica:
     inflight_tokens: int = 0
     unabsorbed: int = 0  # requests dispatched but not yet in a reading
     unabsorbed_tokens: int = 0
+    released: int = 0  # requests in the reading that have ended since it arrived (their slots are free)
     _tickets: set[Ticket] = field(default_factory=set, repr=False)
     _by_id: dict[str, Ticket] = field(default_factory=dict, repr=False)
 
@@ -145,6 +146,7 @@ class Replica:
         """Apply an update of the pushed load: its counts include exactly the requests whose dispatch ids it lists
         (ids this gateway does not know, or no longer tracks, are someone else's or finished: ignored)."""
         self.reading = reading
+        self.released = 0
         if self.refused_at is not None and reading.received_at > self.refused_at and not reading.draining:
             self.refused_at = None
         by_id = self._by_id
@@ -158,6 +160,7 @@ class Replica:
         if self.reading is not None and reading.requested_at < self.reading.requested_at:
             return  # an older poll answered late
         self.reading = reading
+        self.released = 0
         if self.refused_at is not None and reading.requested_at > self.refused_at and not reading.draining:
             self.refused_at = None
         for ticket in list(self._tickets):
@@ -210,6 +213,8 @@ class Replica:
             self.unabsorbed_tokens -= ticket.tokens
 
     def _end(self, ticket: Ticket) -> None:
+        if ticket.absorbed:  # the last reading counts it, but it is over: its batch slot is free now
+            self.released += 1
         self._absorb(ticket)
         self._tickets.discard(ticket)
         if ticket.dispatch_id:

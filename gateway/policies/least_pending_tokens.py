@@ -7,8 +7,8 @@ once, and one whose slots hold two medium requests has fewer than one holding a 
 though the latter frees a slot far sooner. So the score, compared as a tuple, is:
 
 1. **Starts at once** (tier 0): a free batch slot (``max_num_seqs`` above running + waiting + this gateway's
-   requests not admitted yet) and KV room. Among those, the smallest batch (a step is faster, and no prefill of
-   someone else's shares it), then the fewest pending tokens.
+   requests not admitted yet, minus its requests that ended since the reading) and KV room. Among those, the
+   smallest batch (a step is faster, and no prefill of someone else's shares it), then the fewest pending tokens.
 2. **Waits** (tier 1): the tokens the request would wait for: the engine reports how many tokens each running
    request has left at most (``running_remaining``, smallest first), so with k requests queued ahead of it the
    request starts when the (k+1)-th of them finishes. Beyond the reported ones, a fluid estimate (pending tokens
@@ -39,11 +39,13 @@ def start_cost(replica: Replica, stale_after: float, now: float) -> tuple[int, i
     if slots is None:  # an engine that does not say: pending tokens per request in it
         return 1, pending // max(1, reading.running + reading.waiting + replica.unabsorbed), pending
     ahead = reading.waiting + replica.unabsorbed
-    free = slots - reading.running
+    released = min(replica.released, reading.running)  # ended since the reading: their slots are free
+    running = reading.running - released
+    free = slots - running
     kv_full = reading.kv_cache_usage > KV_FULL
     if ahead < free and not kv_full:
-        return 0, reading.running + ahead, pending
-    remaining = reading.running_remaining
+        return 0, running + ahead, pending
+    remaining = reading.running_remaining[released:]  # those that ended were most likely the nearest to done
     position = max(0, ahead - free)  # running requests that must finish before this one starts, minus one
     if position < len(remaining):
         return 1, remaining[position], pending

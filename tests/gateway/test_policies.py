@@ -191,3 +191,21 @@ def test_request_info_estimates() -> None:
     assert chat.max_tokens == 8 and "hi" in chat.prefix_text
     odd = request_info({"prompt": 5, "max_tokens": "many", "n": True}, default_max_tokens=99)
     assert odd.tokens == 99 and not odd.stream
+
+
+def test_a_request_that_ended_since_the_reading_frees_its_slot_at_once() -> None:
+    policy = make_policy("least-pending-tokens")
+    a = replica("a", pending=0, slots=2)
+    ticket = a.dispatch(10, dispatch_id="d1")
+    a.pushed(LoadReading(running=2, pending_tokens=40, max_num_seqs=2, running_remaining=(10, 30), requested_at=NOW,
+                         received_at=NOW), ["d1"])
+    b = replica("b", pending=500, running=2, slots=2, remaining=(200, 300))
+    assert policy.select([a, b], RequestInfo(), NOW) is a  # a waits 10 tokens, b 200
+    other = replica("c", pending=100, running=1, slots=2, remaining=(100,))
+    assert policy.select([a, other], RequestInfo(), NOW) is other  # c has a free slot
+    ticket.end()  # finished: its slot is free before the next update says so
+    assert a.released == 1
+    assert policy.select([a, other], RequestInfo(), NOW) is a  # both free now: a's batch is as small, fewer tokens
+    a.pushed(LoadReading(running=1, pending_tokens=30, max_num_seqs=2, running_remaining=(30,), requested_at=NOW,
+                         received_at=NOW), [])
+    assert a.released == 0
