@@ -719,6 +719,48 @@ def groups_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[l
     return lines, headline
 
 
+def gateway_cost_section(idle: dict[str, Any] | None, cpu: dict[str, Any] | None,
+                         runs: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Idle cost of the load signal (pushed vs polled) and CPU per request next to the peer routers."""
+    lines: list[str] = []
+    headline: list[str] = []
+    if idle:
+        lines += ["## Gateway idle cost: pushed load vs polling", "",
+                  f"benchmarks/gateway_idle.py. {run_note(runs, 'gateway_idle')} Fake engines (one process, one "
+                  "uvicorn server each, the engine's own `LoadFeed`), nothing served; CPU ms per second of wall "
+                  "time.", "", "| replicas | load signal | gateway CPU ms/s | engines CPU ms/s (all) |",
+                  "|---|---|---|---|"]
+        for row in idle["rows"]:
+            lines.append(f"| {row['replicas']} | {'pushed (watch)' if row['mode'] == 'watch' else 'polling 50 ms'} | "
+                         f"{row['gateway_cpu_ms_per_s']:g} | {row['engines_cpu_ms_per_s']:g} |")
+        lines.append("")
+        watch = {r["replicas"]: r for r in idle["rows"] if r["mode"] == "watch"}
+        poll = {r["replicas"]: r for r in idle["rows"] if r["mode"] == "poll"}
+        top = max(watch)
+        headline.append(f"| gateway idle CPU at {top} replicas, pushed load vs polling | "
+                        f"{watch[top]['gateway_cpu_ms_per_s']:g} vs {poll[top]['gateway_cpu_ms_per_s']:g} ms/s | "
+                        "near zero, sub-linear: " + ("met" if watch[top]['gateway_cpu_ms_per_s'] < 10 else
+                                                     "**missed**") + " |")
+    if cpu:
+        values = cpu["cpu_us_per_request"]
+        lines += ["## Gateway CPU per request next to the peer routers", "",
+                  f"benchmarks/gateway_cpu.py. {run_note(runs, 'gateway_cpu')} One fake engine answering each "
+                  f"streamed completion at the next {cpu['step_ms']:g} ms step, wrk with {cpu['connections']} "
+                  f"connections, {cpu['rounds']} rounds of {cpu['seconds']:g} s per proxy; CPU seconds of the proxy "
+                  "process (all threads) per request.", "", "| proxy | CPU per request (median) | range |",
+                  "|---|---|---|"]
+        for name, v in sorted(values.items(), key=lambda kv: kv[1]["median"]):
+            lines.append(f"| {name} | {v['median']:g} us | {v['min']:g} .. {v['max']:g} us |")
+        lines.append("")
+        ours = next((v["median"] for name, v in values.items() if name.endswith("HEAD")), None)
+        peers = {n: v["median"] for n, v in values.items() if n.split()[0] in ("smg", "vllm-router", "sglang-router")}
+        if ours is not None and peers:
+            best = min(peers, key=peers.get)
+            headline.append(f"| gateway CPU per request vs the leanest peer router ({best}) | {ours:g} vs "
+                            f"{peers[best]:g} us | below every peer: {'met' if ours < peers[best] else '**missed**'} |")
+    return lines, headline
+
+
 def machine_line() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -740,6 +782,7 @@ def write_report(out: Path = OUT) -> Path:
     dp_ep, dp_ep_head = dp_ep_section(load("dp_ep"), runs)
     overhead, overhead_head = gateway_overhead_section(load("gateway_overhead"), runs)
     stack, stack_head = gateway_stack_section(load("gateway_stacks"), load("gateway_stack_change"), runs)
+    cost, cost_head = gateway_cost_section(load("gateway_idle"), load("gateway_cpu"), runs)
     routing, routing_head = routing_section(load("gateway_routing"), load("gateway_prefix"), load("gateway_streams"),
                                             load("gateway_decision"), runs)
     operator, operator_head = operator_section(load("operator"), runs)
@@ -754,8 +797,8 @@ def write_report(out: Path = OUT) -> Path:
              "each section gives the load average around its run.", "",
              "## Headlines", "", "| measure | result | target |", "|---|---|---|",
              *engine_head, *cpu_head, *vllm_head, *pipeline_head, *moe_head, *dp_ep_head, *overhead_head,
-             *stack_head, *routing_head, *operator_head, *groups_head, "",
-             *engine, *cpu, *vllm, *pipeline, *moe, *dp_ep, *overhead, *stack, *routing, *operator, *groups]
+             *stack_head, *cost_head, *routing_head, *operator_head, *groups_head, "",
+             *engine, *cpu, *vllm, *pipeline, *moe, *dp_ep, *overhead, *stack, *cost, *routing, *operator, *groups]
     out.write_text("\n".join(line for line in lines).rstrip() + "\n")
     print(f"wrote {out}", flush=True)
     return out

@@ -184,13 +184,15 @@ class PeerRouter:
 
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{argv[0]} exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
+                return True  # exited: reported below, at once
             try:
                 return httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200
             except httpx.HTTPError:
                 return False
 
         wait_for(ready, 120, f"{Path(argv[0]).name} to serve")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
         time.sleep(2.0)  # their health and load monitors run every second
 
     def stop(self) -> None:

@@ -8,8 +8,10 @@ caches warm) or at the next tick of a fixed step (``--step-ms 30``: requests arr
 behind an engine at concurrency 32, and meet cold caches). wrk drives each proxy in turn, alternating over
 rounds; the number is the proxy's CPU seconds / requests (from /proc). Builds are git revisions or ``WORKTREE``
 (benchmarks/gateway_ab.py makes runnable copies), or ``nginx``.
+The peer routers (smg, vllm-router, sglang-router from the venv of `make peers`) are measured the same way.
 Run: `.venv/bin/python benchmarks/gateway_cpu.py --builds HEAD,WORKTREE,nginx [--step-ms 30] [--rounds 4]`;
-prints only. Measured before the proxy ran from callbacks (step 30 ms): nginx ~40-45 us, the gateway ~105-115 us;
+prints, and with ``--record`` writes docs/benchmarks/gateway_cpu.json.
+Measured before the proxy ran from callbacks (step 30 ms): nginx ~40-45 us, the gateway ~105-115 us;
 a 40-line callback-only proxy on the same uvloop + httptools (no routing, no accounting, no task per request)
 ~55 us, and ~65-70 us with one task and one future per request. After (2026-11-22, a noisier day): step 30 ms the
 gateway 80-95 us, nginx 43-46 us; saturated 45 us, nginx 25 us.
@@ -32,7 +34,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gateway_ab import WORKTREE, build_tree
-from benchmarks.gateway_common import Nginx, cpu_seconds
+from benchmarks.gateway_common import PEERS_VENV, Nginx, PeerRouter, cpu_seconds, peer_commands, write_result
 from benchmarks.gateway_overhead import wrk_mixed
 from tests.gateway.harness import GatewayProcess, start_gateway
 from tests.support.common import free_port, wait_for
@@ -104,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seconds", type=float, default=4.0, help="seconds per proxy per round")
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--peers", default="smg least_load,vllm-router cache_aware,sglang-router cache_aware",
+                   help="peer routers to measure too (from the venv of `make peers`; empty: none)")
+    p.add_argument("--peers-venv", type=Path, default=PEERS_VENV)
+    p.add_argument("--record", action="store_true", help="write docs/benchmarks/gateway_cpu.json")
     p.add_argument("--fake-engine", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.fake_engine:
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gateway-cpu-"))
     port = free_port()
     engine = subprocess.Popen([sys.executable, __file__, "--fake-engine", str(port), "--step-ms", str(args.step_ms)])
-    proxies: dict[str, GatewayProcess | Nginx] = {}
+    proxies: dict[str, GatewayProcess | Nginx | PeerRouter] = {}
     try:
         upstream = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(upstream + "/load", timeout=2).status_code == 200, 30, "the fake engine")
@@ -122,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 proxies[f"{index}:{build}"] = start_gateway("--endpoints", upstream, timeout=60,
                                                             cwd=build_tree(build, work / str(index)))
+        commands = peer_commands(args.peers_venv, [upstream])
+        for name in filter(None, args.peers.split(",")):
+            if name not in commands:
+                print(f"skipping {name}: not in {args.peers_venv} (`make peers`)", file=sys.stderr)
+                continue
+            proxies[name] = PeerRouter(commands[name], work / f"{name.replace(' ', '-')}.log")
         per_request: dict[str, list[float]] = {name: [] for name in proxies}
         for name, proxy in proxies.items():
             wrk_mixed({name: proxy.url}, MODEL, args.connections, 1)  # warm-up
@@ -136,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CPU per request, step {args.step_ms:g} ms, {args.connections} connections "
               f"(median and range of {args.rounds} rounds):")
         for name, values in per_request.items():
-            print(f"  {name:16s} {statistics.median(values):6.1f} us  [{min(values):.1f} .. {max(values):.1f}]")
+            print(f"  {name:28s} {statistics.median(values):6.1f} us  [{min(values):.1f} .. {max(values):.1f}]")
+        if args.record:
+            write_result("gateway_cpu", {"step_ms": args.step_ms, "connections": args.connections,
+                                         "rounds": args.rounds, "seconds": args.seconds,
+                                         "cpu_us_per_request": {name: {"median": round(statistics.median(v), 1),
+                                                                       "min": round(min(v), 1),
+                                                                       "max": round(max(v), 1)}
+                                                                for name, v in per_request.items()}})
     finally:
         for proxy in proxies.values():
             proxy.stop()

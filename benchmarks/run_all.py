@@ -36,6 +36,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "gateway_routing": ["benchmarks/gateway_routing.py"],
     "gateway_prefix": ["benchmarks/gateway_prefix.py"],
     "gateway_streams": ["benchmarks/gateway_streams.py"],
+    "gateway_idle": ["benchmarks/gateway_idle.py"],
+    "gateway_cpu": ["benchmarks/gateway_cpu.py", "--builds", "HEAD,nginx", "--record"],
     "operator": ["benchmarks/operator_bench.py"],
     "groups": ["benchmarks/groups_bench.py"],
 }
