@@ -43,12 +43,16 @@ CHECKOV_DIR := $(CACHE_DIR)/checkov-$(CHECKOV_VERSION)
 CHECKOV := $(CHECKOV_DIR)/bin/checkov
 export PYPTO_CHECKOV := $(CHECKOV)
 
+# A tool venv in the cache from a hash-pinned requirements file: $(call tool-venv,DIR,REQUIREMENTS).
+define tool-venv
+	$(PYTHON) -m venv --clear $(1)
+	$(1)/bin/pip --isolated --disable-pip-version-check install --quiet --require-hashes --no-deps -r $(2)
+	@touch $@
+endef
+
 $(CHECKOV): constraints/checkov.txt
 	@echo "==> installing checkov $(CHECKOV_VERSION) (hash-pinned by constraints/checkov.txt) into $(CHECKOV_DIR)"
-	$(PYTHON) -m venv --clear $(CHECKOV_DIR)
-	$(CHECKOV_DIR)/bin/pip --isolated --disable-pip-version-check install --quiet --require-hashes --no-deps \
-		-r constraints/checkov.txt
-	@touch $@
+	$(call tool-venv,$(CHECKOV_DIR),constraints/checkov.txt)
 
 .PHONY: checkov
 checkov: $(CHECKOV) ## install the pinned checkov into the cache (tests/helm/test_checkov.py runs it)
@@ -60,10 +64,7 @@ export PYPTO_PEERS_VENV := $(PEERS_DIR)
 
 $(PEERS_DIR)/.installed: constraints/peers.txt
 	@echo "==> installing the peer routers (hash-pinned by constraints/peers.txt) into $(PEERS_DIR)"
-	$(PYTHON) -m venv --clear $(PEERS_DIR)
-	$(PEERS_DIR)/bin/pip --isolated --disable-pip-version-check install --quiet --require-hashes --no-deps \
-		-r constraints/peers.txt
-	@touch $@
+	$(call tool-venv,$(PEERS_DIR),constraints/peers.txt)
 
 .PHONY: peers
 peers: $(PEERS_DIR)/.installed ## install smg, vllm-router and sglang-router into the cache (routing benchmarks)
