@@ -7,7 +7,7 @@ One task per replica, following the registry (started when a replica is added, c
   per ~10 ms) and a heartbeat every second, so a stream silent for ``stale_after_s`` is cut (the replica's reading
   goes stale: unknown, not idle) and opened again. Idle, a replica costs one small event per second;
 * **poll**: an engine that answers ``?watch=1`` with a plain ``/load`` document (one that does not stream) is
-  polled every ``interval`` seconds instead, as before.
+  polled every ``interval`` seconds instead, as before, and its stream is tried again every minute.
 
 A replica that cannot be reached counts against its breaker (so a killed replica is ejected even without traffic),
 and is retried with a backoff. An answer that breaks the contract ends the stream and counts as a failure too;
@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 
 from pypto_serving.contract import LOAD_WATCH_PARAM, PATH_LOAD, LoadUpdate
 from pypto_serving.gateway.client import Client, UpstreamError
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 64 * 1024  # one update line (the engine sends at most 256 ids per update: ~20 KiB)
 MAX_BACKOFF_S = 1.0
+REWATCH_S = 60.0  # an engine that answered with a plain /load is polled this long before its stream is tried again
 WATCH_HEADERS = (("accept", "text/event-stream"),)
 
 
@@ -81,24 +83,30 @@ class LoadWatcher:
 
     async def _loop(self, replica: Replica) -> None:
         delay = self.interval_s
-        while self.watch_enabled and replica.load_source != "poll":
+        while True:
+            if not self.watch_enabled or replica.load_source == "poll":
+                await self._poll_for(replica, REWATCH_S if self.watch_enabled else math.inf)
+                replica.load_source = "none"  # it may stream now (e.g. upgraded at the same address): try again
+                continue
             try:
                 await self.watch(replica)
                 delay = self.interval_s  # the stream ended cleanly (the engine exits, or cut a slow reader)
-            except ContractBroken as exc:
+            except (ContractBroken, UpstreamError) as exc:  # a bad stream, unreachable, or silent past the bound
                 self._failed(replica, exc)
                 self.registry.failure(replica)
-            except UpstreamError as exc:
-                self._failed(replica, exc)
-                self.registry.failure(replica)  # unreachable, or silent past the bound
             except ValueError as exc:  # it answers, but not with a load stream (e.g. 503 while loading): alive
                 self._failed(replica, exc)
             if replica.load_source == "watch":
                 replica.load_source = "none"
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_BACKOFF_S)
+            if replica.load_source != "poll":
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+
+    async def _poll_for(self, replica: Replica, seconds: float) -> None:
+        """Poll an engine that does not stream its load, every ``interval_s``, for ``seconds``."""
         loop = asyncio.get_running_loop()
-        while True:  # an engine that does not stream its load
+        until = loop.time() + seconds
+        while loop.time() < until:
             started = loop.time()
             await self.poll_once(replica)
             await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))

@@ -8,8 +8,10 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from aiohttp import web
 
+from pypto_serving.gateway import load_watcher
 from pypto_serving.gateway.breaker import BreakerConfig
 from pypto_serving.gateway.load_watcher import MAX_EVENT_BYTES, LoadWatcher
 from pypto_serving.gateway.metrics import GatewayMetrics
@@ -89,19 +91,31 @@ def test_a_pushed_update_absorbs_exactly_the_listed_dispatches() -> None:
     asyncio.run(main())
 
 
-def test_an_engine_without_a_stream_is_polled() -> None:
+def test_an_engine_without_a_stream_is_polled_and_its_stream_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(load_watcher, "REWATCH_S", 0.3)
     polls = 0
+    upgraded = False
 
     async def engine(request: web.Request) -> web.StreamResponse:
         nonlocal polls
+        if upgraded and request.query.get("watch") == "1":  # e.g. a newer engine at the same address
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(event(running=99))
+            await asyncio.sleep(30)
+            return response
         polls += 1
         return web.json_response({**DOC, "running": polls})
 
     async def main() -> None:
+        nonlocal upgraded
         watcher, replica, runner, metrics = await watched(engine)
         try:
             await until(lambda: polls >= 5, 5, "polls")
             assert replica.load_source == "poll" and replica.reading.running >= 4 and failures(metrics) == 0
+            upgraded = True
+            await until(lambda: replica.load_source == "watch", 5, "the stream, tried again")
+            assert replica.reading.running == 99
         finally:
             await watcher.stop()
             await runner.cleanup()
