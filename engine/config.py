@@ -50,9 +50,8 @@ class EngineConfig:
     cpu_threads: int | None = None
     # engine/attention_backends/: auto = the device's own (cpu: the in-place kernel; others: torch_ref)
     attention_backend: str = "auto"
-    # cpu: oneDNN matmuls with weights prepacked once at load (engine/cpu_matmul.py). Off by default: an engine's
-    # RSS keeps growing with it under a stream of varying batch shapes (tests/system/test_bad_input.py), not bounded yet
-    cpu_prepack: bool = False
+    # cpu: oneDNN matmuls with weights prepacked once at load (engine/cpu_matmul.py; its kernel caches are capped)
+    cpu_prepack: bool = True
     # A replica spanning several pods (nodes): vLLM's multi-node flags. Node 0 (the leader) runs the scheduler and
     # the OpenAI server; the others run their ranks only (headless). Ranks are split evenly, node by node.
     nnodes: int = 1

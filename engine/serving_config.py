@@ -68,8 +68,8 @@ OPTIONS: dict[str, tuple[type, Any, str, str]] = {
                                 "CPU quota, split across TP ranks)", "engine"),
     "attention_backend": (str, "auto", "auto|cpu|torch_ref: how attention reads the paged KV pool (auto: the "
                           "device's own; cpu: an in-place C kernel, torch_ref: gather + SDPA)", "engine"),
-    "cpu_prepack": (bool, False, "cpu: oneDNN matmuls with the weights prepacked once at load (faster; RSS grows with "
-                                 "the variety of batch shapes, see docs/architecture.md)", "engine"),
+    "cpu_prepack": (bool, True, "cpu: oneDNN matmuls with the weights prepacked once at load (1.1-1.6x faster "
+                                "steps; ~36 MB of kernel caches, see docs/architecture.md)", "engine"),
     "drain_timeout": (float, 120.0, "seconds SIGTERM waits for in-flight requests before exiting", "server"),
     "max_body_bytes": (int, 8 * 1024 * 1024, "largest request body accepted (else 413)", "server"),
     "control_token_file": (str, None, "file holding the bearer token POST/DELETE /drain require (the operator "

@@ -1,7 +1,10 @@
-"""What every long-running pypto-serving process does once it has started."""
+"""What every long-running pypto-serving process does to keep its memory in check: once it has started, and
+whenever it goes idle."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 
 
@@ -12,3 +15,11 @@ def freeze_startup_objects() -> None:
     collected as before."""
     gc.collect()
     gc.freeze()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing). glibc keeps what a
+    busy period freed as resident memory: ~100 MB after a few hundred steps of varying batch shapes in an engine
+    with prepacked cpu matmuls, mostly oneDNN kernels evicted from their cache (engine/cpu_matmul.py)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pypto_serving.engine import async_engine
 from pypto_serving.engine.async_engine import AsyncEngine, State
 
 
@@ -187,6 +188,24 @@ def test_idle_loop_sleeps():
         await asyncio.sleep(0.5)
         assert engine.steps == steps
         assert engine.polls - polls <= 4  # woken by the 1 s health refresh at most, not spinning
+        await runner.shutdown()
+
+    asyncio.run(main())
+
+
+def test_going_idle_releases_free_memory(monkeypatch: pytest.MonkeyPatch):
+    released: list[int] = []
+    monkeypatch.setattr(async_engine, "release_free_memory", lambda: released.append(1))
+
+    async def main() -> None:
+        engine = ScriptedEngine()
+        runner = await started(engine)
+        await run_request(runner, "a", 3)
+        await asyncio.sleep(0.2)
+        assert released == [1]  # once, when the last request finished, not after every step
+        await run_request(runner, "b", 2)
+        await asyncio.sleep(0.2)
+        assert released == [1, 1]
         await runner.shutdown()
 
     asyncio.run(main())

@@ -33,7 +33,7 @@ def test_contract_flags_map_to_engine_and_server_options():
                       "max_num_micro_batches": None, "pp_blocking": False, "max_model_len": 512, "max_num_seqs": 8,
                       "max_num_batched_tokens": 256, "long_prefill_token_threshold": 64, "block_size": 8,
                       "num_kv_blocks": 100, "enable_prefix_caching": False, "kv_cache_memory": None, "seed": 0,
-                      "step_timeout_s": 120.0, "cpu_threads": None, "attention_backend": "auto", "cpu_prepack": False,
+                      "step_timeout_s": 120.0, "cpu_threads": None, "attention_backend": "auto", "cpu_prepack": True,
                       "enable_expert_parallel": False,
                       "expert_placement_strategy": "linear", "all2all_backend": "allgather_reducescatter",
                       "nnodes": 1, "node_rank": 0, "master_addr": None, "master_port": 29500, "headless": False,

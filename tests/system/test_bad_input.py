@@ -273,7 +273,8 @@ async def _abort_streams(base: str, count: int, concurrency: int = 32) -> int:
 def test_aborted_streams_free_every_kv_block_and_memory_stays_flat(stream_engine: EngineProcess,
                                                                     stream_gateway: GatewayProcess) -> None:
     kv_idle = kv_usage_gauge(stream_engine)
-    # Warm up (allocator pools, connection pools, lazy imports), then measure the steady state.
+    # Warm up (allocator pools, connection pools, lazy imports, the cpu matmuls' capped kernel caches), then measure
+    # the steady state.
     assert asyncio.run(_abort_streams(stream_gateway.url, 64)) == 64
     wait_idle(stream_engine, kv_idle)
     rss_engine, rss_gateway = _rss_mb(stream_engine.proc.pid), _rss_mb(stream_gateway.proc.pid)
