@@ -20,6 +20,7 @@ docs/benchmarks/gateway_routing.json (after every run, so an interrupted run kee
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -59,6 +60,7 @@ def heavy_tailed(count: int, long_share: float, seed: int) -> list[BenchRequest]
 
 
 GATEWAY_POLICIES = ("least-pending-tokens", "least-requests")
+RESULT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "gateway_routing.json"
 
 
 def idle(urls: list[str]) -> bool:
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers-venv", type=Path, default=PEERS_VENV,
                    help="venv with smg, vllm-router and sglang-router from PyPI (`make bench` makes it)")
     p.add_argument("--only", default="", help="comma-separated router names to run (default: all)")
+    p.add_argument("--append", action="store_true", help="add --rounds more rounds to the recorded result, at its "
+                   "calibrated rates (same requests, the next arrival seeds)")
     args = p.parse_args(argv)
     factors = [float(f) for f in args.load_factors.split(",")]
     work = Path(tempfile.mkdtemp(prefix="routing-"))
@@ -112,10 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         slots = len(urls) * args.max_num_seqs
         burst = [BenchRequest("calibrate " * 32, 32, 200) for _ in range(3 * slots)]
         run_benchmark(burst, base_url=nginx.url, model=model, progress=False)  # warm-up: first steps are slower
-        capacity = min(run_benchmark(burst, base_url=nginx.url, model=model, progress=False)["output_throughput"]
-                       for _ in range(2))
         mean_output = sum(r.output_len for r in requests) / len(requests)
-        rates = {f: round(f * capacity / mean_output, 2) for f in factors}
+        recorded = json.loads(RESULT.read_text()) if args.append and RESULT.exists() else None
+        if recorded is not None:
+            capacity = recorded["calibration"]["capacity_tok_s"]
+            rates = {float(f): r for f, r in recorded["rates"].items()}
+            factors = list(rates)
+        else:
+            capacity = min(run_benchmark(burst, base_url=nginx.url, model=model, progress=False)
+                           ["output_throughput"] for _ in range(2))
+            rates = {f: round(f * capacity / mean_output, 2) for f in factors}
         print(f"calibrated: {capacity:.0f} output tok/s with every slot busy, mean output {mean_output:.0f} tokens "
               f"-> rates {rates}", flush=True)
         routers: dict[str, list[str] | tuple[str, dict]] = {
@@ -124,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         routers.update(peer_commands(args.peers_venv, urls))
         if args.only:
             routers = {k: v for k, v in routers.items() if k in args.only.split(",")}
-        runs: list[dict] = []
+        runs: list[dict] = list(recorded["runs"]) if recorded is not None else []
+        first = 1 + max((run["round"] for run in runs), default=-1)
         names = list(routers)
-        for round_ in range(args.rounds):
+        for round_ in range(first, first + args.rounds):
             order = names[round_ % len(names):] + names[:round_ % len(names)]
             for name in order:
                 target = routers[name]
@@ -150,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     "replicas": 4, "requests": args.requests, "rates": rates, "long_share": args.long_share,
                     "max_num_seqs": args.max_num_seqs, "calibration": {"capacity_tok_s": round(capacity, 1),
                                                                        "mean_output_tokens": round(mean_output, 1)},
-                    "rounds_done": round_ + (name == order[-1]), "summary": summarize(runs), "runs": runs})
+                    "rounds_done": round_ + (name == order[-1]), "appended": recorded is not None,
+                    "summary": summarize(runs), "runs": runs})
         table = summarize(runs)
         ours = "gateway least-pending-tokens"
         for factor, rows in table.items():
