@@ -137,8 +137,9 @@ class LoadWatcher:
                 replica.pushed(LoadReading.from_report(update, now, now), update.admitted)
                 if first:
                     replica.load_source = "watch"
-                    self.registry.success(replica)  # closes a half-open breaker
                     first = False
+                if replica.breaker.open_until is not None:  # ejected before: closes once its back-off is over
+                    self.registry.success(replica)
         finally:
             response.release()
 

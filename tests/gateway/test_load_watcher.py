@@ -212,3 +212,41 @@ def test_an_unreachable_engine_is_ejected_and_load_watch_off_polls() -> None:
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_an_engine_that_comes_up_during_its_back_off_is_ready_once_the_back_off_ends() -> None:
+    """A starting engine refuses connections (ejected), then streams before its back-off is over: the updates that
+    follow close the breaker (it does not stay half-open waiting for traffic that a not-ready replica never gets)."""
+    import socket
+
+    async def engine(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        while True:
+            await response.write(event())
+            await asyncio.sleep(0.05)  # heartbeats
+
+    async def main() -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        registry, metrics = Registry(BreakerConfig(failures=1, backoff_s=1.0)), GatewayMetrics()
+        watcher = LoadWatcher(registry, metrics, interval_s=0.01)
+        await watcher.start()
+        replica = registry.upsert("e", f"http://127.0.0.1:{port}")
+        runner = None
+        try:
+            await until(lambda: replica.state() == "ejected", 5, "the ejection while the engine starts")
+            app = web.Application()
+            app.router.add_get("/load", engine)
+            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            await until(lambda: replica.load_source == "watch", 5, "the stream")
+            await until(lambda: replica.state() == "ready", 5, "the breaker to close after the back-off")
+        finally:
+            await watcher.stop()
+            if runner is not None:
+                await runner.cleanup()
+
+    asyncio.run(main())
