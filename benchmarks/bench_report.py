@@ -530,6 +530,11 @@ def routing_section(routing: dict[str, Any] | None, prefix: dict[str, Any] | Non
         note = run_note(runs, "gateway_routing" if data is routing else "gateway_prefix")
         if data is routing:
             cal = data["calibration"]
+            machine = data.get("machine", {})
+            if data.get("appended") or not note:  # runs.json times one script run; rounds were added since
+                note = (f"Last round finished {machine.get('date')} by `.venv/bin/python benchmarks/gateway_routing.py"
+                        f"{' --append' if data.get('appended') else ''}` (load average then "
+                        f"{[round(x, 2) for x in machine.get('load_average', [])]}).")
             lines += [f"**Heavy-tailed outputs** (benchmarks/gateway_routing.py). {note} {data['replicas']} engines "
                       f"with {data['max_num_seqs']} batch slots each, {data['requests']} requests per run (Poisson), "
                       f"{data['long_share']:.0%} of them 400-600 output tokens, the rest 4-32; the same requests "
