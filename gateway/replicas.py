@@ -133,15 +133,6 @@ class Replica:
             return self.inflight
         return reading.running + reading.waiting + self.unabsorbed
 
-    def has_free_slot(self, stale_after: float, now: float | None = None) -> bool:
-        """Whether a new request would start at once: the engine reported its batch slots, nothing waits, and
-        running + requests sent since the reading leave a slot free. True when unknown (no fresh reading, or an
-        engine that does not report ``max_num_seqs``), so that the policy falls back to pending tokens alone."""
-        reading = self.fresh_reading(stale_after, now)
-        if reading is None or reading.max_num_seqs is None:
-            return True
-        return reading.waiting == 0 and reading.running + self.unabsorbed < reading.max_num_seqs
-
     def pushed(self, reading: LoadReading, admitted: Iterable[str]) -> None:
         """Apply an update of the pushed load: its counts include exactly the requests whose dispatch ids it lists
         (ids this gateway does not know, or no longer tracks, are someone else's or finished: ignored)."""

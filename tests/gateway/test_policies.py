@@ -9,6 +9,7 @@ import pytest
 
 from pypto_serving.gateway.policies import POLICIES, PolicyConfig, make_policy
 from pypto_serving.gateway.policies.hashring import HashRing, stable_hash
+from pypto_serving.gateway.policies.least_pending_tokens import start_cost
 from pypto_serving.gateway.policies.prefix_aware import prefix_key
 from pypto_serving.gateway.replicas import LoadReading, Replica
 from pypto_serving.gateway.request import RequestInfo, request_info
@@ -46,7 +47,7 @@ def test_least_pending_tokens_prefers_a_free_batch_slot() -> None:
     queued = replica("queued", pending=300, running=2, waiting=8, slots=2, remaining=(10, 20))
     assert policy.select([long_one, queued], RequestInfo(), NOW) is long_one
     long_one.dispatch(20)  # sent since the reading: it takes the free slot
-    assert not long_one.has_free_slot(2.0, NOW)
+    assert start_cost(long_one, 2.0, NOW)[0] == 1  # no free slot any more: it waits
     empty, busier = replica("empty", pending=900, slots=4), replica("busier", pending=10, running=2, slots=4)
     assert policy.select([busier, empty], RequestInfo(), NOW) is empty  # smallest batch first
     twin = replica("twin", pending=800, slots=4)
