@@ -248,3 +248,42 @@ def test_engine_rejects_what_the_model_cannot_do(model: str) -> None:
         LLMEngine(EngineConfig(model="/nonexistent/model"))
     with pytest.raises(ValueError, match="device: cuda"):
         LLMEngine(EngineConfig(model=model, device="cuda"))
+
+
+def test_the_model_is_built_and_run_on_one_thread(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN/OpenMP work split over two threads (weights reordered on one, steps on another) slowed every cpu step
+    by ~30%: the runner thread builds the model it runs."""
+    from pypto_serving.engine import worker
+
+    threads: dict[str, set[int]] = {"built": set(), "ran": set()}
+
+    class Recorded(worker.ModelRunner):
+        def __init__(self, *args, **kwargs) -> None:
+            threads["built"].add(threading.get_ident())
+            super().__init__(*args, **kwargs)
+
+        def execute(self, step):
+            threads["ran"].add(threading.get_ident())
+            return super().execute(step)
+
+    monkeypatch.setattr(worker, "ModelRunner", Recorded)
+    eng = LLMEngine(EngineConfig(model=model, num_kv_blocks=64, max_model_len=128))
+    try:
+        prompt = random_prompts(1, (9, 9), seed=52)[0]
+        eng.add_request("one", prompt, GREEDY)
+        assert [t for o in drain(eng) for t in o.new_token_ids] == hf_greedy(model, prompt, 8)
+    finally:
+        eng.shutdown()
+    assert threads["built"] == threads["ran"] and threading.get_ident() not in threads["built"]
+
+
+def test_a_model_that_fails_to_load_raises_from_the_constructor(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pypto_serving.engine import worker
+
+    class Broken(worker.ModelRunner):
+        def __init__(self, *args, **kwargs) -> None:
+            raise OSError("model.safetensors: truncated")
+
+    monkeypatch.setattr(worker, "ModelRunner", Broken)
+    with pytest.raises(OSError, match="truncated"):
+        LLMEngine(EngineConfig(model=model, num_kv_blocks=64, max_model_len=128))
