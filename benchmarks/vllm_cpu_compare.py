@@ -15,6 +15,10 @@ the pinned uv and torch from /opt/wheels), with the fixes it needs on torch 2.13
 * tcmalloc preloaded (``apt-get install libtcmalloc-minimal4``);
 * ``VLLM_CPU_OMP_THREADS_BIND=0-<threads-1>``.
 
+Our engine gets ``OMP_WAIT_POLICY=ACTIVE`` (its OpenMP workers spin between parallel regions, as vLLM's bound
+threads do): the setting for an engine with its cores to itself (the engine's default, PASSIVE, is for cores
+shared with other processes; engine/cli.py says why).
+
 Run: `.venv/bin/python benchmarks/vllm_cpu_compare.py [--rounds 2] [--threads 2] [--dtype float32]`; writes
 docs/benchmarks/vllm_cpu_compare.json (bfloat16: vllm_cpu_compare_bfloat16.json). Slow on a shared 2-core
 machine: vLLM compiles its graphs at start.
@@ -91,6 +95,7 @@ def start(kind: str, model_dir: Path, port: int, threads: int, dtype: str, log_p
         command = [str(REPO_ROOT / ".venv" / "bin" / "pypto-serving"), "engine", "--model", str(model_dir),
                    "--port", str(port), "--served-model-name", "m", "--dtype", dtype, "--max-model-len", "1024",
                    "--cpu-threads", str(threads), "--no-access-log", "--cpu-prepack"]
+        env["OMP_WAIT_POLICY"] = "ACTIVE"  # its cores to itself, as vLLM's bound OpenMP threads (engine/cli.py)
     else:
         env.update(VLLM_TARGET_DEVICE="cpu", LD_PRELOAD=str(TCMALLOC), VLLM_CPU_KVCACHE_SPACE="2",
                    VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}")

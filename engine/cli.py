@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -86,8 +87,20 @@ class EngineServer(uvicorn.Server):
         self.should_exit = True
 
 
+def idle_openmp_threads() -> None:
+    """Let OpenMP worker threads sleep when a parallel region ends, unless ``OMP_WAIT_POLICY`` says otherwise.
+
+    libgomp reads the policy once, when torch loads it, so this runs before torch is imported (the rank processes
+    inherit it). Spinning workers make decode ~30% faster while the engine has its cores to itself (the ~50M Qwen3
+    at 2 threads: 14-16 vs 21-22 ms per batch-1 step), and make every engine ~10x slower when several share the
+    cores (4 tiny-model engines at 2 threads each on 2 cores: ~90 vs ~1,200 output tok/s). A pod with dedicated
+    cores sets ``OMP_WAIT_POLICY=ACTIVE``."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str]) -> int:
     """Run the engine server until it is stopped; non-zero if the options are bad or the model fails to load."""
+    idle_openmp_threads()
     try:
         options = parse_options(argv)
         engine_kwargs, server = split(options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -157,3 +158,14 @@ def test_cli_rejects_bad_options_with_the_reason(tmp_path):
     invalid = run_cli("--model", "/m", "--block-size", "0")
     assert invalid.returncode == 2
     assert "block_size" in invalid.stderr
+
+
+def test_openmp_workers_sleep_unless_the_environment_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pypto_serving.engine.cli import idle_openmp_threads
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    idle_openmp_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    idle_openmp_threads()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
