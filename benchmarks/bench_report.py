@@ -602,6 +602,17 @@ def routing_section(routing: dict[str, Any] | None, prefix: dict[str, Any] | Non
         headline.append(f"| p90 TTFT, shared prefixes: prefix-aware vs gateway / nginx round-robin | "
                         f"{ratios['gateway round-robin']:.1f}x / {ratios['nginx round-robin']:.1f}x lower, cache hit "
                         f"rate {hit:.0%} | {'met' if prefix['met'] else '**missed**'} |")
+        res = prefix["results"]
+        smg = [n for n in ("smg cache_aware", "smg prefix_hash") if n in res]
+        if "parity_with_smg" in prefix and smg:
+            ours = res["gateway prefix-aware"]
+            headline.append(
+                "| p90 TTFT / hit rate, shared prefixes: prefix-aware vs " + " / ".join(smg) + " | "
+                f"{fmt(ours['ttft_ms']['p90'], 0)} ms / {ours['prefix_cache_hit_rate']:.0%} vs "
+                + " / ".join(f"{fmt(res[n]['ttft_ms']['p90'], 0)} ms / {res[n]['prefix_cache_hit_rate']:.0%}"
+                             for n in smg)
+                + " | p90 within 1.1x, hit rate within 0.95x: "
+                + ("met |" if prefix["parity_with_smg"] else "**missed** |"))
     if panels:
         lines += [save(fig, "routing_ttft"), ""]
     if streams:
