@@ -1,10 +1,10 @@
 """Root test configuration. Shared fixtures live in tests/support/, one module per concern."""
 
-import os
+from pypto_serving.engine.cli import idle_openmp_threads  # imports no torch
 
-# As `pypto-serving engine` does (engine/cli.py): the engines that tests run in this process share the cores with
-# the engine processes they start, where spinning OpenMP workers slow everything down. Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As `pypto-serving engine` does: the engines that tests run in this process share the cores with the engine
+# processes they start, where spinning OpenMP workers slow everything down. Before torch loads.
+idle_openmp_threads()
 
 pytest_plugins = [
     "tests.support.common",   # free ports, wait_for with deadlines
