@@ -11,8 +11,10 @@ Target: p99 TTFT at least 2x lower with least-pending-tokens than with nginx rou
 throughput. The rate is 0.6 of the output throughput measured with every batch slot busy. Measured on 2026-11-21
 (p99 TTFT nginx / least-pending-tokens, 480 requests): 21x at 0.6, 1.65x at 0.7, 0.98x at 0.8. The 15% long
 requests carry ~83% of the tokens, and with 2 slots per engine (8 in all) they hold ~5 of the 8 slots on average
-at 0.7: ever more often all 8, and then a short request waits wherever it goes; no router avoids that wait (only
-an engine's scheduling could), so the policies only differ below that point.
+at 0.7: ever more often all 8, and then a short request waits wherever it goes. A router that commits it at once
+makes it wait behind the running requests of one engine; the gateway holds it instead until a slot frees on any
+engine (gateway/slot_queue.py). The row "gateway least-pending-tokens (no queue)" is the same gateway with
+`--queue-wait 0`, which commits every request at once as the peers do.
 Run: `.venv/bin/python benchmarks/gateway_routing.py [--rounds 3] [--load-factors 0.6,0.8]`; writes
 docs/benchmarks/gateway_routing.json (after every run, so an interrupted run keeps what it measured).
 """
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         "--max-model-len", "1024"], work)
     urls = [e.url for e in engines]
     gw = gateway("--endpoints", ",".join(urls))
+    gw_no_queue = gateway("--endpoints", ",".join(urls), "--queue-wait", "0")
     nginx = Nginx(urls)
     try:
         model = model_name(urls[0])
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
               f"-> rates {rates}", flush=True)
         routers: dict[str, list[str] | tuple[str, dict]] = {
             f"gateway {policy}": (gw.url, {"x-pypto-routing": policy}) for policy in GATEWAY_POLICIES}
+        routers[f"gateway {GATEWAY_POLICIES[0]} (no queue)"] = (gw_no_queue.url, {})
         routers["nginx round-robin"] = (nginx.url, {})
         routers.update(peer_commands(args.peers_venv, urls))
         if args.only:
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         nginx.stop()
         gw.stop()
+        gw_no_queue.stop()
         for engine in engines:
             engine.stop()
     return 0

@@ -73,6 +73,7 @@ class Gateway:
         self.loads = LoadWatcher(self.registry, self.metrics, config.poll_interval_s, config.poll_timeout_s,
                                  config.policy_config.stale_after_s, config.load_watch)
         self.proxy = Proxy(config, self.registry, self.metrics)
+        self.metrics.loop.slot_queue = self.proxy.slots
         self.policies: dict[str, Policy] = {name: make_policy(name, config.policy_config) for name in POLICIES}
         self.default_policy = self.policies[config.policy]
         self._routes = self.routes()
@@ -186,7 +187,8 @@ class Gateway:
                           "load_source": r.load_source, "inflight": r.inflight, "unadmitted": r.unabsorbed,
                           "local_pending_tokens": r.unabsorbed_tokens,
                           "consecutive_failures": r.breaker.consecutive_failures})
-        return stamped(request, json_response({"policy": self.default_policy.name, "replicas": items}))
+        return stamped(request, json_response({"policy": self.default_policy.name, "queued": len(self.proxy.slots),
+                                               "replicas": items}))
 
     async def metrics_text(self, request: web.BaseRequest) -> web.StreamResponse:
         """GET /metrics (Prometheus text, behind the API key)."""

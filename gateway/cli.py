@@ -47,6 +47,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--stale-after", type=float, default=pc.stale_after_s, help="seconds before a load is stale")
     t.add_argument("--saturation-tokens", type=int, default=d.saturation_tokens,
                    help="answer 429 when every replica has this many pending tokens (0: never)")
+    t.add_argument("--queue-wait", type=float, default=d.queue_wait_s,
+                   help="seconds a request may wait at the gateway for a free batch slot on any replica before "
+                   "it queues at an engine (0: never wait at the gateway)")
+    t.add_argument("--max-queued", type=int, default=d.max_queued,
+                   help="requests waiting at the gateway at most; more go straight to an engine's queue")
     t.add_argument("--retry-after", type=int, default=d.retry_after_s, help="Retry-After seconds of a 429")
     t.add_argument("--max-retries", type=int, default=d.max_retries)
     t.add_argument("--breaker-failures", type=int, default=bc.failures, help="consecutive failures that eject")
@@ -84,6 +89,10 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
     """Turn parsed arguments into a config and a discovery (SystemExit on bad combinations)."""
     if bool(args.endpoints) == bool(args.selector):
         raise SystemExit("pypto-serving gateway: give exactly one of --endpoints or --selector (with --namespace)")
+    if not 0 <= args.queue_wait < float("inf"):
+        raise SystemExit("pypto-serving gateway: --queue-wait must be a number of seconds >= 0 (0: no queue)")
+    if args.max_queued < 0:
+        raise SystemExit("pypto-serving gateway: --max-queued must be >= 0")
     api_key = None
     if args.api_key_file is not None:
         api_key = args.api_key_file.read_text().strip()
@@ -92,7 +101,8 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
     config = GatewayConfig(
         policy=args.policy, api_key=api_key, load_watch=args.load_watch, poll_interval_s=args.poll_interval,
         poll_timeout_s=args.poll_timeout,
-        saturation_tokens=args.saturation_tokens, retry_after_s=args.retry_after, max_retries=args.max_retries,
+        saturation_tokens=args.saturation_tokens, retry_after_s=args.retry_after, queue_wait_s=args.queue_wait,
+        max_queued=args.max_queued, max_retries=args.max_retries,
         connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
         max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
         max_upstream_body_bytes=args.max_upstream_body_bytes, keepalive_timeout_s=args.keepalive_timeout,

@@ -20,6 +20,8 @@ class GatewayConfig:
     poll_timeout_s: float = 1.0
     saturation_tokens: int = 0  # every candidate at or above this many pending tokens -> 429 (0: never)
     retry_after_s: int = 1  # Retry-After of a 429
+    queue_wait_s: float = 30.0  # longest wait at the gateway for a free batch slot (0: no queue, dispatch at once)
+    max_queued: int = 1024  # requests waiting at the gateway; more go straight to an engine's queue
     max_retries: int = 2  # further replicas tried after a connection failure or a 503 before any byte
     connect_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0  # longest silence of an upstream response (between two chunks)

@@ -135,6 +135,7 @@ class LoadWatcher:
                     raise ContractBroken(f"bad load update: {exc}") from None
                 now = clock()
                 replica.pushed(LoadReading.from_report(update, now, now), update.admitted)
+                self.registry.capacity_changed()
                 if first:
                     replica.load_source = "watch"
                     first = False
@@ -165,6 +166,7 @@ class LoadWatcher:
         reading = LoadReading.from_json(json.loads(raw), requested_at, self.registry.clock())
         replica.update(reading)
         self.registry.success(replica)
+        self.registry.capacity_changed()
 
     def _failed(self, replica: Replica, exc: Exception) -> None:
         log.debug("load of %s failed: %r", replica.name, exc)

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 DECISION_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
 OVERHEAD_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class QueueState(Protocol):
+    """What the metrics read of the gateway's slot queue."""
+
+    expired: int
+
+    def __len__(self) -> int: ...
 
 
 class LoopHistogram:
@@ -52,6 +62,8 @@ class LoopMetrics(Collector):
         self.decision = LoopHistogram(DECISION_BUCKETS)
         self.overhead = {leg: LoopHistogram(OVERHEAD_BUCKETS) for leg in ("request", "response")}
         self.ttft: dict[str, LoopHistogram] = {}
+        self.queue_wait = LoopHistogram(QUEUE_BUCKETS)
+        self.slot_queue: QueueState | None = None
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("pypto_gateway_requests", "Requests answered, by replica and HTTP status",
@@ -74,6 +86,15 @@ class LoopMetrics(Collector):
         for replica, histogram in sorted(self.ttft.items()):
             ttft.add_metric([replica], histogram.cumulative(), histogram.sum)
         yield ttft
+        wait = HistogramMetricFamily("pypto_gateway_queue_wait_seconds",
+                                     "Time requests waited at the gateway for a free batch slot (those that waited)")
+        wait.add_metric([], self.queue_wait.cumulative(), self.queue_wait.sum)
+        yield wait
+        if self.slot_queue is not None:
+            yield GaugeMetricFamily("pypto_gateway_queued_requests", "Requests waiting at the gateway for a free "
+                                    "batch slot now", value=len(self.slot_queue))
+            yield CounterMetricFamily("pypto_gateway_queue_expired", "Requests that waited --queue-wait and went "
+                                      "on to an engine's queue", value=self.slot_queue.expired)
 
 
 class GatewayMetrics:
@@ -87,6 +108,7 @@ class GatewayMetrics:
         self.decision = self.loop.decision
         self.overhead_request = self.loop.overhead["request"]
         self.overhead_response = self.loop.overhead["response"]
+        self.queue_wait = self.loop.queue_wait
         self.retries = Counter("pypto_gateway_retries", "Requests retried on another replica, by reason",
                                ["reason"], registry=r)
         self.ejections = Counter("pypto_gateway_ejections", "Replicas ejected by their circuit breaker",

@@ -1,6 +1,7 @@
 """Proxying one request: route, dispatch, retry before the first byte, relay (streaming unbuffered), account.
 
 Flow of a request (see docs/architecture.md, "Gateway"):
+0. while no replica has a free batch slot, the request waits at the gateway (gateway/slot_queue.py);
 1. candidates = eligible replicas (discovered ready, not draining, breaker closed or half-open) not tried yet;
    none at all -> 503; every candidate at the saturation threshold -> 429 with Retry-After;
 2. the policy picks one (timed into the routing-decision histogram); its estimated tokens are dispatched;
@@ -42,6 +43,7 @@ from pypto_serving.gateway.policies import Policy
 from pypto_serving.gateway.replicas import Registry, Replica
 from pypto_serving.gateway.request import RequestInfo
 from pypto_serving.gateway.server import send
+from pypto_serving.gateway.slot_queue import SlotQueue
 
 log = logging.getLogger("pypto_serving.gateway")
 
@@ -143,6 +145,7 @@ class Proxy:
         # Pooled keep-alive connections; no cookie jar, so a cookie that one client's answer set never rides
         # along on another client's request.
         self.client = Client(config.connect_timeout_s, config.idle_timeout_s, config.max_upstream_body_bytes)
+        self.slots = SlotQueue(registry, config.queue_wait_s, config.max_queued, config.policy_config.stale_after_s)
 
     async def stop(self) -> None:
         """Close the upstream connections."""
@@ -184,6 +187,10 @@ class Proxy:
         method = "GET" if request.method == "HEAD" else request.method  # aiohttp drops a HEAD answer's body
         tried: list[str] = []
         last: Retry | None = None
+        waited = await self.slots.wait()
+        if waited:
+            self.metrics.queue_wait.observe(waited)
+            received_at += waited  # the overhead histogram measures the gateway's own time
         while True:
             if last is not None and len(tried) > self.config.max_retries:
                 return self.replica_error(last, request_id)
@@ -242,6 +249,7 @@ class Proxy:
             if upstream is not None:
                 upstream.release()
             ticket.end()
+            self.registry.capacity_changed()
 
     async def relay(self, request: web.BaseRequest, replica: Replica, upstream: Response, request_id: str,
                     dispatched: float) -> web.StreamResponse:

@@ -36,6 +36,7 @@ Clock = Callable[[], float]
 # A non-streaming request shows no bytes before it finishes; the engine admits a fully received request
 # within a few milliseconds, so a reading requested this long after dispatch counts it.
 ADMIT_MARGIN_S = 0.005
+KV_FULL = 0.95  # KV-cache usage above which a new request would wait for blocks, free batch slot or not
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,18 @@ class Replica:
             return self.inflight
         return reading.running + reading.waiting + self.unabsorbed
 
+    def free_slots(self, stale_after: float, now: float | None = None) -> int | None:
+        """Batch slots that would start a request at once: the engine's slots minus running and waiting requests
+        and this gateway's not admitted yet, plus its requests that ended since the reading (0 under KV pressure;
+        may be negative). None when unknown: no fresh reading, or an engine that does not report its slots."""
+        reading = self.fresh_reading(stale_after, now)
+        if reading is None or reading.max_num_seqs is None:
+            return None
+        if reading.kv_cache_usage > KV_FULL:
+            return 0
+        running = reading.running - min(self.released, reading.running)
+        return reading.max_num_seqs - running - reading.waiting - self.unabsorbed
+
     def pushed(self, reading: LoadReading, admitted: Iterable[str]) -> None:
         """Apply an update of the pushed load: its counts include exactly the requests whose dispatch ids it lists
         (ids this gateway does not know, or no longer tracks, are someone else's or finished: ignored)."""
@@ -224,6 +237,7 @@ class Registry:
         self.version = 0  # bumped whenever the set of names changes (policies cache hash rings by it)
         self.listeners: list[Callable[[Replica, str], None]] = []  # (replica, "added" | "removed")
         self.on_eject: Callable[[Replica], None] = lambda replica: None
+        self.on_capacity: list[Callable[[], None]] = []  # called when a batch slot may have freed somewhere
 
     def __len__(self) -> int:
         return len(self._replicas)
@@ -251,8 +265,15 @@ class Registry:
             self.version += 1
             for listener in self.listeners:
                 listener(replica, "added")
-        replica.discovery_state = state
+        if replica.discovery_state != state:
+            replica.discovery_state = state
+            self.capacity_changed()
         return replica
+
+    def capacity_changed(self) -> None:
+        """A reading arrived, a request ended or a replica changed state: tell whoever waits for a free slot."""
+        for listener in self.on_capacity:
+            listener()
 
     def remove(self, name: str) -> None:
         """Forget a replica (its in-flight requests finish on their own)."""

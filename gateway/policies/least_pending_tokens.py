@@ -23,10 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pypto_serving.gateway.policies.base import Policy
-from pypto_serving.gateway.replicas import Replica
+from pypto_serving.gateway.replicas import KV_FULL, Replica
 from pypto_serving.gateway.request import RequestInfo
-
-KV_FULL = 0.95  # KV-cache usage above which a new request would wait for blocks
 
 
 def start_cost(replica: Replica, stale_after: float, now: float) -> tuple[int, int, int]:
