@@ -735,11 +735,22 @@ def groups_section(data: dict[str, Any] | None, runs: dict[str, Any]) -> tuple[l
     return lines, headline
 
 
-def gateway_cost_section(idle: dict[str, Any] | None, cpu: dict[str, Any] | None,
+def gateway_cost_section(idle: dict[str, Any] | None, cpu: dict[str, Any] | None, queue: dict[str, Any] | None,
                          runs: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Idle cost of the load signal (pushed vs polled) and CPU per request next to the peer routers."""
+    """Idle cost of the load signal (pushed vs polled), CPU per request next to the peer routers, and what the
+    slot queue's hand-over costs a saturated engine."""
     lines: list[str] = []
     headline: list[str] = []
+    if queue:
+        lines += ["## Gateway slot queue: the hand-over cost", "",
+                  f"benchmarks/gateway_queue.py. {run_note(runs, 'gateway_queue')} One engine with "
+                  f"{queue['max_num_seqs']} slots saturated through the gateway ({queue['requests']} requests of "
+                  f"{queue['output_len']} output tokens, {queue['concurrency']} at a time), the settings in "
+                  "alternating rounds.", "", "| setting | output tok/s (median) | rounds |", "|---|---|---|"]
+        for name, value in queue["median_output_tok_s"].items():
+            rounds = ", ".join(f"{v:.0f}" for v in queue["output_tok_s"][name])
+            lines.append(f"| {name} | {value:g} | {rounds} |")
+        lines.append("")
     if idle:
         lines += ["## Gateway idle cost: pushed load vs polling", "",
                   f"benchmarks/gateway_idle.py. {run_note(runs, 'gateway_idle')} Fake engines (one process, one "
@@ -798,7 +809,7 @@ def write_report(out: Path = OUT) -> Path:
     dp_ep, dp_ep_head = dp_ep_section(load("dp_ep"), runs)
     overhead, overhead_head = gateway_overhead_section(load("gateway_overhead"), runs)
     stack, stack_head = gateway_stack_section(load("gateway_stacks"), load("gateway_stack_change"), runs)
-    cost, cost_head = gateway_cost_section(load("gateway_idle"), load("gateway_cpu"), runs)
+    cost, cost_head = gateway_cost_section(load("gateway_idle"), load("gateway_cpu"), load("gateway_queue"), runs)
     routing, routing_head = routing_section(load("gateway_routing"), load("gateway_prefix"), load("gateway_streams"),
                                             load("gateway_decision"), runs)
     operator, operator_head = operator_section(load("operator"), runs)

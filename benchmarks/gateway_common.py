@@ -172,15 +172,24 @@ def peer_commands(venv: Path, workers: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def gateway_command(workers: list[str], *extra: str) -> list[str]:
+    """Our gateway as a router command line like the peers' (serving on {port}), for benchmarks that start each
+    router only for its own runs: a router left up between them would keep watching the engines' load and take
+    CPU from the other routers' runs."""
+    return [sys.executable, "-m", "pypto_serving", "gateway", "--host", "127.0.0.1", "--port", "{port}",
+            "--endpoints", ",".join(workers), *extra]
+
+
 class PeerRouter:
-    """One peer router process, serving until stopped."""
+    """One router process (a peer's, or ours from `gateway_command`), serving until stopped."""
 
     def __init__(self, command: list[str], log: Path) -> None:
         port, metrics_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
         argv = [a.format(port=port, metrics_port=metrics_port) for a in command]
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         cwd=REPO_ROOT)
 
         def ready() -> bool:
             if self.proc.poll() is not None:

@@ -28,7 +28,7 @@ from benchmarks.gateway_common import (
     PEERS_VENV,
     Nginx,
     PeerRouter,
-    gateway,
+    gateway_command,
     model_name,
     peer_commands,
     start_engines,
@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="prefix-"))
     engines = start_engines(model_dir, 4, engine_args, work)
     urls = [e.url for e in engines]
-    gw = gateway("--endpoints", ",".join(urls))
     nginx = Nginx(urls)
     try:
         model = model_name(urls[0])
-        targets = {"gateway prefix-aware": (gw.url, {"x-pypto-routing": "prefix-aware"}),
-                   "gateway round-robin": (gw.url, {"x-pypto-routing": "round-robin"}),
-                   "nginx round-robin": (nginx.url, {})}
+        # every router, ours included, is up only for its own run (nginx does not watch the engines)
+        targets: dict[str, list[str] | tuple[str, dict]] = {
+            f"gateway {policy}": gateway_command(urls, "--policy", policy)
+            for policy in ("prefix-aware", "round-robin")}
+        targets["nginx round-robin"] = (nginx.url, {})
         targets.update({name: command for name, command in peer_commands(args.peers_venv, urls).items()
                         if "cache_aware" in name or "prefix_hash" in name})
         results = {}
@@ -128,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
                                         "parity_with_smg": parity})
     finally:
         nginx.stop()
-        gw.stop()
         for engine in engines:
             engine.stop()
     return 0

@@ -37,7 +37,7 @@ from benchmarks.gateway_common import (
     PEERS_VENV,
     Nginx,
     PeerRouter,
-    gateway,
+    gateway_command,
     model_name,
     peer_commands,
     start_engines,
@@ -108,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     engines = start_engines(tiny_model_dir("qwen3"), 4, ["--max-num-seqs", str(args.max_num_seqs),
                                                         "--max-model-len", "1024"], work)
     urls = [e.url for e in engines]
-    gw = gateway("--endpoints", ",".join(urls))
-    gw_no_queue = gateway("--endpoints", ",".join(urls), "--queue-wait", "0")
     nginx = Nginx(urls)
     try:
         model = model_name(urls[0])
@@ -131,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             rates = {f: round(f * capacity / mean_output, 2) for f in factors}
         print(f"calibrated: {capacity:.0f} output tok/s with every slot busy, mean output {mean_output:.0f} tokens "
               f"-> rates {rates}", flush=True)
+        # Every router, ours included, is up only for its own runs (nginx, which does not watch the engines, stays)
         routers: dict[str, list[str] | tuple[str, dict]] = {
-            f"gateway {policy}": (gw.url, {"x-pypto-routing": policy}) for policy in GATEWAY_POLICIES}
-        routers[f"gateway {GATEWAY_POLICIES[0]} (no queue)"] = (gw_no_queue.url, {})
+            f"gateway {policy}": gateway_command(urls, "--policy", policy) for policy in GATEWAY_POLICIES}
+        routers[f"gateway {GATEWAY_POLICIES[0]} (no queue)"] = gateway_command(urls, "--queue-wait", "0")
         routers["nginx round-robin"] = (nginx.url, {})
         routers.update(peer_commands(args.peers_venv, urls))
         if args.only:
@@ -180,8 +179,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {ours}: p90 and p99 below every peer's -> {'MET' if wins else 'MISSED'}")
     finally:
         nginx.stop()
-        gw.stop()
-        gw_no_queue.stop()
         for engine in engines:
             engine.stop()
     return 0

@@ -18,7 +18,6 @@ version, model path, max model len).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -31,15 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 
-from benchmarks.gateway_common import REPO_ROOT, start_engines, write_result
-from tests.support.common import free_port, wait_for
+from benchmarks.gateway_common import PEERS_VENV, REPO_ROOT, PeerRouter, start_engines, write_result
+from tests.support.common import wait_for
 from tests.support.engines import EngineProcess
 from tests.support.models import tiny_model_dir
 
 PROBES = 12
 BUSY_STREAMS = 6  # with --max-num-seqs 4: 4 running, 2 waiting on the busy engine
 ENGINE_ARGS = ("--max-model-len", "1024", "--max-num-seqs", "4")
-DEFAULT_PEERS = Path(os.environ.get("PYPTO_PEERS_VENV", Path.home() / ".cache" / "pypto-serving" / "peers"))
 
 
 def served(engine: EngineProcess) -> float:
@@ -74,26 +72,11 @@ class Busy:
             thread.join(180)
 
 
-def start_router(command: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, 120, f"{Path(command[0]).name} to serve")
-    return proc
-
-
-def run_row(name: str, command: list[str], url: str, engines: list[EngineProcess], model: str, log: Path,
+def run_row(name: str, command: list[str], engines: list[EngineProcess], model: str, log: Path,
             settle_s: float) -> dict:
     busy_engine, idle_engine = engines
-    proc = start_router(command, url, log)
+    router = PeerRouter(command, log)
+    url = router.url
     try:
         detected = None
         if "smg" in name:
@@ -119,18 +102,13 @@ def run_row(name: str, command: list[str], url: str, engines: list[EngineProcess
             row["detected"] = [{k: w.get(k) for k in ("url", "runtime_type", "labels")} for w in detected]
         return row
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        router.stop()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--peers-venv", type=Path, default=DEFAULT_PEERS, help=f"venv with smg and vllm-router "
-                   f"(default: $PYPTO_PEERS_VENV or {DEFAULT_PEERS})")
+    p.add_argument("--peers-venv", type=Path, default=PEERS_VENV, help=f"venv with smg and vllm-router "
+                   f"(default: $PYPTO_PEERS_VENV or {PEERS_VENV})")
     p.add_argument("--rounds", type=int, default=3, help="times each row is run")
     p.add_argument("--settle", type=float, default=3.0, help="seconds for the routers to poll the loaded engine")
     p.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks/router_compat.json")
@@ -152,19 +130,15 @@ def main() -> int:
     try:
         workers = [e.url for e in engines]
         for round_ in range(args.rounds):
-            for name, extra in (("smg power_of_two", []),):
-                port = free_port()
-                command = [str(smg), "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", "power_of_two",
-                           "--load-monitor-interval", "1", "--prometheus-port", str(free_port()), *extra,
-                           "--worker-urls", *workers]
-                rows.append({"round": round_, **run_row(name, command, f"http://127.0.0.1:{port}", engines, model,
-                                                        work / f"smg-{len(rows)}.log", args.settle)})
+            command = [str(smg), "launch", "--host", "127.0.0.1", "--port", "{port}", "--policy", "power_of_two",
+                       "--load-monitor-interval", "1", "--prometheus-port", "{metrics_port}", "--worker-urls", *workers]
+            rows.append({"round": round_, **run_row("smg power_of_two", command, engines, model,
+                                                    work / f"smg-{len(rows)}.log", args.settle)})
             for name, policy in (("vllm-router power_of_two", "power_of_two"),
                                  ("vllm-router round_robin", "round_robin")):
-                port = free_port()
-                command = [str(vllm_router), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                command = [str(vllm_router), "--host", "127.0.0.1", "--port", "{port}", "--policy", policy,
                            "--worker-startup-check-interval", "1", "--worker-urls", *workers]
-                rows.append({"round": round_, **run_row(name, command, f"http://127.0.0.1:{port}", engines, model,
+                rows.append({"round": round_, **run_row(name, command, engines, model,
                                                         work / f"vllm-router-{len(rows)}.log", args.settle)})
     finally:
         for engine in engines:

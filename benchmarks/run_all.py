@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "gateway_overhead": ["benchmarks/gateway_overhead.py"],
     "gateway_routing": ["benchmarks/gateway_routing.py"],
     "gateway_prefix": ["benchmarks/gateway_prefix.py"],
+    "gateway_queue": ["benchmarks/gateway_queue.py"],
     "gateway_streams": ["benchmarks/gateway_streams.py"],
     "gateway_idle": ["benchmarks/gateway_idle.py"],
     "gateway_cpu": ["benchmarks/gateway_cpu.py", "--builds", "HEAD,nginx", "--record"],

@@ -36,11 +36,12 @@ from pypto_serving.engine.config import EngineConfig
 from pypto_serving.engine.layers.sampler import SampleResult
 from pypto_serving.engine.model_runner import ModelInfo, ModelRunner, StepInput
 from pypto_serving.engine.pipeline import rank_of_stage, stage_of_rank
-from pypto_serving.startup import freeze_startup_objects
+from pypto_serving.startup import freeze_startup_objects, release_free_memory
 
 WORKER_START_TIMEOUT_S = 3600.0  # loading a large checkpoint on every rank can take a while
 WORKER_STOP_TIMEOUT_S = 10.0
 LEADER_PING_S = 10.0  # an idle leader pings the ranks on other nodes this often (gloo collectives time out)
+IDLE_TRIM_S = 1.0  # a rank that got no step for this long after running some trims its C heap
 
 
 class StepTimeout(Exception):
@@ -287,10 +288,17 @@ def worker_main(config: EngineConfig, device_type: str, max_model_len: int, rank
     if config.node_rank > 0:
         _follow_leader(runner, leader, rank)
         return
+    pings = leader is not None and rank == 0
+    ran = False  # a step ran since the C heap was last trimmed
     while True:
         try:
-            if leader is not None and rank == 0 and not conn.poll(LEADER_PING_S):
-                _to_other_nodes(leader, ("ping", None))  # the other nodes' ranks would time out, idle
+            wait_s = IDLE_TRIM_S if ran else LEADER_PING_S if pings else None
+            if wait_s is not None and not conn.poll(wait_s):
+                if ran:  # idle: what the busy period freed leaves RSS, as in the engine process
+                    release_free_memory()
+                    ran = False
+                else:
+                    _to_other_nodes(leader, ("ping", None))  # the other nodes' ranks would time out, idle
                 continue
             kind, step = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
@@ -299,6 +307,7 @@ def worker_main(config: EngineConfig, device_type: str, max_model_len: int, rank
             _to_other_nodes(leader, (kind, step))
         if kind == "stop":
             break
+        ran = True
         try:
             result = runner.execute(step)
         except Exception as exc:
@@ -324,13 +333,18 @@ def _follow_leader(runner: ModelRunner, group: dist.ProcessGroup | None, rank: i
     """A rank on another node than the leader: run every step rank 0 forwards until told to stop. A step that
     raises is reported in the log (the leader's ranks see the failed collective); a lost leader ends the process."""
     assert group is not None
+    ran = False
     while True:
         box: list[object] = [None]
         dist.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
         kind, step = box[0]  # type: ignore[misc]
         if kind == "stop":
             break
+        if kind == "ping" and ran:  # the leader has been idle for a while
+            release_free_memory()
+            ran = False
         if kind == "step":
+            ran = True
             try:
                 runner.execute(step)
             except Exception:

@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
                    "it queues at an engine (0: never wait at the gateway)")
     t.add_argument("--max-queued", type=int, default=d.max_queued,
                    help="requests waiting at the gateway at most; more go straight to an engine's queue")
+    t.add_argument("--engine-queue-depth", type=int, default=d.engine_queue_depth,
+                   help="requests each replica may queue beyond its batch slots before new ones wait at the gateway")
     t.add_argument("--retry-after", type=int, default=d.retry_after_s, help="Retry-After seconds of a 429")
     t.add_argument("--max-retries", type=int, default=d.max_retries)
     t.add_argument("--breaker-failures", type=int, default=bc.failures, help="consecutive failures that eject")
@@ -91,8 +93,8 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
         raise SystemExit("pypto-serving gateway: give exactly one of --endpoints or --selector (with --namespace)")
     if not 0 <= args.queue_wait < float("inf"):
         raise SystemExit("pypto-serving gateway: --queue-wait must be a number of seconds >= 0 (0: no queue)")
-    if args.max_queued < 0:
-        raise SystemExit("pypto-serving gateway: --max-queued must be >= 0")
+    if args.max_queued < 0 or args.engine_queue_depth < 0:
+        raise SystemExit("pypto-serving gateway: --max-queued and --engine-queue-depth must be >= 0")
     api_key = None
     if args.api_key_file is not None:
         api_key = args.api_key_file.read_text().strip()
@@ -102,7 +104,7 @@ def build(args: argparse.Namespace) -> tuple[GatewayConfig, Discovery]:
         policy=args.policy, api_key=api_key, load_watch=args.load_watch, poll_interval_s=args.poll_interval,
         poll_timeout_s=args.poll_timeout,
         saturation_tokens=args.saturation_tokens, retry_after_s=args.retry_after, queue_wait_s=args.queue_wait,
-        max_queued=args.max_queued, max_retries=args.max_retries,
+        max_queued=args.max_queued, engine_queue_depth=args.engine_queue_depth, max_retries=args.max_retries,
         connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
         max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
         max_upstream_body_bytes=args.max_upstream_body_bytes, keepalive_timeout_s=args.keepalive_timeout,

@@ -22,6 +22,7 @@ class GatewayConfig:
     retry_after_s: int = 1  # Retry-After of a 429
     queue_wait_s: float = 30.0  # longest wait at the gateway for a free batch slot (0: no queue, dispatch at once)
     max_queued: int = 1024  # requests waiting at the gateway; more go straight to an engine's queue
+    engine_queue_depth: int = 0  # requests a replica may queue beyond its batch slots before the gateway holds
     max_retries: int = 2  # further replicas tried after a connection failure or a 503 before any byte
     connect_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0  # longest silence of an upstream response (between two chunks)

@@ -145,7 +145,8 @@ class Proxy:
         # Pooled keep-alive connections; no cookie jar, so a cookie that one client's answer set never rides
         # along on another client's request.
         self.client = Client(config.connect_timeout_s, config.idle_timeout_s, config.max_upstream_body_bytes)
-        self.slots = SlotQueue(registry, config.queue_wait_s, config.max_queued, config.policy_config.stale_after_s)
+        self.slots = SlotQueue(registry, config.queue_wait_s, config.max_queued, config.policy_config.stale_after_s,
+                               config.engine_queue_depth)
 
     async def stop(self) -> None:
         """Close the upstream connections."""

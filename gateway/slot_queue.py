@@ -6,6 +6,9 @@ running request the router guessed would end first; a long request guessed wrong
 slot frees elsewhere. Held here instead, a request takes the first slot that frees on any replica: one queue in
 front of all the slots rather than one per replica.
 
+* With ``engine_queue_depth`` d > 0, a replica counts as free while fewer than d requests wait in its own queue:
+  the engine then admits its next request the moment a slot frees, with no round trip through the gateway (each
+  such hand-over leaves the slot empty for about one engine step), and only the rest wait here.
 * A request passes at once when the queue is empty and a slot is free, when some eligible replica's slots are
   unknown (no fresh reading, or an engine that does not report ``max_num_seqs``: nothing to wait for), when no
   replica is eligible (the proxy answers 503 at once), or when ``max_waiting`` requests already wait.
@@ -31,11 +34,13 @@ from pypto_serving.gateway.replicas import Registry
 class SlotQueue:
     """Requests held at the gateway until a batch slot frees on some replica (see the module docstring)."""
 
-    def __init__(self, registry: Registry, max_wait_s: float, max_waiting: int, stale_after_s: float) -> None:
+    def __init__(self, registry: Registry, max_wait_s: float, max_waiting: int, stale_after_s: float,
+                 engine_queue_depth: int = 0) -> None:
         self.registry = registry
         self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting
         self.stale_after_s = stale_after_s
+        self.engine_queue_depth = engine_queue_depth  # requests a replica may queue beyond its slots
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._released = 0  # woken (a slot was free for them) but not dispatched yet
         self.expired = 0  # requests that waited ``max_wait_s`` and went on without a free slot
@@ -56,7 +61,7 @@ class SlotQueue:
             free = replica.free_slots(self.stale_after_s, now)
             if free is None:
                 return None
-            total += max(0, free)
+            total += max(0, free + self.engine_queue_depth)
         return total - self._released
 
     async def wait(self) -> float:

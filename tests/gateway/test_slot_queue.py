@@ -110,6 +110,25 @@ def test_unknown_slots_no_replica_or_a_full_queue_never_hold() -> None:
     asyncio.run(scenario())
 
 
+def test_engine_queue_depth_lets_each_replica_queue_that_many_before_the_gateway_holds() -> None:
+    async def scenario() -> None:
+        registry, a, b = two_replicas()
+        queue = SlotQueue(registry, max_wait_s=30, max_waiting=10, stale_after_s=2, engine_queue_depth=1)
+        full(a)
+        full(b, waiting=1)
+        assert queue.free_slots() == 1 and await queue.wait() == 0.0  # a may queue one
+        a.dispatch(10)
+        held = asyncio.create_task(queue.wait())
+        await settle()
+        assert not held.done()  # every replica has its one queued request
+        full(b)  # b admitted its queued request (a slot freed there): room for one more in its queue
+        registry.capacity_changed()
+        await settle()
+        assert held.done()
+
+    asyncio.run(scenario())
+
+
 def test_a_request_waits_at_most_max_wait() -> None:
     async def scenario() -> None:
         registry, a, b = two_replicas()
