@@ -282,6 +282,7 @@ class Registry:
             self.version += 1
             for listener in self.listeners:
                 listener(replica, "removed")
+            self.capacity_changed()  # with no replica left, requests waiting for a slot get their 503 now
 
     def replace(self, entries: Iterable[tuple[str, str, str]]) -> None:
         """Make the registry hold exactly ``entries`` (name, url, state) — used after a full re-list."""

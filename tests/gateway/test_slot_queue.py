@@ -104,6 +104,16 @@ def test_unknown_slots_no_replica_or_a_full_queue_never_hold() -> None:
         registry.capacity_changed()
         await settle()
         assert holder.done()
+        a.breaker.open_until = None
+        b.refused_at = None
+        waiting = asyncio.create_task(queue.wait())
+        await settle()
+        assert not waiting.done()
+        registry.remove("a")
+        assert not waiting.done()
+        registry.remove("b")  # the last replica gone: the proxy answers 503 at once rather than after the wait
+        await settle()
+        assert waiting.done()
         disabled = SlotQueue(registry, max_wait_s=0, max_waiting=10, stale_after_s=2)
         assert await disabled.wait() == 0.0
 
