@@ -10,11 +10,13 @@ newly full blocks, appends sampled tokens and finishes sequences (stop token, ma
 
 Micro-batches: several batches may be in flight (pipeline parallelism). A scheduled sequence is ``in_flight``
 until its batch comes back (`postprocess` or `retire`); the next batch takes only sequences not in flight, and at
-most ``ceil(unfinished / micro_batches)`` of them so every in-flight slot gets a share. Sequences in flight are
-never preempted: when the newest running sequence is in flight, a sequence that needs a block waits for it to
-come back (older sequences keep their priority, so preemption cannot livelock). One finished (aborted, failed)
-while in flight keeps its blocks until its batch comes back, so no block is reused while a stage may still write
-its K/V.
+most ``ceil(unfinished / micro_batches)`` of them so every in-flight slot gets a share. The token budget is shared
+the same way: each micro-batch gets ``ceil(max_num_batched_tokens / micro_batches)`` tokens, so the pipeline holds
+as many tokens in flight as one step without it, and a stage waits for its first micro-batch only that long.
+Sequences in flight are never preempted: when the newest running sequence is in flight, a sequence that needs a
+block waits for it to come back (older sequences keep their priority, so preemption cannot livelock). One finished
+(aborted, failed) while in flight keeps its blocks until its batch comes back, so no block is reused while a stage
+may still write its K/V.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class Scheduler:
         """Pick the next batch's sequences (not in flight) and token counts, allocating their blocks (preempting if
         needed); ``micro_batches``: how many batches share the unfinished sequences. Marks them in flight."""
         bm, batch = self.block_manager, ScheduledBatch()
-        budget = self.max_num_batched_tokens
+        budget = -(-self.max_num_batched_tokens // micro_batches)
         cap = -(-(len(self.running) + len(self.waiting)) // micro_batches)
         for seq in list(self.running):
             if budget <= 0 or len(batch.seqs) >= cap:

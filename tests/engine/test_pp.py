@@ -140,7 +140,7 @@ def test_two_micro_batches_on_one_in_process_rank() -> None:
 
 @pytest.fixture(scope="module")
 def pp2() -> Iterator[LLMEngine]:
-    engine = pp_engine("qwen3", 2, num_kv_blocks=128)
+    engine = pp_engine("qwen3", 2, num_kv_blocks=128, max_num_batched_tokens=128)  # 64 per micro-batch
     yield engine
     engine.shutdown()
 

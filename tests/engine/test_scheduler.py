@@ -162,6 +162,18 @@ def test_micro_batches_share_the_sequences_and_never_schedule_one_twice() -> Non
     assert plan(third) == [("a", 1), ("b", 1), ("c", 1)]  # back from the pipeline: decodes; d, e still out
 
 
+def test_micro_batches_share_the_token_budget() -> None:
+    s = make(budget=64, num_blocks=128)
+    add(s, "a", 100)
+    add(s, "b", 100)
+    first = s.schedule(micro_batches=2)
+    assert plan(first) == [("a", 32)]  # ceil(64 / 2): the pipeline holds one step's budget in flight
+    second = s.schedule(micro_batches=3)
+    assert plan(second) == [("b", 22)]  # ceil(64 / 3)
+    finish_step(s, first)
+    assert plan(s.schedule()) == [("a", 64)]  # one batch in flight: the whole budget
+
+
 def test_a_sequence_finished_in_flight_keeps_its_blocks_until_its_batch_returns() -> None:
     s = make(num_blocks=8)
     a = add(s, "a", 8)
