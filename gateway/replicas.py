@@ -134,17 +134,23 @@ class Replica:
             return self.inflight
         return reading.running + reading.waiting + self.unabsorbed
 
-    def free_slots(self, stale_after: float, now: float | None = None) -> int | None:
-        """Batch slots that would start a request at once: the engine's slots minus running and waiting requests
-        and this gateway's not admitted yet, plus its requests that ended since the reading (0 under KV pressure;
-        may be negative). None when unknown: no fresh reading, or an engine that does not report its slots."""
-        reading = self.fresh_reading(stale_after, now)
-        if reading is None or reading.max_num_seqs is None:
+    def slot_balance(self, reading: LoadReading) -> int | None:
+        """The engine's batch slots minus its running and waiting requests and this gateway's not admitted yet,
+        plus its requests that ended since ``reading``: free slots when positive, else minus the requests queued
+        for one. None for an engine that does not report its slots. KV pressure is not counted here."""
+        if reading.max_num_seqs is None:
             return None
-        if reading.kv_cache_usage > KV_FULL:
-            return 0
         running = reading.running - min(self.released, reading.running)
         return reading.max_num_seqs - running - reading.waiting - self.unabsorbed
+
+    def free_slots(self, stale_after: float, now: float | None = None) -> int | None:
+        """`slot_balance` of the fresh reading, 0 under KV pressure (may be negative). None when unknown: no fresh
+        reading, or an engine that does not report its slots."""
+        reading = self.fresh_reading(stale_after, now)
+        balance = None if reading is None else self.slot_balance(reading)
+        if balance is None or reading is None:
+            return None
+        return 0 if reading.kv_cache_usage > KV_FULL else balance
 
     def pushed(self, reading: LoadReading, admitted: Iterable[str]) -> None:
         """Apply an update of the pushed load: its counts include exactly the requests whose dispatch ids it lists

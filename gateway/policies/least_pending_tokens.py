@@ -33,18 +33,14 @@ def start_cost(replica: Replica, stale_after: float, now: float) -> tuple[int, i
     if reading is None:
         return 1, replica.inflight_tokens + 1, replica.inflight_tokens
     pending = reading.pending_tokens + replica.unabsorbed_tokens
+    balance = replica.slot_balance(reading)
     slots = reading.max_num_seqs
-    if slots is None:  # an engine that does not say: pending tokens per request in it
+    if balance is None or slots is None:  # an engine that does not say: pending tokens per request in it
         return 1, pending // max(1, reading.running + reading.waiting + replica.unabsorbed), pending
-    ahead = reading.waiting + replica.unabsorbed
-    released = min(replica.released, reading.running)  # ended since the reading: their slots are free
-    running = reading.running - released
-    free = slots - running
-    kv_full = reading.kv_cache_usage > KV_FULL
-    if ahead < free and not kv_full:
-        return 0, running + ahead, pending
-    remaining = reading.running_remaining[released:]  # those that ended were most likely the nearest to done
-    position = max(0, ahead - free)  # running requests that must finish before this one starts, minus one
+    if balance > 0 and reading.kv_cache_usage <= KV_FULL:
+        return 0, slots - balance, pending  # the batch it would join
+    remaining = reading.running_remaining[min(replica.released, reading.running):]  # the ended: nearest to done
+    position = max(0, -balance)  # running requests that must finish before this one starts, minus one
     if position < len(remaining):
         return 1, remaining[position], pending
     return 1, (remaining[-1] if remaining else 0) + pending // slots, pending
