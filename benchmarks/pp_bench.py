@@ -11,12 +11,12 @@ of the engine microbenchmark (10 layers, hidden 512, vocab 16384), float32, one 
 
 Reported per run: wall seconds, CPU seconds (engine and stage processes), each stage's own CPU seconds, output
 tokens per wall and per CPU second, steps, the stages' idle (bubble) ratios, the 1-minute load average at its end,
-and the speed-ups. The machine is shared: the contenders run interleaved ``--repeats`` times and each keeps its
-best wall time (every run is in the JSON). Under load, wall time measures the machine's other work as much as the
-engine; per CPU second is robust to it but cannot show what pipelining buys (running two stages at once). So the
-report adds the pipeline bound: the speed-up the stage CPU seconds allow on two otherwise idle cores, where the
-busiest stage sets the pace (the blocking run's stages take turns, so its stages' CPU seconds add up; PP=1's one
-stage does all the work).
+and the speed-ups, from each contender's best run and from its median run. The machine is shared: the contenders run
+interleaved ``--repeats`` times (every run is in the JSON). Under load, wall time measures the machine's other work
+as much as the engine; per CPU second is robust to it but cannot show what pipelining buys (running two stages at
+once). So the report adds the pipeline bound: the speed-up the stage CPU seconds allow on two otherwise idle cores,
+where the busiest stage sets the pace (the blocking run's stages take turns, so its stages' CPU seconds add up;
+PP=1's one stage does all the work).
 
 Run: `.venv/bin/python benchmarks/pp_bench.py [--requests 64] [--repeats 2]`; writes docs/benchmarks/pp.json.
 """
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import threading
 import time
@@ -107,9 +108,10 @@ def stage_cpu_seconds(engine: LLMEngine) -> list[float]:
     return [sum(psutil.Process(procs[s * tp].pid).cpu_times()[:2]) for s in range(len(procs) // tp)]
 
 
-def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], int]]) -> dict[str, Any]:
+def run(model: Path, overrides: dict[str, Any], requests: list[tuple[list[int], int]],
+        dtype: str = "float32") -> dict[str, Any]:
     """All requests at once; wall time from the first add to the last token."""
-    engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=1024, cpu_threads=1,
+    engine = LLMEngine(EngineConfig(model=str(model), dtype=dtype, max_model_len=1024, cpu_threads=1,
                                     cpu_prepack=True, max_num_seqs=len(requests), **overrides))
     try:
         warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--projections-only", action="store_true",
                         help="only remeasure the per-micro-batch projection cost into the existing --out JSON")
     args = parser.parse_args(argv)
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     all_runs: dict[str, list[dict[str, Any]]] = {}
     for attempt in range(args.repeats):  # interleaved, so a busy spell of the shared machine hits every contender
         for name in args.runs.split(","):
-            got = run(model, RUNS[name], requests)
+            got = run(model, RUNS[name], requests, args.dtype)
             log(f"{name} #{attempt + 1}: {got}")
             all_runs.setdefault(name, []).append(got)
             if name not in results or got["wall_s"] < results[name]["wall_s"]:
@@ -180,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if "pp2_6_4" in results and "pp2_blocking" in results:
         speedups["pp2_6_4_vs_pp2_blocking"] = round(results["pp2_6_4"]["output_tokens_per_s"]
                                                     / results["pp2_blocking"]["output_tokens_per_s"], 2)
+    medians = {name: statistics.median(r["output_tokens_per_s"] for r in runs) for name, runs in all_runs.items()}
+    speedups_median = {f"{key}_vs_{base}": round(medians[key] / medians[base], 2)
+                       for key in ("pp2", "pp2_6_4") for base in ("pp2_blocking", "pp1")
+                       if key in medians and base in medians}
     bounds = {}  # the speed-ups the stages' CPU seconds allow on two free cores (the busiest stage sets the pace)
     for key in ("pp2", "pp2_6_4"):
         for base in ("pp2_blocking", "pp1"):  # their stages take turns: all of their stage CPU is on the clock
@@ -189,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     projections = projection_ms()
     log(f"one stage's projections (5 layers), thread CPU ms by decode batch: {projections}")
     machine = {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "python": platform.python_version()}
-    report = {"machine": machine,
+    report = {"machine": machine, "dtype": args.dtype,
               "requests": len(requests), "repeats": args.repeats, "results": results, "speedups": speedups,
+              "speedups_median": speedups_median,
               "pipeline_bounds": bounds, "projection_ms": projections, "all_runs": all_runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"speed-ups {json.dumps(speedups)}; pipeline bounds from the stage CPU seconds {json.dumps(bounds)}")
+    log(f"speed-ups (best runs) {json.dumps(speedups)}; (median runs) {json.dumps(speedups_median)}; "
+        f"pipeline bounds from the stage CPU seconds {json.dumps(bounds)}")
     return 0
 
 
