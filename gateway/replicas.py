@@ -147,8 +147,10 @@ class Replica:
         """`slot_balance` of the fresh reading, 0 under KV pressure (may be negative). None when unknown: no fresh
         reading, or an engine that does not report its slots."""
         reading = self.fresh_reading(stale_after, now)
-        balance = None if reading is None else self.slot_balance(reading)
-        if balance is None or reading is None:
+        if reading is None:
+            return None
+        balance = self.slot_balance(reading)
+        if balance is None:
             return None
         return 0 if reading.kv_cache_usage > KV_FULL else balance
 
