@@ -59,6 +59,15 @@ RUNS = {
 }
 
 
+SPEED_UPS = [(key, base) for key in ("pp2", "pp2_6_4") for base in ("pp2_blocking", "pp1")]  # (contender, baseline)
+
+
+def speed_ups(tok_s: dict[str, float]) -> dict[str, float]:
+    """``{contender}_vs_{baseline}``: output tokens/s ratios of the contenders that ran, from ``tok_s`` by run name."""
+    return {f"{key}_vs_{base}": round(tok_s[key] / tok_s[base], 2)
+            for key, base in SPEED_UPS if key in tok_s and base in tok_s}
+
+
 def log(message: str) -> None:
     print(f"[pp-bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -171,28 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             all_runs.setdefault(name, []).append(got)
             if name not in results or got["wall_s"] < results[name]["wall_s"]:
                 results[name] = got
-    speedups = {}
-    if "pp2" in results:
-        for base in ("pp2_blocking", "pp1"):
-            if base in results:
-                speedups[f"pp2_vs_{base}"] = round(results["pp2"]["output_tokens_per_s"]
-                                                   / results[base]["output_tokens_per_s"], 2)
-    if "pp2_6_4" in results and "pp1" in results:
-        speedups["pp2_6_4_vs_pp1"] = round(results["pp2_6_4"]["output_tokens_per_s"]
-                                           / results["pp1"]["output_tokens_per_s"], 2)
-    if "pp2_6_4" in results and "pp2_blocking" in results:
-        speedups["pp2_6_4_vs_pp2_blocking"] = round(results["pp2_6_4"]["output_tokens_per_s"]
-                                                    / results["pp2_blocking"]["output_tokens_per_s"], 2)
-    medians = {name: statistics.median(r["output_tokens_per_s"] for r in runs) for name, runs in all_runs.items()}
-    speedups_median = {f"{key}_vs_{base}": round(medians[key] / medians[base], 2)
-                       for key in ("pp2", "pp2_6_4") for base in ("pp2_blocking", "pp1")
-                       if key in medians and base in medians}
-    bounds = {}  # the speed-ups the stages' CPU seconds allow on two free cores (the busiest stage sets the pace)
-    for key in ("pp2", "pp2_6_4"):
-        for base in ("pp2_blocking", "pp1"):  # their stages take turns: all of their stage CPU is on the clock
-            if key in results and base in results:
-                bounds[f"{key}_vs_{base}"] = round(sum(results[base]["stage_cpu_s"]) / max(results[key]["stage_cpu_s"]),
-                                                   2)
+    speedups = speed_ups({name: r["output_tokens_per_s"] for name, r in results.items()})
+    speedups_median = speed_ups({name: statistics.median(r["output_tokens_per_s"] for r in runs)
+                                 for name, runs in all_runs.items()})
+    # the speed-ups the stages' CPU seconds allow on two free cores (the busiest stage sets the pace); the
+    # blocking run's and PP=1's stages take turns, so all of their stage CPU is on the clock
+    bounds = {f"{key}_vs_{base}": round(sum(results[base]["stage_cpu_s"]) / max(results[key]["stage_cpu_s"]), 2)
+              for key, base in SPEED_UPS if key in results and base in results}
     projections = projection_ms()
     log(f"one stage's projections (5 layers), thread CPU ms by decode batch: {projections}")
     machine = {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "python": platform.python_version()}
